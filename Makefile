@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# pip reads the pinned versions from here; see README "Install elsewhere".
+CONSTRAINTS := constraints.txt
+STAMP_BASE := $(VENV)/.installed-base
+STAMP_TEST := $(VENV)/.installed-test
+
+.PHONY: demo test venv install install-test clean bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Base install: the package (editable) with the HF extra so the zoo's real model loads.
+$(STAMP_BASE): $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[hf]"
+	# onnx2torch declares torchvision, which fails to import beside torch 2.13: install it alone.
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps onnx2torch
+	touch $@
+
+$(STAMP_TEST): $(STAMP_BASE)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[hf,test]"
+	touch $@
+
+install: $(STAMP_BASE)
+install-test: $(STAMP_TEST)
+
+demo: $(STAMP_BASE)
+	HF_HUB_OFFLINE=1 $(BIN)/sparsecomp demo
+
+test: $(STAMP_TEST)
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/pytest -n 2 --dist loadgroup
+
+bench: $(STAMP_BASE)
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_analyze.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,153 @@
+"""`analyze-weights`: what sparsity each constant weight already has.
+
+For every matmul-like node with a constant weight (`sparsecomp.ir.linear_sites`), measure the
+weight viewed as `[out_features, in_features]`: density, all-zero rows (dead outputs) and columns
+(unused inputs), block occupancy for a set of block shapes (`RxC`: R along out_features), N:M
+conformance (groups of M along in_features), NaN/Inf counts, and the bytes the weight takes in
+dense form and in each packed format. Rewrites read these facts from `node.meta`; the report
+prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sparsecomp import formats, patterns
+from sparsecomp.errors import PipelineError
+from sparsecomp.ir import linear_sites
+from sparsecomp.registry import PassResult, register_pass
+
+__all__ = ["WeightStats", "weight_stats", "parse_block_shapes", "parse_nm_list", "META_KEY"]
+
+META_KEY = "sparsecomp.weights"
+DEFAULT_BLOCKS = "1x4,1x8,1x16,16x1,4x4,32x32"
+DEFAULT_NM = "2:4,4:8"
+SELL_SLICE = 16  # slice height reported for SELL bytes (the kernels' default slice)
+
+
+@dataclass
+class WeightStats:
+    """Sparsity facts of one weight (all fractions in [0, 1])."""
+
+    name: str
+    op: str  # linear | conv | matmul
+    shape: list[int]  # [out_features, in_features] (conv: [out, in/groups * kernel])
+    numel: int
+    density: float
+    zero_rows: int
+    zero_cols: int
+    nm_conformance: dict[str, float]
+    block_occupancy: dict[str, float]
+    bytes: dict[str, int]
+    nan: int = 0
+    inf: int = 0
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def best_format(self) -> tuple[str, int]:
+        """Smallest format by bytes (dense included)."""
+        return min(self.bytes.items(), key=lambda kv: kv[1])
+
+    def summary(self) -> str:
+        parts = [f"density={self.density:.3f}"]
+        parts += [f"{k}={v:.2f}" for k, v in self.nm_conformance.items() if v == 1.0]
+        occ = [f"{k}:{v:.2f}" for k, v in self.block_occupancy.items() if v < 1.0]
+        if occ:
+            parts.append("occ(" + ",".join(occ) + ")")
+        if self.zero_rows or self.zero_cols:
+            parts.append(f"zero_rows={self.zero_rows} zero_cols={self.zero_cols}")
+        parts += self.flags
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        return d
+
+
+def parse_block_shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            r, c = (int(v) for v in item.lower().split("x"))
+            if r < 1 or c < 1:
+                raise ValueError
+        except ValueError:
+            raise PipelineError(f"bad block shape '{item}' in '{text}'", hint="write block shapes as RxC, e.g. \"1x4,16x1,32x32\"") from None
+        out.append((r, c))
+    return out
+
+
+def parse_nm_list(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        p = patterns.parse_pattern(item)
+        if p.kind != "nm":
+            raise PipelineError(f"'{item}' is not an N:M pattern", hint='write N:M patterns as "2:4,4:8"')
+        out.append((p.n, p.m))
+    return out
+
+
+def weight_stats(name: str, op: str, w: torch.Tensor, *, blocks: list[tuple[int, int]] | None = None,
+                 nm: list[tuple[int, int]] | None = None) -> WeightStats:
+    """Measure one weight, given as `[out, in]` (or a conv weight, viewed as `[out, in*k]`)."""
+    blocks = parse_block_shapes(DEFAULT_BLOCKS) if blocks is None else blocks
+    nm = parse_nm_list(DEFAULT_NM) if nm is None else nm
+    w = w.detach()
+    w2 = w.reshape(w.shape[0], -1) if w.dim() != 2 else w
+    w2 = w2.float() if not w2.is_floating_point() or w2.dtype in (torch.float16, torch.bfloat16) else w2
+    nan = int(torch.isnan(w2).sum())
+    inf = int(torch.isinf(w2).sum())
+    flags = []
+    if nan:
+        flags.append(f"NaN:{nan}")
+    if inf:
+        flags.append(f"Inf:{inf}")
+    nmc = {f"{n}:{m}": patterns.nm_conformance(w2, n, m) for n, m in nm}
+    occ = {f"{r}x{c}": patterns.block_occupancy(w2, r, c) for r, c in blocks}
+    elem = w.element_size()
+    sizes = {"dense": w2.numel() * elem, "csr": formats.CSR.estimate_nbytes(w2)}
+    sizes[f"sell{SELL_SLICE}"] = formats.SELL.estimate_nbytes(w2, slice_height=SELL_SLICE)
+    for r, c in blocks:
+        sizes[f"bsr{r}x{c}"] = formats.BSR.estimate_nbytes(w2, blocksize=(r, c))
+    for (n, m), key in zip(nm, nmc):
+        if nmc[key] == 1.0:
+            sizes[f"{n}:{m}"] = formats.NM.estimate_nbytes(w2, n=n, m=m)
+    return WeightStats(
+        name=name, op=op, shape=list(w2.shape), numel=w2.numel(), density=patterns.density(w2),
+        zero_rows=patterns.zero_rows(w2), zero_cols=patterns.zero_cols(w2), nm_conformance=nmc,
+        block_occupancy=occ, bytes=sizes, nan=nan, inf=inf, flags=flags,
+    )
+
+
+@register_pass("analyze-weights", kind="analysis")
+def analyze_weights(gm, ctx, *, blocks: str = DEFAULT_BLOCKS, nm: str = DEFAULT_NM) -> PassResult:
+    """Measure the sparsity of every constant weight of a matmul-like node.
+
+    Requires: an ATen-level graph from `sparsecomp.capture` (or an ONNX import); weights as
+      `get_attr` attributes.
+    Ensures: `node.meta["sparsecomp.weights"]` = `WeightStats` on every linear/conv/matmul node
+      with a constant weight; `ctx.results["analyze-weights"]` = their list in graph order. The
+      graph itself is unchanged.
+    Options:
+      blocks: block shapes RxC whose occupancy is measured (R along out_features), comma-separated.
+      nm: N:M patterns whose conformance is measured (groups along in_features), comma-separated.
+    """
+    block_list, nm_list = parse_block_shapes(blocks), parse_nm_list(nm)
+    results = []
+    for site in linear_sites(gm):
+        stats = weight_stats(site.name, site.kind, site.weight_2d(gm), blocks=block_list, nm=nm_list)
+        site.node.meta[META_KEY] = stats
+        results.append(stats)
+    ctx.results["analyze-weights"] = results
+    return PassResult(False, {
+        "weights": len(results),
+        "sparse>=50%": sum(s.density <= 0.5 for s in results),
+        "nm-conformant": sum(any(v == 1.0 for v in s.nm_conformance.values()) for s in results),
+        "nan/inf": sum(bool(s.nan or s.inf) for s in results),
+    })

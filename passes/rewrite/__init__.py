@@ -1,0 +1,1 @@
+"""Lossless rewrite passes (swap in sparsecomp ops). The sparse-linear rewrite lands here."""

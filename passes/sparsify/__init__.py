@@ -1,0 +1,1 @@
+"""Lossy sparsify passes (magnitude, Wanda, SparseGPT): they run only when asked."""

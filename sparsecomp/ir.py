@@ -1,0 +1,275 @@
+"""Helpers over the one IR: an ATen-level `torch.fx.GraphModule` with parameters as attributes.
+
+- `linear_sites(gm)`: every matmul-like node with a constant weight (Linear, matmul/mm/addmm with
+  a parameter, 1-D/2-D convolution), with the weight seen as 2-D `[out_features, in_features]`,
+  the orientation every pattern and format uses (DESIGN.md section 2).
+- `format_graph(gm)`: the printed IR, one node per line, with the `sparsecomp.*` annotations that
+  analyses wrote into `node.meta`. What the CLI prints and dumps, and what "changed" means.
+- `run_graph` / `compare_outputs`: run a captured graph on (args, kwargs) and compare outputs
+  with the tolerance rule of lossless rewrites (max abs error <= rtol x max|reference|).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "META_PREFIX",
+    "PROVENANCE",
+    "LinearSite",
+    "linear_sites",
+    "get_attr_value",
+    "format_graph",
+    "fingerprint",
+    "normalize_inputs",
+    "run_graph",
+    "compare_outputs",
+    "iter_meta",
+]
+
+META_PREFIX = "sparsecomp."
+PROVENANCE = "sparsecomp.provenance"  # {"pass": name, "rule": rule} on nodes a pass created
+
+aten = torch.ops.aten
+_LINEAR = {aten.linear.default}
+_CONV = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default}
+_MATMUL = {aten.matmul.default, aten.mm.default}
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+
+
+@dataclass
+class LinearSite:
+    """A matmul-like node whose weight is a constant attribute of the module."""
+
+    node: fx.Node
+    kind: str  # "linear" | "conv" | "matmul"
+    name: str  # qualified module name, e.g. "encoder.layer.0.intermediate.dense"
+    weight_target: str  # attribute path of the stored weight, e.g. "...dense.weight"
+    transposed: bool  # stored weight is [in, out] (matmul x @ W): view it transposed
+    bias_target: str | None = None
+
+    def weight(self, gm: torch.nn.Module) -> torch.Tensor:
+        """The stored weight, as stored (conv: [out, in/groups, *k])."""
+        return get_attr_value(gm, self.weight_target)
+
+    def weight_2d(self, gm: torch.nn.Module) -> torch.Tensor:
+        """The weight viewed as [out_features, in_features] (conv: [out, in/groups * prod(k)])."""
+        w = self.weight(gm).detach()
+        if self.transposed:
+            w = w.t()
+        return w.reshape(w.shape[0], -1)
+
+
+def get_attr_value(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    return operator.attrgetter(target)(gm)
+
+
+def _const_weight(gm: fx.GraphModule, arg: Any) -> tuple[str, bool] | None:
+    """(attribute target, transposed?) if `arg` is a get_attr, or a transpose of one."""
+    if not isinstance(arg, fx.Node):
+        return None
+    if arg.op == "get_attr":
+        return arg.target, False
+    if arg.op == "call_function" and arg.target in _TRANSPOSES and isinstance(arg.args[0], fx.Node):
+        src = arg.args[0]
+        if src.op == "get_attr" and get_attr_value(gm, src.target).dim() == 2:
+            return src.target, True
+    return None
+
+
+def _module_name(target: str) -> str:
+    return target[: -len(".weight")] if target.endswith(".weight") else target
+
+
+def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    """Every matmul-like node with a constant weight, in graph order."""
+    sites: list[LinearSite] = []
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _LINEAR | _CONV:
+            w = _const_weight(gm, node.args[1])
+            if w is None or w[1]:
+                continue
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            bias_t = bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+            kind = "linear" if node.target in _LINEAR else "conv"
+            sites.append(LinearSite(node, kind, _module_name(w[0]), w[0], False, bias_t))
+        elif node.op == "call_function" and node.target in _MATMUL:
+            w = _const_weight(gm, node.args[1])
+            if w is None or get_attr_value(gm, w[0]).dim() != 2:
+                continue
+            # x @ W stores W as [in, out]; x @ W.t() (a Linear spelled by hand) stores [out, in].
+            sites.append(LinearSite(node, "matmul", _module_name(w[0]), w[0], not w[1]))
+        elif node.op == "call_function" and node.target is aten.addmm.default:
+            w = _const_weight(gm, node.args[2])
+            if w is None:
+                continue
+            b = node.args[0]
+            bias_t = b.target if isinstance(b, fx.Node) and b.op == "get_attr" else None
+            sites.append(LinearSite(node, "matmul", _module_name(w[0]), w[0], not w[1], bias_t))
+        elif node.op == "call_module":
+            # Graphs imported from ONNX (onnx2torch) keep nn.Linear / nn.Conv as modules.
+            mod = modules.get(node.target)
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+                kind = "linear" if isinstance(mod, torch.nn.Linear) else "conv"
+                bias_t = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
+                sites.append(LinearSite(node, kind, node.target, f"{node.target}.weight", False, bias_t))
+    return sites
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+
+def _short_target(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_function":
+        name = getattr(t, "__name__", str(t))
+        if isinstance(t, torch._ops.OpOverload):
+            ns = t.namespace
+            name = f"{ns}.{t._opname}" + ("" if t._overloadname == "default" else f".{t._overloadname}")
+        return name
+    return str(t)
+
+
+def _fmt_val(val: Any) -> str:
+    if isinstance(val, torch.Tensor):
+        dt = str(val.dtype).replace("torch.", "")
+        dt = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int64": "i64", "int32": "i32", "bool": "i1"}.get(dt, dt)
+        return f"{dt}[{', '.join(str(s) for s in val.shape)}]"
+    if isinstance(val, (tuple, list)):
+        return "(" + ", ".join(_fmt_val(v) for v in val) + ")"
+    return ""
+
+
+def _fmt_arg(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return "%" + a.name
+    if isinstance(a, (tuple, list)):
+        inner = ", ".join(_fmt_arg(x) for x in a)
+        return f"[{inner}]"
+    if isinstance(a, torch.dtype):
+        return str(a).replace("torch.", "")
+    return repr(a)
+
+
+def _fmt_meta(value: Any) -> str:
+    if hasattr(value, "summary"):
+        return value.summary()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_fmt_meta(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, torch.Tensor):
+        return _fmt_val(value)
+    text = str(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def format_graph(gm: fx.GraphModule, *, annotations: bool = True) -> str:
+    """The printed IR: one line per node, `sparsecomp.*` annotations after `#`."""
+    lines = []
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    lines.append("graph(" + ", ".join(f"%{n.name}: {_fmt_val(n.meta.get('val'))}" for n in inputs) + ") {")
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            lines.append(f"  return {_fmt_arg(node.args[0])}")
+            continue
+        if node.op == "get_attr":
+            rhs = f"get_attr {node.target}"
+        else:
+            args = [_fmt_arg(a) for a in node.args] + [f"{k}={_fmt_arg(v)}" for k, v in node.kwargs.items()]
+            rhs = f"{_short_target(node)}({', '.join(args)})"
+        val = _fmt_val(node.meta.get("val"))
+        line = f"  %{node.name} = {rhs}" + (f" : {val}" if val else "")
+        if annotations:
+            notes = [f"{k[len(META_PREFIX):]}({_fmt_meta(v).strip('{}')})" for k, v in node.meta.items() if k.startswith(META_PREFIX)]
+            if notes:
+                line += "  # " + "; ".join(notes)
+        lines.append(line)
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def fingerprint(gm: fx.GraphModule) -> str:
+    """Hash of the printed IR (structure and annotations): equal fingerprints = unchanged IR."""
+    return hashlib.sha1(format_graph(gm).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and comparing
+
+
+def normalize_inputs(inputs: Any) -> tuple[tuple, dict]:
+    """Example inputs / calibration batches -> (args, kwargs).
+
+    A tensor is one positional arg; a tuple or list holds positional args; a dict holds keyword
+    args; an explicit `(args_tuple, kwargs_dict)` pair is taken as is.
+    """
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        if len(inputs) == 2 and isinstance(inputs[0], tuple) and isinstance(inputs[1], dict):
+            return tuple(inputs[0]), dict(inputs[1])
+        return tuple(inputs), {}
+    raise TypeError(
+        f"example inputs must be a tensor, a tuple/list of positional inputs or a dict of keyword "
+        f"inputs, got {type(inputs).__name__}"
+    )
+
+
+def run_graph(module: torch.nn.Module, inputs: Any) -> Any:
+    args, kwargs = normalize_inputs(inputs)
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):  # HF ModelOutput
+        out = out.to_tuple()
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def compare_outputs(actual: Any, reference: Any, *, rtol: float = 1e-4) -> tuple[bool, float, float]:
+    """(ok, max abs error, allowed) with allowed = rtol x max|reference| per output tensor.
+
+    NaN must appear in the same places in both; shapes must agree.
+    """
+    a_leaves, r_leaves = _leaves(actual), _leaves(reference)
+    if len(a_leaves) != len(r_leaves):
+        return False, float("inf"), 0.0
+    worst, allowed_at_worst, ok = 0.0, 0.0, True
+    for a, r in zip(a_leaves, r_leaves):
+        if a.shape != r.shape:
+            return False, float("inf"), 0.0
+        a, r = a.detach().double(), r.detach().double()
+        if not torch.equal(torch.isnan(a), torch.isnan(r)):
+            return False, float("nan"), 0.0
+        finite = torch.isfinite(r)
+        if not torch.equal(a[~finite], r[~finite]):
+            return False, float("inf"), 0.0
+        if finite.any():
+            err = (a[finite] - r[finite]).abs().max().item()
+            allowed = rtol * max(r[finite].abs().max().item(), 1e-30)
+            if err > allowed:
+                ok = False
+            if err >= worst:
+                worst, allowed_at_worst = err, allowed
+    return ok, worst, allowed_at_worst
+
+
+def iter_meta(gm: fx.GraphModule, key: str) -> Iterable[tuple[fx.Node, Any]]:
+    for node in gm.graph.nodes:
+        if key in node.meta:
+            yield node, node.meta[key]

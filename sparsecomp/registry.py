@@ -1,0 +1,223 @@
+"""The one pass registry.
+
+A pass is a plain function over a `torch.fx.GraphModule`:
+
+    @register_pass("find-mlps", kind="analysis")
+    def find_mlps(gm, ctx, *, min_hidden: int = 1) -> PassResult:
+        '''One-line summary.
+
+        Requires: ...
+        Ensures: ...
+        Options:
+          min_hidden: ...
+        '''
+
+Its typed options are its keyword-only parameters (type from the annotation, default from the
+signature), so the options a pipeline string may set, their types and defaults can never drift
+from the code. The docstring must state what the pass *Requires* and *Ensures* (checked at
+registration), which is what `sparsecomp passes NAME` prints.
+
+The registry lives in the core; the built-in passes live in `sparsecomp.passes` and register
+themselves when that package is imported. The core never imports a pass by symbol: lookups load
+the built-in pass package by name on first use (the same plugin boundary an entry point would be).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, get_args, get_origin
+
+from sparsecomp.errors import PipelineError, SparsecompError
+
+__all__ = [
+    "PassKind",
+    "PassOption",
+    "PassInfo",
+    "PassResult",
+    "register_pass",
+    "get_pass",
+    "all_passes",
+]
+
+# Packages whose import registers passes (built-ins; a plugin could append its own).
+PASS_PACKAGES: list[str] = ["sparsecomp.passes"]
+
+_REGISTRY: dict[str, "PassInfo"] = {}
+_loaded = False
+_NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+_OPTION_TYPES = (int, float, bool, str)
+
+
+class PassKind(str, enum.Enum):
+    ANALYSIS = "analysis"  # annotates node.meta / ctx.results, never changes the graph
+    REWRITE = "rewrite"  # lossless graph rewrite
+    SPARSIFY = "sparsify"  # lossy: creates sparsity, runs only when asked
+    LOWERING = "lowering"  # backend-specific lowering
+
+
+@dataclass(frozen=True)
+class PassOption:
+    """One typed option of a pass (a keyword-only parameter of its function)."""
+
+    name: str
+    type: Any  # int | float | bool | str | Literal[...]
+    default: Any
+    doc: str = ""
+
+    @property
+    def type_name(self) -> str:
+        if get_origin(self.type) is Literal:
+            return "|".join(str(a) for a in get_args(self.type))
+        return self.type.__name__
+
+    def parse(self, raw: str, pass_name: str) -> Any:
+        """Convert the option's text from a pipeline string to its typed value."""
+        t = self.type
+        bad = PipelineError(
+            f"option '{self.name}' of pass '{pass_name}' expects {self.type_name}, got '{raw}'",
+            hint=f"e.g. {pass_name}{{{self.name}={self.default!s}}}" if self.default is not None else None,
+        )
+        if get_origin(t) is Literal:
+            choices = [str(a) for a in get_args(t)]
+            if raw not in choices:
+                raise bad
+            return get_args(t)[choices.index(raw)]
+        if t is bool:
+            if raw.lower() in ("true", "1", "yes"):
+                return True
+            if raw.lower() in ("false", "0", "no"):
+                return False
+            raise bad
+        if t is str:
+            return raw
+        try:
+            return t(raw)
+        except ValueError:
+            raise bad from None
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: whether it changed the graph, and match statistics for `--timing`."""
+
+    modified: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    kind: PassKind
+    fn: Callable[..., PassResult | bool | None]
+    options: dict[str, PassOption]
+    doc: str
+    module: str
+
+    @property
+    def summary(self) -> str:
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
+
+    def section(self, title: str) -> str:
+        """Text of a docstring section such as 'Requires' or 'Ensures'."""
+        return _doc_sections(self.doc).get(title, "")
+
+    def resolve_options(self, raw: dict[str, str]) -> dict[str, Any]:
+        """Typed option values for a pipeline entry: defaults overridden by `raw` text."""
+        values = {name: opt.default for name, opt in self.options.items()}
+        for key, text in raw.items():
+            if key not in self.options:
+                valid = ", ".join(f"{o.name}: {o.type_name}" for o in self.options.values()) or "none"
+                raise PipelineError(
+                    f"pass '{self.name}' has no option '{key}'",
+                    hint=f"valid options: {valid} (see `sparsecomp passes {self.name}`)",
+                )
+            values[key] = self.options[key].parse(text, self.name)
+        return values
+
+
+def _doc_sections(doc: str) -> dict[str, str]:
+    """Split a docstring into 'Title:' sections (Requires, Ensures, Options, ...)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in inspect.cleandoc(doc or "").splitlines():
+        m = re.match(r"^([A-Z][A-Za-z ]+):\s*(.*)$", line)
+        if m and m.group(1) in ("Requires", "Ensures", "Options", "Rules", "Why"):
+            current = m.group(1)
+            sections[current] = [m.group(2)] if m.group(2) else []
+        elif current is not None:
+            sections[current].append(line.strip())
+    return {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
+def _option_docs(doc: str) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for line in _doc_sections(doc).get("Options", "").splitlines():
+        m = re.match(r"^(\w+):\s*(.*)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2)
+    return docs
+
+
+def register_pass(name: str, kind: str | PassKind):
+    """Decorator registering `fn(gm, ctx, *, options...)` as pass `name`."""
+    kind = PassKind(kind)
+
+    def deco(fn):
+        if not _NAME_RE.match(name):
+            raise SparsecompError(f"pass name '{name}' must be kebab-case (e.g. 'sparse-linear')")
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise SparsecompError(f"pass '{name}' is registered twice ({_REGISTRY[name].module} and {fn.__module__})")
+        doc = inspect.getdoc(fn) or ""
+        sections = _doc_sections(doc)
+        for required in ("Requires", "Ensures"):
+            if required not in sections:
+                raise SparsecompError(f"pass '{name}' ({fn.__module__}) must document '{required}:' in its docstring")
+        hints = typing.get_type_hints(fn)
+        opt_docs = _option_docs(doc)
+        options: dict[str, PassOption] = {}
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            t = hints.get(p.name, str)
+            if t not in _OPTION_TYPES and get_origin(t) is not Literal:
+                raise SparsecompError(f"option '{p.name}' of pass '{name}' has unsupported type {t!r}")
+            if p.default is inspect.Parameter.empty:
+                raise SparsecompError(f"option '{p.name}' of pass '{name}' needs a default")
+            options[p.name] = PassOption(p.name, t, p.default, opt_docs.get(p.name, ""))
+        _REGISTRY[name] = PassInfo(name, kind, fn, options, doc, fn.__module__)
+        fn.pass_info = _REGISTRY[name]
+        return fn
+
+    return deco
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for pkg in PASS_PACKAGES:
+            importlib.import_module(pkg)
+
+
+def get_pass(name: str) -> PassInfo:
+    """The registered pass `name`; unknown names get the list of valid ones."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = (f"did you mean '{close[0]}'? " if close else "") + "valid passes: " + ", ".join(sorted(_REGISTRY))
+        raise PipelineError(f"unknown pass '{name}'", hint=hint)
+    return _REGISTRY[name]
+
+
+def all_passes() -> list[PassInfo]:
+    """Every registered pass, sorted by kind then name."""
+    _load_builtin()
+    order = list(PassKind)
+    return sorted(_REGISTRY.values(), key=lambda p: (order.index(p.kind), p.name))

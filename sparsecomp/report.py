@@ -1,0 +1,138 @@
+"""`SparsityReport`: what analysis found, as a rich table and as JSON.
+
+The JSON schema (`report.to_dict()`, version 1) is documented in the README ("Analysis report
+schema"). The report holds the analysis results as plain objects with `to_dict()`; it does not
+import the passes that made them (the core depends on nothing above it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SparsityReport", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+@dataclass
+class SparsityReport:
+    model: str
+    source: str  # "fx" (captured torch model) | "onnx" (ONNX graph read directly)
+    pipeline: str
+    layers: list[Any] = field(default_factory=list)  # WeightStats
+    mlps: list[Any] = field(default_factory=list)  # MLPRegion
+    activations: list[Any] = field(default_factory=list)  # ActivationStats
+    capture: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # --- queries -------------------------------------------------------------------------------
+    def layer(self, name: str):
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer '{name}' in the report of {self.model}")
+
+    @property
+    def flagged(self) -> list[Any]:
+        """Layers with NaN or Inf weights."""
+        return [layer for layer in self.layers if layer.flags]
+
+    # --- output --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        acts = {a.name: a.to_dict() for a in self.activations}
+        layers = []
+        for layer in self.layers:
+            d = layer.to_dict()
+            if layer.name in acts:
+                d["activation"] = {k: v for k, v in acts[layer.name].items() if k != "name"}
+            layers.append(d)
+        total = sum(layer.numel for layer in self.layers)
+        nonzero = sum(layer.density * layer.numel for layer in self.layers)
+        return {
+            "schema": SCHEMA_VERSION,
+            "model": self.model,
+            "source": self.source,
+            "pipeline": self.pipeline,
+            "summary": {
+                "layers": len(self.layers),
+                "weights": total,
+                "density": (nonzero / total) if total else 1.0,
+                "mlps": len(self.mlps),
+                "flagged": [layer.name for layer in self.flagged],
+            },
+            "layers": layers,
+            "mlps": [m.to_dict() for m in self.mlps],
+            "capture": self.capture,
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, default=str)
+
+    def table(self):
+        from rich.table import Table
+
+        has_act = bool(self.activations)
+        acts = {a.name: a for a in self.activations}
+        t = Table(title=f"sparsity of {self.model} ({self.source})", title_justify="left")
+        cols = ["layer", "op", "shape", "density", "zero rows/cols", "2:4", "4:8", "sparsest block", "best format", "MiB (dense → best)"]
+        if has_act:
+            cols.append("input zeros")
+        cols.append("flags")
+        for c in cols:
+            t.add_column(c, justify="left" if c in ("layer", "op", "best format", "flags", "sparsest block") else "right")
+        for layer in self.layers:
+            occ = min(layer.block_occupancy.items(), key=lambda kv: kv[1]) if layer.block_occupancy else None
+            fmt, nbytes = layer.best_format()
+            row = [
+                layer.name, layer.op, "x".join(map(str, layer.shape)), _pct(layer.density),
+                f"{layer.zero_rows}/{layer.zero_cols}",
+                f"{layer.nm_conformance.get('2:4', float('nan')):.2f}",
+                f"{layer.nm_conformance.get('4:8', float('nan')):.2f}",
+                f"{occ[0]}: {_pct(occ[1])}" if occ else "-", fmt,
+                f"{_mib(layer.bytes['dense'])} → {_mib(nbytes)}",
+            ]
+            if has_act:
+                a = acts.get(layer.name)
+                row.append(_pct(a.zero_fraction) if a else "-")
+            row.append(" ".join(layer.flags) or "")
+            t.add_row(*row, style="red" if layer.flags else None)
+        return t
+
+    def mlp_table(self):
+        from rich.table import Table
+
+        t = Table(title="MLP regions", title_justify="left")
+        for c in ("#", "pattern", "activation", "up", "gate", "down", "hidden", "exact zeros"):
+            t.add_column(c)
+        for m in self.mlps:
+            t.add_row(str(m.index), m.pattern, m.activation, m.up, m.gate or "-", m.down, str(m.hidden), "yes" if m.exact_zeros else "no")
+        return t
+
+    def __rich_console__(self, console, options):
+        yield self.table()
+        if self.mlps:
+            yield self.mlp_table()
+        d = self.to_dict()["summary"]
+        yield (f"{d['layers']} weights, {d['weights']:,} parameters, overall density {_pct(d['density'])}, "
+               f"{d['mlps']} MLP regions" + (f", flagged: {', '.join(d['flagged'])}" if d["flagged"] else ""))
+        for note in self.notes:
+            yield f"note: {note}"
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(width=200, file=buf, color_system=None).print(self)
+        return buf.getvalue()
