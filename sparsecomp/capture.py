@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from sparsecomp.errors import CaptureError
 from sparsecomp.ir import compare_outputs, normalize_inputs, run_graph
@@ -50,14 +51,19 @@ class CaptureInfo:
         return f"dynamic dims: {dyn}"
 
 
-def _candidate_dims(t: torch.Tensor) -> list[int]:
+def _candidate_dims(t: torch.Tensor, token_shapes: set[tuple[int, ...]]) -> list[int]:
+    """Dims to try dynamic: batch always; sequence for token ids [B, T], tensors shaped like
+    them (attention masks, any dtype) and float [B, T, C] activations."""
     if t.dim() == 0:
         return []
     dims = [0]
-    is_tokens = not t.is_floating_point() and t.dim() == 2
-    if t.dim() >= 2 and (is_tokens or (t.is_floating_point() and t.dim() == 3)):
+    if t.dim() == 3 and t.is_floating_point() or t.dim() == 2 and tuple(t.shape) in token_shapes:
         dims.append(1)
     return dims
+
+
+def _token_shapes(values) -> set[tuple[int, ...]]:
+    return {tuple(v.shape) for v in values if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point()}
 
 
 def _grow(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -69,9 +75,11 @@ def _grow(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
 def _dynamic_spec(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     from torch.export import Dim
 
+    tokens = _token_shapes([*args, *kwargs.values()])
+
     def spec(x):
         if isinstance(x, torch.Tensor):
-            dims = _candidate_dims(x)
+            dims = _candidate_dims(x, tokens)
             return {d: Dim.AUTO for d in dims} if dims else None
         return None
 
@@ -158,7 +166,8 @@ def _record(gm: fx.GraphModule, args: tuple, kwargs: dict, model: torch.nn.Modul
         val = ph.meta.get("val")
         if val is None:
             continue
-        dyn = [d for d, s in enumerate(val.shape) if not isinstance(s, int)]
+        # A specialised dim can still be a SymInt (with no free symbols): only symbols are dynamic.
+        dyn = [d for d, s in enumerate(val.shape) if free_symbols(s)]
         if dyn:
             info.dynamic[name] = dyn
         info.static_shapes[name] = list(value.shape)
@@ -193,8 +202,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
     notes: list[str] = []
     ep = None
     if dynamic:
-        grown_args = tuple(_grow(a, _candidate_dims(a)) if isinstance(a, torch.Tensor) else a for a in args)
-        grown_kwargs = {k: _grow(v, _candidate_dims(v)) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        tokens = _token_shapes([*args, *kwargs.values()])
+        grown_args = tuple(_grow(a, _candidate_dims(a, tokens)) if isinstance(a, torch.Tensor) else a for a in args)
+        grown_kwargs = {k: _grow(v, _candidate_dims(v, tokens)) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         grew = any(g is not a for g, a in zip(grown_args, args)) or any(grown_kwargs[k] is not kwargs[k] for k in kwargs)
         try:
             ep = _export(model, grown_args, grown_kwargs, dynamic=True)

@@ -99,8 +99,8 @@ def weight_stats(name: str, op: str, w: torch.Tensor, *, blocks: list[tuple[int,
     blocks = parse_block_shapes(DEFAULT_BLOCKS) if blocks is None else blocks
     nm = parse_nm_list(DEFAULT_NM) if nm is None else nm
     w = w.detach()
-    w2 = w.reshape(w.shape[0], -1) if w.dim() != 2 else w
-    w2 = w2.float() if not w2.is_floating_point() or w2.dtype in (torch.float16, torch.bfloat16) else w2
+    stored = w.reshape(w.shape[0], -1) if w.dim() != 2 else w  # bytes are priced in the stored dtype
+    w2 = stored.float() if not stored.is_floating_point() or stored.dtype in (torch.float16, torch.bfloat16) else stored
     nan = int(torch.isnan(w2).sum())
     inf = int(torch.isinf(w2).sum())
     flags = []
@@ -110,14 +110,13 @@ def weight_stats(name: str, op: str, w: torch.Tensor, *, blocks: list[tuple[int,
         flags.append(f"Inf:{inf}")
     nmc = {f"{n}:{m}": patterns.nm_conformance(w2, n, m) for n, m in nm}
     occ = {f"{r}x{c}": patterns.block_occupancy(w2, r, c) for r, c in blocks}
-    elem = w.element_size()
-    sizes = {"dense": w2.numel() * elem, "csr": formats.CSR.estimate_nbytes(w2)}
-    sizes[f"sell{SELL_SLICE}"] = formats.SELL.estimate_nbytes(w2, slice_height=SELL_SLICE)
+    sizes = {"dense": stored.numel() * stored.element_size(), "csr": formats.CSR.estimate_nbytes(stored)}
+    sizes[f"sell{SELL_SLICE}"] = formats.SELL.estimate_nbytes(stored, slice_height=SELL_SLICE)
     for r, c in blocks:
-        sizes[f"bsr{r}x{c}"] = formats.BSR.estimate_nbytes(w2, blocksize=(r, c))
+        sizes[f"bsr{r}x{c}"] = formats.BSR.estimate_nbytes(stored, blocksize=(r, c))
     for (n, m), key in zip(nm, nmc):
-        if nmc[key] == 1.0:
-            sizes[f"{n}:{m}"] = formats.NM.estimate_nbytes(w2, n=n, m=m)
+        if nmc[key] == 1.0:  # N:M storage exists only for conformant weights
+            sizes[f"{n}:{m}"] = formats.NM.estimate_nbytes(stored, n=n, m=m)
     return WeightStats(
         name=name, op=op, shape=list(w2.shape), numel=w2.numel(), density=patterns.density(w2),
         zero_rows=patterns.zero_rows(w2), zero_cols=patterns.zero_cols(w2), nm_conformance=nmc,

@@ -1,0 +1,113 @@
+"""Pipeline text: parse/print round trip, typed options, and errors that list the valid choices."""
+
+import pytest
+
+from sparsecomp.errors import PipelineError
+from sparsecomp.pipeline import parse_pipeline
+from sparsecomp.registry import PassKind, all_passes, get_pass, register_pass
+
+
+@pytest.mark.parametrize("text", [
+    "analyze-weights",
+    "analyze-weights,find-mlps",
+    "analyze-weights,find-mlps{min_hidden=64},profile-activations{thresholds=\"0.01,0.1\",max_batches=8}",
+    "find-mlps{min_hidden=0}",
+])
+def test_round_trip_exact(text):
+    assert str(parse_pipeline(text)) == text
+
+
+def test_whitespace_is_normalised_and_options_typed():
+    p = parse_pipeline(" analyze-weights , find-mlps { min_hidden = 16 } ")
+    assert str(p) == "analyze-weights,find-mlps{min_hidden=16}"
+    assert p.entries[1].options == {"min_hidden": 16}
+    # defaults fill in what the text leaves out
+    assert parse_pipeline("find-mlps").entries[0].options == {"min_hidden": 1}
+
+
+def test_unknown_pass_lists_valid_ones_and_suggests():
+    with pytest.raises(PipelineError) as e:
+        parse_pipeline("analyse-weights,find-mlps")
+    assert "unknown pass 'analyse-weights'" in e.value.message
+    assert "did you mean 'analyze-weights'" in e.value.hint
+    assert "find-mlps" in e.value.hint
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(PipelineError) as e:
+        parse_pipeline("find-mlps{min_hiden=3}")
+    assert "no option 'min_hiden'" in e.value.message
+    assert "min_hidden: int" in e.value.hint
+    assert "find-mlps{min_hiden=3}" in e.value.message  # the pipeline is in the error: a repro
+
+
+@pytest.mark.parametrize("text,what", [
+    ("find-mlps{min_hidden=abc}", "expects int"),
+    ("", "empty pipeline"),
+    ("find-mlps{min_hidden}", "expected '='"),
+    ("find-mlps{min_hidden=1", "expected ','"),
+    ("find-mlps,,analyze-weights", "expected a name"),
+    ('analyze-weights{blocks="1x4}', "unterminated quote"),
+    ("find-mlps{min_hidden=1,min_hidden=2}", "given twice"),
+])
+def test_malformed(text, what):
+    with pytest.raises(PipelineError, match=what):
+        parse_pipeline(text)
+
+
+def test_registry_lists_built_in_passes_with_contracts():
+    names = {p.name for p in all_passes()}
+    assert {"analyze-weights", "find-mlps", "profile-activations"} <= names
+    for info in all_passes():
+        assert info.section("Requires") and info.section("Ensures"), info.name
+        assert info.kind in PassKind
+
+
+def test_register_requires_contract_and_typed_defaults():
+    from sparsecomp.errors import SparsecompError
+
+    with pytest.raises(SparsecompError, match="Requires"):
+        @register_pass("test-no-contract", kind="analysis")
+        def _a(gm, ctx):
+            """No contract here."""
+
+    with pytest.raises(SparsecompError, match="kebab-case"):
+        @register_pass("Bad_Name", kind="analysis")
+        def _b(gm, ctx):
+            """x.
+
+            Requires: nothing.
+            Ensures: nothing.
+            """
+
+    with pytest.raises(SparsecompError, match="unsupported type"):
+        @register_pass("test-bad-option", kind="analysis")
+        def _c(gm, ctx, *, xs: list = None):
+            """x.
+
+            Requires: nothing.
+            Ensures: nothing.
+            """
+
+
+def test_literal_and_bool_options():
+    from typing import Literal
+
+    @register_pass("test-typed-options", kind="rewrite")
+    def _typed(gm, ctx, *, mode: Literal["exact", "threshold"] = "exact", flag: bool = False, ratio: float = 0.5):
+        """Typed options.
+
+        Requires: nothing.
+        Ensures: nothing.
+        Options:
+          mode: which mode.
+        """
+
+    e = parse_pipeline("test-typed-options{mode=threshold,flag=true,ratio=.25}").entries[0]
+    assert e.options == {"mode": "threshold", "flag": True, "ratio": 0.25}
+    assert str(e) == "test-typed-options{mode=threshold,flag=true,ratio=.25}"
+    assert get_pass("test-typed-options").options["mode"].doc == "which mode."
+    with pytest.raises(PipelineError, match="expects exact\\|threshold"):
+        parse_pipeline("test-typed-options{mode=fast}")
+    with pytest.raises(PipelineError, match="expects bool"):
+        parse_pipeline("test-typed-options{flag=maybe}")
