@@ -196,7 +196,7 @@ def _not_yet_command(name: str, issue: str, help_text: str):
         raise NotYetAvailableError(f"`sparsecomp {name}` is not yet available (arrives with issue {issue})",
                                    hint="available now: analyze, opt, passes, demo")
 
-    command.__doc__ = f"{help_text} [not yet available: issue {issue}]"
+    command.__doc__ = f"{help_text} (not yet available: issue {issue})"
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
