@@ -1,1 +1,3 @@
-"""Lossless rewrite passes (swap in sparsecomp ops). The sparse-linear rewrite lands here."""
+"""Lossless rewrite passes: swap in `sparsecomp::*` ops (sparsecomp.dialect)."""
+
+from sparsecomp.passes.rewrite import sparse_linear  # noqa: F401  (registration)

@@ -1,0 +1,133 @@
+"""The on-disk cache of measured decisions (and the cache directory every component shares).
+
+Location: `$SPARSECOMP_CACHE_DIR`, default `~/.cache/sparsecomp`. Decisions live in
+`decisions/<backend>.json`, one entry per key; a key joins the machine (CPU model, vector
+features, core count, thread setting, library versions), the backend, the op's shape and dtype and
+a hash of the weight's sparsity pattern, so a decision measured on another machine or another
+weight is never reused. Trust rules:
+
+- a file that does not parse, or an entry of the wrong shape or schema version, is ignored (and
+  counted in `stats["corrupt"]`): the caller re-measures and the rewrite replaces it;
+- writes are atomic (temp file in the same directory + `os.replace`) and merge with what another
+  process wrote meanwhile, so concurrent compiles cannot leave a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["cache_dir", "machine_id", "pattern_hash", "DecisionCache", "atomic_write_bytes"]
+
+SCHEMA = 1
+
+
+def cache_dir() -> Path:
+    """`$SPARSECOMP_CACHE_DIR` or `~/.cache/sparsecomp` (read on every call: tests override it)."""
+    env = os.environ.get("SPARSECOMP_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "sparsecomp"
+
+
+@lru_cache(maxsize=1)
+def _cpu() -> tuple[str, str]:
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = ",".join(sorted(have & {"avx2", "avx512f", "avx512bw", "avx512vl", "fma", "amx_tile"}))
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def machine_id() -> str:
+    """Identity of the measuring machine and software: decisions are only valid on the same one."""
+    model, flags = _cpu()
+    parts = [model, flags, platform.machine(), str(os.cpu_count()), f"threads={torch.get_num_threads()}",
+             f"torch={torch.__version__}"]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def pattern_hash(weight: torch.Tensor) -> str:
+    """Hash of where a weight's nonzeros are (values do not change a kernel's speed)."""
+    mask = (weight.detach() != 0).flatten().cpu().numpy()
+    import numpy as np
+
+    bits = np.packbits(mask)
+    return hashlib.sha1(bits.tobytes() + str(tuple(weight.shape)).encode()).hexdigest()[:20]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class DecisionCache:
+    """Measured per-layer decisions of one backend, persisted as JSON."""
+
+    def __init__(self, backend: str, directory: Path | None = None):
+        self.backend = backend
+        self.path = (directory or cache_dir()) / "decisions" / f"{backend}.json"
+        self.stats = {"hit": 0, "miss": 0, "corrupt": 0, "written": 0}
+        self._entries = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            self.stats["corrupt"] += 1
+            return {}
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), dict):
+            self.stats["corrupt"] += 1
+            return {}
+        return data["entries"]
+
+    def key(self, **parts: Any) -> str:
+        """Key from the machine, the backend and the caller's parts (shape, dtype, pattern hash...)."""
+        text = json.dumps({"machine": machine_id(), "backend": self.backend, **parts}, sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def get(self, key: str, validate=None) -> dict | None:
+        """The entry, or None if absent or (per `validate(entry) -> bool`) not trustworthy."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.stats["miss"] += 1
+            return None
+        if not isinstance(entry, dict) or (validate is not None and not validate(entry)):
+            self.stats["corrupt"] += 1
+            self._entries.pop(key, None)
+            return None
+        self.stats["hit"] += 1
+        return entry
+
+    def put(self, key: str, entry: dict) -> None:
+        self._entries[key] = entry
+        merged = self._read() | self._entries  # keep what other processes wrote meanwhile
+        self._entries = merged
+        atomic_write_bytes(self.path, json.dumps({"schema": SCHEMA, "entries": merged}, indent=1, sort_keys=True).encode())
+        self.stats["written"] += 1

@@ -1,0 +1,84 @@
+"""The core's timing harness: what every per-layer decision and benchmark measures with.
+
+Decisions are made by measurement on the target machine (DESIGN.md section 1), so the harness
+must be cheap enough to run at compile time and honest enough to trust: a warm-up, then runs
+until both `min_runs` and `min_seconds` are reached (or `max_seconds` is spent), and the
+**median** is the figure (robust to the other core being busy). `compare` times candidates
+interleaved, round-robin, so a machine-wide slowdown (read bandwidth swings 40-79 GB/s here from
+minute to minute) hits every candidate alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Measurement", "measure", "compare"]
+
+
+@dataclass
+class Measurement:
+    median: float  # seconds
+    runs: int
+    samples: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def p10(self) -> float:
+        return _quantile(self.samples, 0.1)
+
+    @property
+    def p90(self) -> float:
+        return _quantile(self.samples, 0.9)
+
+    def to_dict(self) -> dict:
+        return {"median_s": self.median, "p10_s": self.p10, "p90_s": self.p90, "runs": self.runs}
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 2, min_runs: int = 20, min_seconds: float = 0.0,
+            max_seconds: float = 2.0) -> Measurement:
+    """Median wall time of `fn()` (seconds) after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        if (len(samples) >= min_runs and elapsed >= min_seconds) or elapsed >= max_seconds:
+            break
+    return Measurement(statistics.median(samples), len(samples), samples)
+
+
+def compare(candidates: dict[str, Callable[[], object]], *, warmup: int = 2, min_runs: int = 20,
+            max_seconds: float = 2.0) -> dict[str, Measurement]:
+    """Time candidates interleaved (round-robin) and return each one's median.
+
+    Stops after `min_runs` rounds, or earlier when `max_seconds` is spent (at least 3 rounds), so
+    compile-time decisions have a bounded cost.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in candidates}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_runs:
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+        rounds += 1
+        if rounds >= 3 and time.perf_counter() - start >= max_seconds:
+            break
+    return {k: Measurement(statistics.median(v), len(v), v) for k, v in samples.items()}
