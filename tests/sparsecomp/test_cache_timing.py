@@ -1,0 +1,76 @@
+"""Decision cache (hit / miss / corruption / atomic merge) and the timing harness."""
+
+import json
+import time
+
+import torch
+
+from sparsecomp.cache import DecisionCache, cache_dir, machine_id, pattern_hash
+from sparsecomp.timing import compare, measure
+
+
+def test_cache_dir_follows_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+
+
+def test_hit_miss_and_persistence(tmp_path):
+    c = DecisionCache("torch", tmp_path)
+    k = c.key(shape=[4, 8], dtype="float32", pattern="abc")
+    assert c.get(k) is None and c.stats["miss"] == 1
+    c.put(k, {"format": "csr", "params": {}})
+    again = DecisionCache("torch", tmp_path)
+    assert again.get(k) == {"format": "csr", "params": {}} and again.stats["hit"] == 1
+    # the key depends on every part and on the backend
+    assert c.key(shape=[4, 8], dtype="float32", pattern="abd") != k
+    assert DecisionCache("ort", tmp_path).key(shape=[4, 8], dtype="float32", pattern="abc") != k
+
+
+def test_corrupt_file_is_ignored_and_rewritten(tmp_path):
+    c = DecisionCache("torch", tmp_path)
+    c.path.parent.mkdir(parents=True)
+    c.path.write_text("{ not json")
+    c = DecisionCache("torch", tmp_path)
+    assert c.stats["corrupt"] == 1
+    k = c.key(x=1)
+    assert c.get(k) is None
+    c.put(k, {"format": "dense"})
+    assert json.loads(c.path.read_text())["entries"][k] == {"format": "dense"}
+
+
+def test_foreign_schema_and_invalid_entries_are_not_trusted(tmp_path):
+    c = DecisionCache("torch", tmp_path)
+    c.path.parent.mkdir(parents=True)
+    c.path.write_text(json.dumps({"schema": 999, "entries": {"k": {"format": "csr"}}}))
+    assert DecisionCache("torch", tmp_path).get("k") is None
+    c = DecisionCache("torch", tmp_path)
+    c.put("k2", {"format": "warp-drive"})
+    c = DecisionCache("torch", tmp_path)
+    assert c.get("k2", validate=lambda e: e["format"] in ("dense", "csr")) is None
+    assert c.stats["corrupt"] == 1
+
+
+def test_concurrent_writers_merge(tmp_path):
+    a, b = DecisionCache("torch", tmp_path), DecisionCache("torch", tmp_path)
+    a.put("ka", {"format": "csr"})
+    b.put("kb", {"format": "dense"})  # b read before a wrote: must not drop a's entry
+    entries = json.loads(a.path.read_text())["entries"]
+    assert set(entries) == {"ka", "kb"}
+    assert not list(a.path.parent.glob(".*.tmp"))  # no temp files left behind
+
+
+def test_pattern_hash_sees_positions_not_values():
+    w = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    assert pattern_hash(w) == pattern_hash(w * 3)
+    assert pattern_hash(w) != pattern_hash(w.flip(0))
+    assert len(machine_id()) == 16
+
+
+def test_measure_and_compare():
+    m = measure(lambda: time.sleep(0.001), min_runs=5, max_seconds=1.0)
+    assert m.runs == 5 and 0.0009 < m.median < 0.05 and m.p10 <= m.median <= m.p90
+    res = compare({"fast": lambda: None, "slow": lambda: time.sleep(0.002)}, min_runs=5)
+    assert res["fast"].median < res["slow"].median and res["slow"].runs == 5
+    # bounded: a slow candidate stops the rounds at max_seconds (but at least 3 rounds)
+    res = compare({"slow": lambda: time.sleep(0.02)}, min_runs=100, max_seconds=0.05, warmup=0)
+    assert 3 <= res["slow"].runs < 10
