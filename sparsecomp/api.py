@@ -14,15 +14,16 @@ import torch
 from sparsecomp.capture import capture
 from sparsecomp.errors import NotYetAvailableError, SparsecompError
 from sparsecomp.pass_manager import Instrument, PassContext, PassManager
-from sparsecomp.report import SparsityReport
+from sparsecomp.ir import normalize_inputs
+from sparsecomp.report import CompileReport, SparsityReport
 
-__all__ = ["analyze", "run_pipeline", "compile", "sparsify", "export_onnx", "set_num_threads", "BACKENDS"]
+__all__ = ["analyze", "run_pipeline", "compile", "CompiledModel", "sparsify", "export_onnx", "set_num_threads", "BACKENDS"]
 
 DEFAULT_ANALYSIS = "analyze-weights,find-mlps"
 
 # Backends the compile contract names, and where each stands. A name not in this table is a typo.
 BACKENDS: dict[str, str | None] = {
-    "torch": "not yet available (arrives with the sparse-linear issue, #3)",
+    "torch": None,  # available
     "ort": "not yet available (arrives with the ONNX-export issue, #4)",
     "tvm": "not yet available",
     "triton": "not yet available",
@@ -119,12 +120,118 @@ def _not_yet(what: str) -> NotYetAvailableError:
                                 hint="`sparsecomp analyze` and `sparsecomp opt` work today; see the README's roadmap")
 
 
-def compile(model, example_inputs, backend: str = "torch", **kwargs):  # noqa: A001  (public name from the contract)
-    """Compile a model for a backend (contract in DESIGN.md section 2). Not yet available."""
+class CompiledModel(torch.nn.Module):
+    """What `compile` returns: call it like the model; `report` says what was done per layer."""
+
+    def __init__(self, gm: torch.fx.GraphModule, report: CompileReport, backend: str):
+        super().__init__()
+        self.gm, self.report, self.backend = gm, report, backend
+
+    def forward(self, *args, **kwargs):
+        try:
+            return self.gm(*args, **kwargs)
+        except AssertionError as err:  # torch.export's input guards
+            if "Guard failed" not in str(err):
+                raise
+            raise SparsecompError(
+                f"{self.report.model} was compiled for other input shapes: {err}",
+                hint="only batch/sequence dims recorded as dynamic may change; compile again with example inputs of this shape",
+            ) from None
+
+
+def _progress_bar(total_hint: str):
+    """A rich progress callback on stderr for long lowering (quiet when stderr is not a terminal)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), transient=True)
+    task = bar.add_task(total_hint, total=None)
+
+    def update(done, total, layer):
+        bar.update(task, completed=done, total=total, description=f"measuring kernels: {layer}")
+
+    return bar, update
+
+
+def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, calibration=None,  # noqa: A001
+            activation_sparsity=None, tune: bool = False, pipeline: str | None = None, verify: bool = True,
+            cache_dir: str | None = None, name: str | None = None, max_seconds_per_layer: float = 0.5,
+            use_tir: bool = True, kernels: str | None = None) -> CompiledModel:
+    """Compile `model` for `backend`; the result computes the same outputs, faster where sparsity pays.
+
+    Every layer's format/kernel is chosen by measuring the candidates on its real weights and input
+    shape (bounded by `max_seconds_per_layer`), cached in `cache_dir` (default
+    `$SPARSECOMP_CACHE_DIR`). With `verify`, the compiled model is checked against eager on the
+    example inputs and never returned if it disagrees (it falls back to dense and says so).
+    """
     if backend not in BACKENDS:
         raise SparsecompError(f"unknown backend '{backend}'", hint=f"backends: {', '.join(BACKENDS)}")
-    raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}",
-                               hint="`sparsecomp.analyze` works today; see the README's roadmap")
+    if BACKENDS[backend] is not None:
+        raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}", hint="use backend='torch'")
+    for option, value, issue in (("sparsify", sparsify, "#6"), ("activation_sparsity", activation_sparsity, "#5"),
+                                 ("tune", tune or None, "a later release (MetaSchedule)"), ("calibration", calibration, "#5/#6")):
+        if value is not None:
+            raise NotYetAvailableError(f"compile({option}=...) is not yet available (arrives with {issue})",
+                                       hint=f"drop {option}= for now")
+    _load_passes()
+    from sparsecomp.backends import torch as torch_backend
+    from sparsecomp.cache import DecisionCache
+    from sparsecomp.ir import compare_outputs, run_graph
+    from sparsecomp.report import describe_pattern
+
+    label = name or type(model).__name__
+    pipeline = pipeline or "analyze-weights,sparse-linear"
+    pm = PassManager(pipeline)
+    example = normalize_inputs(example_inputs)
+    reference = run_graph(model, example)
+    gm = capture(model, example_inputs, name=label)
+    ctx = PassContext.create(example_inputs, model_name=label)
+    pm.run(gm, ctx)
+    cache = DecisionCache(backend, Path(cache_dir) if cache_dir else None)
+    bar, update = _progress_bar(f"compiling {label}")
+    try:
+        if bar:
+            bar.start()
+        only = {k.strip() for k in kernels.split(",") if k.strip()} if kernels else None
+        decisions = torch_backend.lower(gm, ctx.example_inputs, cache=cache, max_seconds=max_seconds_per_layer,
+                                        use_tir=use_tir, only=only, progress=update)
+    finally:
+        if bar:
+            bar.stop()
+    report = CompileReport(label, backend, str(pm.pipeline), cache=dict(cache.stats))
+    if use_tir and not torch_backend.tir_available():
+        report.notes.append("TVM is not installed: sparse candidates were limited to torch.sparse CSR (pip install 'sparsecomp[tvm]')")
+    stats = {s.name: s for s in ctx.results.get("analyze-weights", [])}
+    by_layer = {d.layer: d for d in decisions}
+    for name_, ok, why in ctx.results.get("sparse-linear", []):
+        st = stats.get(name_)
+        row = {"layer": name_, "shape": st.shape if st else None, "density": st.density if st else None,
+               "pattern": describe_pattern(st)}
+        d = by_layer.get(name_)
+        if d is None:
+            row.update(decision="dense", kernel="aten.linear", reason=f"not rewritten: {why}")
+        else:
+            row.update({k: v for k, v in d.to_dict().items() if k not in ("layer", "shape", "density")})
+        report.rows.append(row)
+    if verify:
+        out = run_graph(gm, example)
+        ok, err, allowed = compare_outputs(out, reference)
+        report.verify = {"ok": ok, "max_abs_error": err, "allowed": allowed}
+        if not ok:
+            # Never return a model that disagrees: recompile with every layer dense, and say why.
+            fallback = compile(model, example_inputs, backend, pipeline="analyze-weights", verify=False, cache_dir=cache_dir,
+                               name=label, use_tir=use_tir, kernels=kernels)
+            fallback.report.rows = [dict(r, decision="dense", kernel="aten.linear",
+                                         reason=f"fallback: compiled model disagreed with eager (error {err:.3g} > {allowed:.3g})")
+                                    for r in report.rows]
+            fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed}
+            fallback.report.notes.append("verification failed with sparse kernels; every layer fell back to dense")
+            return fallback
+    return CompiledModel(gm, report, backend)
 
 
 def sparsify(model, method: str = "magnitude", sparsity: float = 0.5, pattern: str = "unstructured", calibration=None):

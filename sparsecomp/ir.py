@@ -30,6 +30,7 @@ __all__ = [
     "fingerprint",
     "normalize_inputs",
     "run_graph",
+    "flat_inputs",
     "compare_outputs",
     "iter_meta",
 ]
@@ -227,6 +228,16 @@ def normalize_inputs(inputs: Any) -> tuple[tuple, dict]:
         f"example inputs must be a tensor, a tuple/list of positional inputs or a dict of keyword "
         f"inputs, got {type(inputs).__name__}"
     )
+
+
+def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The graph's placeholder values for a call `gm(*args, **kwargs)` (exported calling convention)."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        return list(args) + list(kwargs.values())
+    from torch.fx._pytree import tree_flatten_spec
+
+    return tree_flatten_spec((args, kwargs), spec)
 
 
 def run_graph(module: torch.nn.Module, inputs: Any) -> Any:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SparsityReport", "SCHEMA_VERSION"]
+__all__ = ["SparsityReport", "CompileReport", "describe_pattern", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -135,4 +135,83 @@ class SparsityReport:
 
         buf = io.StringIO()
         Console(width=200, file=buf, color_system=None).print(self)
+        return buf.getvalue()
+
+
+def describe_pattern(stats: Any) -> str:
+    """The pattern a weight shows, in the one spelling: dense | N:M | block:RxC | unstructured."""
+    if stats is None:
+        return "-"
+    if stats.density >= 1.0:
+        return "dense"
+    for nm, conf in stats.nm_conformance.items():
+        n, m = (int(v) for v in nm.split(":"))
+        if conf == 1.0 and abs(stats.density - n / m) < 0.02:
+            return nm
+    # a block pattern: its blocks are (nearly) all-or-nothing, so occupancy ~ density
+    best = None
+    for shape, occ in stats.block_occupancy.items():
+        r, c = (int(v) for v in shape.split("x"))
+        if r * c > 1 and occ > 0 and stats.density / occ > 0.9 and (best is None or r * c > best[1]):
+            best = (shape, r * c)
+    if best:
+        return f"block:{best[0]}"
+    return "unstructured"
+
+
+@dataclass
+class CompileReport:
+    """Per-layer table of a compile: pattern found, decision, kernel, measured times, reasons."""
+
+    model: str
+    backend: str
+    pipeline: str
+    rows: list[dict] = field(default_factory=list)
+    verify: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    cache: dict | None = None
+
+    def to_dict(self) -> dict:
+        dense_us = sum(r["dense_us"] for r in self.rows if r.get("dense_us"))
+        chosen_us = sum(r["chosen_us"] for r in self.rows if r.get("chosen_us"))
+        return {"schema": SCHEMA_VERSION, "model": self.model, "backend": self.backend, "pipeline": self.pipeline,
+                "summary": {"layers": len(self.rows), "sparse": sum(r["decision"] == "sparse" for r in self.rows),
+                            "measured_dense_us": dense_us, "measured_chosen_us": chosen_us,
+                            "layer_speedup": dense_us / chosen_us if chosen_us else None},
+                "layers": self.rows, "verify": self.verify, "cache": self.cache, "notes": self.notes}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"{self.model}: compiled for {self.backend}", title_justify="left")
+        for c in ("layer", "shape", "M", "density", "pattern", "decision", "kernel", "dense µs", "chosen µs", "speedup", "reason"):
+            t.add_column(c, justify="right" if c in ("M", "density", "dense µs", "chosen µs", "speedup") else "left")
+        for r in self.rows:
+            dense, chosen = r.get("dense_us"), r.get("chosen_us")
+            t.add_row(r["layer"], "x".join(map(str, r["shape"])), str(r.get("m", "-")), _pct(r["density"]), r["pattern"],
+                      r["decision"], r.get("kernel", "-"), f"{dense:.0f}" if dense else "-", f"{chosen:.0f}" if chosen else "-",
+                      f"{dense / chosen:.2f}x" if dense and chosen else "-", r["reason"],
+                      style="green" if r["decision"] == "sparse" else None)
+        return t
+
+    def __rich_console__(self, console, options):
+        yield self.table()
+        s = self.to_dict()["summary"]
+        line = f"{s['sparse']}/{s['layers']} layers sparse"
+        if s["layer_speedup"]:
+            line += f"; measured layer time {s['measured_dense_us'] / 1e3:.2f} ms dense -> {s['measured_chosen_us'] / 1e3:.2f} ms ({s['layer_speedup']:.2f}x)"
+        yield line
+        if self.verify:
+            yield f"verify: {'ok' if self.verify['ok'] else 'FAILED'} (max abs error {self.verify['max_abs_error']:.3g}, allowed {self.verify['allowed']:.3g})"
+        for note in self.notes:
+            yield f"note: {note}"
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(width=220, file=buf, color_system=None).print(self)
         return buf.getvalue()

@@ -15,10 +15,10 @@ import torch
 import torch.fx as fx
 
 from sparsecomp.errors import PipelineError, SparsecompError
-from sparsecomp.ir import linear_sites
+from sparsecomp.ir import flat_inputs, linear_sites
 from sparsecomp.registry import PassResult, register_pass
 
-__all__ = ["ActivationStats", "META_KEY", "flat_inputs"]
+__all__ = ["ActivationStats", "META_KEY"]
 
 META_KEY = "sparsecomp.activations"
 
@@ -54,16 +54,6 @@ class ActivationStats:
         return {"name": self.name, "channels": self.channels, "samples": self.samples,
                 "zero_fraction": self.zero_fraction, "near_zero": self.near_zero,
                 "dead_channels": self.dead_channels}
-
-
-def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """The graph's placeholder values for a call `gm(*args, **kwargs)` (exported calling convention)."""
-    spec = getattr(gm, "_in_spec", None)
-    if spec is None:
-        return list(args) + list(kwargs.values())
-    from torch.fx._pytree import tree_flatten_spec
-
-    return tree_flatten_spec((args, kwargs), spec)
 
 
 def _parse_thresholds(text: str) -> list[float]:

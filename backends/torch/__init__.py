@@ -1,0 +1,22 @@
+"""The torch backend: the rewritten FX graph runs in PyTorch, sparse layers on measured kernels.
+
+- `kernels.py`: the candidate kernels (dense `F.linear`, torch.sparse CSR, TVM TIR kernels).
+- `lowering.py`: the lowering table (`sparse_linear` -> chosen kernel module or `aten.linear`),
+  per-layer decisions by measurement, cached.
+- runner: the lowered GraphModule itself (`lower` returns it ready to call).
+"""
+
+from __future__ import annotations
+
+from .kernels import tir_available
+from .lowering import LayerDecision, SparseLinear, lower_sparse_linear
+
+__all__ = ["NAME", "lower", "LayerDecision", "SparseLinear", "tir_available"]
+
+NAME = "torch"
+
+
+def lower(gm, example, *, cache=None, max_seconds: float = 0.5, use_tir: bool = True, only=None, progress=None):
+    """Lower every sparsecomp op in `gm` (in place); returns the per-layer decisions."""
+    return lower_sparse_linear(gm, example, cache=cache, max_seconds=max_seconds, use_tir=use_tir, only=only,
+                               progress=progress)

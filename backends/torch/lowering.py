@@ -1,0 +1,204 @@
+"""Lowering for the torch backend: each `sparsecomp::sparse_linear` becomes the fastest measured kernel.
+
+Lowering table:
+
+    sparsecomp.sparse_linear(x, W, b)  ->  call_module SparseLinear (chosen kernel) | aten.linear (dense)
+
+For every sparse_linear node the backend:
+1. records the node's real input on the example inputs (an `fx.Interpreter` run), so candidates are
+   timed on the layer's true shape (M = rows per call) and true weights;
+2. checks each candidate's output against `F.linear` on that input (max abs error <= 1e-4 x
+   max|output|); a candidate that disagrees is dropped and the report says so;
+3. times the survivors interleaved with the core harness (`sparsecomp.timing.compare`, bounded) and
+   keeps the fastest, `dense` included: nothing sparse is chosen unless it wins;
+4. caches the decision (`sparsecomp.cache.DecisionCache("torch")`, keyed by machine, shape, M,
+   dtype and the weight's sparsity-pattern hash); a cached choice is re-verified, never trusted blindly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx as fx
+
+from sparsecomp.cache import DecisionCache, pattern_hash
+from sparsecomp.errors import SparsecompError
+from sparsecomp.ir import compare_outputs, flat_inputs, get_attr_value
+from sparsecomp.timing import compare
+
+from .kernels import Candidate, candidates
+
+__all__ = ["LayerDecision", "SparseLinear", "lower_sparse_linear", "CANDIDATE_SET_VERSION"]
+
+CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
+SPARSE_LINEAR = "sparsecomp.sparse_linear.default"
+
+
+@dataclass
+class LayerDecision:
+    layer: str
+    shape: list[int]  # [out, in]
+    m: int  # rows per call at the example inputs
+    density: float
+    decision: str  # "sparse" | "dense"
+    kernel: str  # candidate label
+    dense_us: float
+    chosen_us: float
+    reason: str
+    cached: bool = False
+    measured: dict | None = None  # candidate label -> median us
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_us / self.chosen_us if self.chosen_us else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["speedup"] = self.speedup
+        return d
+
+
+class SparseLinear(torch.nn.Module):
+    """A lowered sparse_linear: runs the chosen kernel (its packed weight lives in the runner)."""
+
+    def __init__(self, layer: str, kernel: str, runner, out_features: int):
+        super().__init__()
+        self.layer, self.kernel, self.out_features = layer, kernel, out_features
+        self._runner = runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._runner(x)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, kernel={self.kernel}"
+
+
+class _InputRecorder(fx.Interpreter):
+    def __init__(self, gm, nodes):
+        super().__init__(gm)
+        self.nodes, self.inputs = set(nodes), {}
+
+    def run_node(self, n):
+        if n in self.nodes:
+            self.inputs[n] = self.env[n.args[0]].detach().clone()
+        return super().run_node(n)
+
+
+def _record_inputs(gm: fx.GraphModule, nodes: list[fx.Node], example: tuple[tuple, dict]) -> dict[fx.Node, torch.Tensor]:
+    rec = _InputRecorder(gm, nodes)
+    with torch.no_grad():
+        rec.run(*flat_inputs(gm, *example))
+    return rec.inputs
+
+
+def _check(make, weight, bias, x, reference, rtol: float):
+    """(runner or None, why): build the candidate and check it on the layer's real input."""
+    try:
+        runner = make(weight, bias)
+        with torch.no_grad():
+            out = runner(x)
+    except Exception as err:  # a kernel that cannot run this shape is dropped, with the reason
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    ok, err, allowed = compare_outputs(out, reference, rtol=rtol)
+    return (runner, "") if ok else (None, f"max abs error {err:.3g} > {allowed:.3g}")
+
+
+def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: DecisionCache | None,
+                        max_seconds: float = 0.5, min_runs: int = 20, use_tir: bool = True, rtol: float = 1e-4,
+                        only: set[str] | None = None, progress=None) -> list[LayerDecision]:
+    """Replace every sparse_linear node of `gm` by its measured choice; returns the decisions."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR]
+    if not nodes:
+        return []
+    inputs = _record_inputs(gm, nodes, example)
+    decisions = []
+    lowered_weights: set[str] = set()
+    for i, node in enumerate(nodes):
+        layer = node.meta.get("sparsecomp.sparse_linear", {}).get("layer", node.name)
+        weight = get_attr_value(gm, node.args[1].target).detach()
+        bias_node = node.args[2]
+        bias = get_attr_value(gm, bias_node.target).detach() if isinstance(bias_node, fx.Node) else None
+        x = inputs[node]
+        m = x.numel() // x.shape[-1] if x.dim() else 1
+        with torch.no_grad():
+            reference = torch.nn.functional.linear(x, weight, bias)
+        density = float((weight != 0).float().mean())
+        key = None
+        cands = candidates(weight, m, use_tir=use_tir, only=only)
+        by_label = {c.label: c for c in cands}
+        chosen: Candidate | None = None
+        cached = False
+        measured: dict[str, float] = {}
+        notes = []
+        if cache is not None:
+            key = cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
+                            pattern=pattern_hash(weight), version=CANDIDATE_SET_VERSION,
+                            candidates=sorted(by_label))
+            entry = cache.get(key, validate=lambda e: e.get("kernel") in by_label and "dense_us" in e and "chosen_us" in e)
+            if entry is not None:
+                chosen, cached = by_label[entry["kernel"]], True
+                measured = dict(entry.get("measured", {}))
+        runners = {}
+        if chosen is not None:
+            runner, why = _check(chosen.make, weight, bias, x, reference, rtol)
+            if runner is not None:
+                runners[chosen.label] = runner
+                dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]
+            else:
+                notes.append(f"cached choice {chosen.label} failed verification ({why}); re-measured")
+                chosen, cached = None, False
+        if chosen is None:
+            for c in cands:
+                runner, why = _check(c.make, weight, bias, x, reference, rtol)
+                if runner is not None:
+                    runners[c.label] = runner
+                else:
+                    notes.append(f"{c.label} dropped: {why}")
+            xs = x
+            times = compare({k: (lambda r=r: r(xs)) for k, r in runners.items()}, min_runs=min_runs, max_seconds=max_seconds)
+            measured = {k: v.median * 1e6 for k, v in times.items()}
+            if not measured:
+                raise SparsecompError(f"layer {layer}: no candidate kernel could run it ({'; '.join(notes)})",
+                                      hint="include 'dense' among the kernels")
+            best = min(measured, key=measured.get)
+            chosen = by_label[best]
+            dense_us, chosen_us = measured.get("dense", float("nan")), measured[best]
+            if cache is not None:
+                cache.put(key, {"kernel": best, "dense_us": dense_us, "chosen_us": chosen_us, "measured": measured})
+        if chosen.fmt == "dense":
+            reason = "dense is fastest (measured)" if len(measured) > 1 else "no sparse kernel could run it"
+            reason = "; ".join([reason, *notes])
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(torch.ops.aten.linear.default, tuple(node.args))
+        else:
+            reason = "; ".join([f"{chosen_us and dense_us / chosen_us:.2f}x faster than dense (measured)", *notes])
+            name = f"sparse_{i}_{layer.replace('.', '_')}"
+            gm.add_submodule(name, SparseLinear(layer, chosen.label, runners[chosen.label], weight.shape[0]))
+            lowered_weights.add(node.args[1].target)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (node.args[0],))
+        new.meta.update(node.meta)
+        new.meta["sparsecomp.rule"] = f"sparse_linear->{chosen.label}"
+        new.meta["sparsecomp.decision"] = {"kernel": chosen.label, "speedup": round(dense_us / chosen_us, 2) if chosen_us else None}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        decisions.append(LayerDecision(layer, list(weight.shape), m, density, "dense" if chosen.fmt == "dense" else "sparse",
+                                       chosen.label, dense_us, chosen_us, reason, cached, measured))
+        if progress is not None:
+            progress(i + 1, len(nodes), layer)
+    _drop_unused_weights(gm, lowered_weights)
+    gm.graph.lint()
+    gm.recompile()
+    return decisions
+
+
+def _drop_unused_weights(gm: fx.GraphModule, targets: set[str]) -> None:
+    """Free the dense weights of layers now run by a kernel (which holds a packed copy)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.target in targets and not node.users:
+            gm.graph.erase_node(node)
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in targets - still_read:
+        owner, _, attr = target.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, attr)

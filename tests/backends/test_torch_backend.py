@@ -1,0 +1,128 @@
+"""The torch backend: compile equals eager, lowered graph contents, cache hit/miss/corruption, shape changes.
+
+Decisions are measured, so tests that assert *which* kernel runs restrict the candidates
+(`kernels=`); the others assert invariants that hold whatever wins.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsecomp as sc
+from sparsecomp import patterns
+from sparsecomp.backends.torch import SparseLinear
+from sparsecomp.errors import NotYetAvailableError, SparsecompError
+from sparsecomp.ir import compare_outputs
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(96, 160), nn.ReLU(), nn.Linear(160, 96), nn.ReLU(), nn.Linear(96, 24)).eval()
+    patterns.impose(m, "unstructured:0.9", "0")
+    patterns.impose(m, "2:4", "2")
+    with torch.no_grad():
+        m[0].weight[5].zero_()  # an all-zero row
+    return m
+
+
+def kinds(cm):
+    mods = [n for n in cm.gm.graph.nodes if n.op == "call_module" and isinstance(cm.gm.get_submodule(n.target), SparseLinear)]
+    dense = [n for n in cm.gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    return len(mods), len(dense)
+
+
+@pytest.mark.parametrize("batch", [1, 33])
+def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
+    m = net()
+    x = torch.randn(batch, 96)
+    cm = sc.compile(m, (x,), kernels="torch-csr", cache_dir=str(tmp_path), use_tir=False)
+    assert kinds(cm) == (2, 1)  # layers 0 and 2 lowered to the CSR kernel, layer 4 (dense weight) stays aten.linear
+    rows = {r["layer"]: r for r in cm.report.rows}
+    assert rows["0"]["kernel"] == "torch-csr" and rows["0"]["decision"] == "sparse" and rows["0"]["pattern"] == "unstructured"
+    assert rows["2"]["pattern"] == "2:4" and rows["4"]["decision"] == "dense" and "not rewritten" in rows["4"]["reason"]
+    assert cm.report.verify["ok"]
+    for xb in (x, torch.randn(7, 96), torch.zeros(1, 96)):  # other batch sizes after compile
+        ok, err, allowed = compare_outputs(cm(xb), m(xb))
+        assert ok, (err, allowed)
+    with pytest.raises(SparsecompError, match="compiled for other input shapes"):
+        cm(torch.randn(2, 3, 96))  # another rank: a clear error, not a wrong answer
+    # the dense copies of lowered weights are freed; the dense layer keeps its weight
+    names = {n for n, _ in cm.gm.named_parameters()}
+    assert "0.weight" not in names and "4.weight" in names
+
+
+def test_measured_choice_is_always_correct(tmp_path):
+    m = net(1)
+    x = torch.randn(4, 96)
+    cm = sc.compile(m, (x,), cache_dir=str(tmp_path))
+    n_sparse, n_dense = kinds(cm)
+    assert n_sparse + n_dense == 3
+    assert sum(r["decision"] == "sparse" for r in cm.report.rows) == n_sparse
+    for r in cm.report.rows:
+        if r["layer"] != "4":
+            assert r["measured"] and "dense" in r["measured"]  # dense was always a candidate
+            assert r["chosen_us"] == min(r["measured"].values())
+    x2 = torch.randn(9, 96)
+    assert compare_outputs(cm(x2), m(x2))[0]
+
+
+def test_cache_hit_then_corruption_remeasures(tmp_path):
+    m = net(2)
+    x = torch.randn(2, 96)
+    first = sc.compile(m, (x,), cache_dir=str(tmp_path), kernels="dense,torch-csr")
+    assert first.report.cache["miss"] == 2 and first.report.cache["written"] == 2
+    second = sc.compile(m, (x,), cache_dir=str(tmp_path), kernels="dense,torch-csr")
+    assert second.report.cache["hit"] == 2 and second.report.cache["miss"] == 0
+    assert all(r.get("cached") for r in second.report.rows if r["layer"] != "4")
+    assert [r["kernel"] for r in second.report.rows] == [r["kernel"] for r in first.report.rows]
+    path = tmp_path / "decisions" / "torch.json"
+    path.write_text(path.read_text()[:40])  # truncated file: ignored and rewritten
+    third = sc.compile(m, (x,), cache_dir=str(tmp_path), kernels="dense,torch-csr")
+    assert third.report.cache["corrupt"] >= 1 and third.report.cache["written"] == 2
+    json.loads(path.read_text())
+    # a cached kernel name the backend does not know is not trusted
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        entry["kernel"] = "warp-drive"
+    path.write_text(json.dumps(data))
+    fourth = sc.compile(m, (x,), cache_dir=str(tmp_path), kernels="dense,torch-csr")
+    assert fourth.report.cache["hit"] == 0 and fourth.report.cache["corrupt"] == 2
+
+
+def test_a_wrong_kernel_is_dropped_never_used(tmp_path, monkeypatch):
+    from sparsecomp.backends.torch import kernels
+
+    real = kernels._torch_csr
+
+    def broken(weight, bias):
+        run = real(weight, bias)
+        return lambda x: run(x) + 1.0  # wrong on purpose
+
+    monkeypatch.setattr(kernels, "_torch_csr", broken)
+    m = net(3)
+    cm = sc.compile(m, (torch.randn(2, 96),), cache_dir=str(tmp_path), kernels="dense,torch-csr")
+    assert kinds(cm) == (0, 3)
+    assert all("torch-csr dropped: max abs error" in r["reason"] for r in cm.report.rows if r["layer"] != "4")
+    with pytest.raises(SparsecompError, match="no candidate kernel could run it"):
+        sc.compile(m, (torch.randn(2, 96),), cache_dir=str(tmp_path), kernels="torch-csr")
+
+
+def test_dense_model_stays_dense_and_exact(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(3, 32)
+    cm = sc.compile(m, (x,), cache_dir=str(tmp_path))
+    assert kinds(cm) == (0, 2)
+    assert torch.equal(cm(x), m(x))
+
+
+def test_options_not_yet_available():
+    m = net()
+    with pytest.raises(NotYetAvailableError, match="activation_sparsity"):
+        sc.compile(m, (torch.randn(1, 96),), activation_sparsity="exact")
+    with pytest.raises(NotYetAvailableError, match="ort"):
+        sc.compile(m, (torch.randn(1, 96),), backend="ort")
+    with pytest.raises(SparsecompError, match="unknown backend 'cuda'"):
+        sc.compile(m, (torch.randn(1, 96),), backend="cuda")
