@@ -173,7 +173,7 @@ def demo(
     with err.status(f"analysing with {impose} imposed"):
         after = sparsecomp.analyze(sparse.model, sparse.example_inputs, calibration=sparse.calibration(4), name=dense.name)
     out.print(after)
-    t = Table(title=f"{dense.name}: dense vs {impose} (weight storage; compile and speed arrive with issue #3)", title_justify="left")
+    t = Table(title=f"{dense.name}: dense vs {impose} (weight storage)", title_justify="left")
     for c in ("layer", "density dense → sparse", "best format", "MiB dense", "MiB best", "ratio"):
         t.add_column(c, justify="left" if c in ("layer", "best format") else "right")
     tot_dense = tot_best = 0
@@ -185,23 +185,97 @@ def demo(
                   f"{nbytes / 2**20:.3f}", f"{b.bytes['dense'] / nbytes:.2f}x")
     t.add_row("total", "", "", f"{tot_dense / 2**20:.3f}", f"{tot_best / 2**20:.3f}", f"{tot_dense / max(tot_best, 1):.2f}x")
     out.print(t)
-    try:
-        sparsecomp.compile(sparse.model, sparse.example_inputs, backend="torch")
-    except NotYetAvailableError as e:
-        out.print(f"compile: {e.message}")
+    with err.status("compiling the sparse model (measuring kernels per layer)"):
+        cm = sparsecomp.compile(sparse.model, sparse.example_inputs, backend="torch", name=dense.name)
+    out.print(cm.report)
+    import torch
+
+    from sparsecomp.ir import normalize_inputs
+    from sparsecomp.timing import compare
+
+    args, kwargs = normalize_inputs(sparse.example_inputs)
+    with torch.no_grad():
+        res = compare({"eager": lambda: sparse.model(*args, **kwargs), "compiled": lambda: cm(*args, **kwargs)}, min_runs=20)
+    e, c = res["eager"].median, res["compiled"].median
+    out.print(f"end to end on the example inputs: eager {e * 1e3:.2f} ms, compiled {c * 1e3:.2f} ms ({e / c:.2f}x; medians of 20 interleaved runs)")
+
+
+def _compile_loaded(loaded, backend: str, kernels: Optional[str], max_seconds: float):
+    import sparsecomp
+
+    if loaded.is_onnx:
+        raise SparsecompError(f"compiling an ONNX file for backend '{backend}' is not supported yet",
+                              hint="compile the torch model (zoo:NAME or file.py:factory)")
+    return sparsecomp.compile(loaded.model, loaded.example_inputs, backend=backend, name=loaded.name,
+                              kernels=kernels, max_seconds_per_layer=max_seconds)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = ModelArg,
+    backend: str = typer.Option("torch", "--backend", "-b", help="torch | ort | tvm | triton | auto"),
+    kernels: Optional[str] = typer.Option(None, "--kernels", metavar="LIST", help='restrict candidates, e.g. "dense,tir-sell"'),
+    max_seconds: float = typer.Option(0.5, "--max-seconds", help="time budget to measure each layer's candidates"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    impose: Optional[str] = ImposeOpt,
+    layers: Optional[str] = LayersOpt,
+    weights: Optional[str] = WeightsOpt,
+):
+    """Compile MODEL for a backend and print the per-layer report (decision, kernel, measured times)."""
+    loaded = _load(model, impose, layers, weights)
+    cm = _compile_loaded(loaded, backend, kernels, max_seconds)
+    if json_out:
+        print(cm.report.to_json())
+    else:
+        out.print(cm.report)
+
+
+@app.command()
+def bench(
+    model: str = ModelArg,
+    backend: str = typer.Option("torch", "--backend", "-b"),
+    runs: int = typer.Option(20, "--runs", help="timed runs per variant (median reported), after warm-up"),
+    kernels: Optional[str] = typer.Option(None, "--kernels", metavar="LIST"),
+    json_out: bool = typer.Option(False, "--json"),
+    impose: Optional[str] = ImposeOpt,
+    layers: Optional[str] = LayersOpt,
+    weights: Optional[str] = WeightsOpt,
+):
+    """Time eager vs compiled side by side (interleaved, medians), on the example inputs."""
+    import json
+
+    from sparsecomp.ir import normalize_inputs
+    from sparsecomp.timing import compare
+
+    loaded = _load(model, impose, layers, weights)
+    cm = _compile_loaded(loaded, backend, kernels, 0.5)
+    args, kwargs = normalize_inputs(loaded.example_inputs)
+    import torch
+
+    with torch.no_grad(), err.status(f"timing eager vs compiled ({runs} runs each)"):
+        res = compare({"eager": lambda: loaded.model(*args, **kwargs), "compiled": lambda: cm(*args, **kwargs)},
+                      min_runs=runs, max_seconds=120.0)
+    eager, compiled = res["eager"].median, res["compiled"].median
+    result = {"model": loaded.name, "backend": backend, "runs": runs, "threads": torch.get_num_threads(),
+              "eager_ms": eager * 1e3, "compiled_ms": compiled * 1e3, "speedup": eager / compiled,
+              "sparse_layers": sum(r["decision"] == "sparse" for r in cm.report.rows), "layers": len(cm.report.rows)}
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(cm.report)
+    out.print(f"{loaded.name}: eager {eager * 1e3:.2f} ms, compiled ({backend}) {compiled * 1e3:.2f} ms, "
+              f"speedup {eager / compiled:.2f}x (medians of {res['compiled'].runs} interleaved runs, {torch.get_num_threads()} threads)")
 
 
 def _not_yet_command(name: str, issue: str, help_text: str):
     def command(args: List[str] = typer.Argument(None, hidden=True)):
         raise NotYetAvailableError(f"`sparsecomp {name}` is not yet available (arrives with issue {issue})",
-                                   hint="available now: analyze, opt, passes, demo")
+                                   hint="available now: analyze, opt, passes, compile, bench, demo")
 
     command.__doc__ = f"{help_text} (not yet available: issue {issue})"
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-_not_yet_command("compile", "#3", "Compile MODEL for a backend and print the per-layer report.")
-_not_yet_command("bench", "#3", "Time eager vs compiled side by side.")
 _not_yet_command("sparsify", "#6", "Create sparsity (magnitude, Wanda, SparseGPT) and save the weights.")
 _not_yet_command("tune", "#3", "Search kernel schedules for MODEL and fill the cache.")
 

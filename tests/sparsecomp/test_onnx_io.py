@@ -19,12 +19,19 @@ Import matrix (`import_onnx` vs onnxruntime on the zoo's example inputs, outputs
     resnet18-like    imports             imports
     minilm           imports             imports
 
-Without `sparsecomp.onnx_io`'s converters, onnx2torch alone imports only the legacy exports of
-mlp-relu, vit-tiny and resnet18-like: every dynamo export stops at `Reshape` v19 (and `Cast` v19,
-`IsNaN` v20, `Gelu` v20, `ReduceMean` v18), legacy BERTs at onnx2torch's `Flatten` (wrong for
-axis == rank) and `GreaterOrEqual` v16, and HF-style OPT at `Trilu` and a `CumSum` that
-onnx2torch runs reversed. `_IMPORT_MATRIX` below holds the expectations; an entry that names an
-op means import must fail with an OnnxError naming that op.
+For the record, onnx2torch 1.5.15 alone (torchvision stubbed) stops at, per model:
+
+    model            dynamo (opset 20)                          legacy (opset 17)
+    mlp-relu         imports                                    imports
+    bert-tiny/base   Cast 19, Gelu 20, IsNaN 20, Reshape 19     imports
+    opt-125m-like    Reshape 19                                 Trilu 14
+    llama-tiny       ReduceMean 18, Reshape 19                  Trilu 14
+    vit-tiny         Gelu 20, Reshape 19                        imports
+    resnet18-like    ReduceMean 18, Reshape 19                  imports
+    minilm (HF)      Cast 19, Gelu 20, IsNaN 20, Reshape 19     GreaterOrEqual 16, then Flatten
+
+and every dynamo Reshape has allowzero=1, which onnx2torch refuses. `_IMPORT_MATRIX` below holds
+the expectations; an entry naming an op means import must fail with an OnnxError naming it.
 
 Exported weights differ from the module's in one known case: both exporters fold an eval-mode
 BatchNorm into the preceding Conv (resnet18-like), so the ONNX weight is `W * gamma /
@@ -343,6 +350,41 @@ def test_mlp_impose_onnx_matches_torch_impose(tmp_path, exporter):
     assert_close(run_ort(onnx_model, (x,)), run_torch(model, (x,)))
 
 
+class _Shared(nn.Module):
+    """A module called three times (3-D, 3-D, 2-D input) and an LM head tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+        self.emb = nn.Embedding(8, 8)
+        self.head = nn.Linear(8, 8, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x, ids):
+        h = self.shared(self.shared(x))  # MatMul twice (one folded [in, out] copy)
+        g = self.shared(h[:, 0])  # Gemm on the original [out, in] parameter
+        return g + self.head(self.emb(ids))[:, 0]  # Gather and MatMul read the same parameter
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_shared_and_tied_weights_are_one_site_each(tmp_path, exporter):
+    torch.manual_seed(0)
+    model = _Shared().eval()
+    example = (torch.randn(2, 3, 8), torch.randint(0, 8, (2, 3)))
+    path = tmp_path / "shared.onnx"
+    export(model, example, path, exporter)
+    onnx_model = load_onnx(path)
+    sites = {s.name: s for s in onnx_weight_sites(onnx_model)}
+    assert sorted(sites) == ["head", "shared"]  # the tied head is named by its caller, not `emb`
+    assert len(sites["shared"].consumers) == 3
+    for name, site in sites.items():
+        assert torch.equal(site.weight, getattr(model, name).weight.detach())
+    # imposing writes every stored copy, as imposing on the shared torch Parameter changes them all
+    assert sorted(impose_onnx(onnx_model, "2:4")) == ["head", "shared"]
+    impose(model, "2:4")
+    assert_close(run_ort(onnx_model, example), run_torch(model, example))
+
+
 # ------------------------------------------------------------------------------------------------
 # impose_onnx round trip
 
@@ -516,7 +558,6 @@ def test_truncated_external_data(tmp_path):
 
 def test_bfloat16_weight_round_trip():
     w = torch.randn(4, 8).to(torch.bfloat16)
-    bits = w.view(torch.int16).numpy().view(np.uint16)
     init = helper.make_tensor("W", TensorProto.BFLOAT16, [8, 4], w.T.contiguous().view(torch.int16).numpy().tobytes(), raw=True)
     nodes = [
         helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT),
@@ -526,7 +567,6 @@ def test_bfloat16_weight_round_trip():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     (site,) = onnx_weight_sites(model)
     assert site.weight.dtype == torch.float32 and torch.equal(site.weight, w.float())
-    assert bits.shape == (4, 8)
     impose_onnx(model, "2:4")
     stored = model.graph.initializer[0]
     assert stored.data_type == TensorProto.BFLOAT16 and list(stored.dims) == [8, 4]
@@ -684,7 +724,7 @@ def test_import_does_not_leave_torchvision_stub_behind():
     assert tv is None or not getattr(tv, "__sparsecomp_stub__", False)
 
 
-def test_import_keeps_input_names(tmp_path):
+def test_import_keeps_input_names():
     model, _ = _hand_model()
     gm = import_onnx(model)
     x = torch.randn(3, 8)
