@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from sparsecomp import patterns
+
 __all__ = ["Candidate", "candidates", "tir_available"]
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -82,6 +84,8 @@ def _tir_candidates(weight: torch.Tensor, m: int) -> list[Candidate]:
     out = []
     for fmt in tir.FORMATS:
         for params in tir.candidates(fmt, n, k, m):
+            if fmt == "nm" and patterns.nm_conformance(weight, params["n"], params["m"]) < 1.0:
+                continue  # N:M storage exists only for conformant weights
             def make(w, b, fmt=fmt, params=params):
                 kernel = tir.make_linear(fmt, w, params)
                 return lambda x: kernel(x, b)

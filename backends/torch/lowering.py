@@ -154,7 +154,7 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
                 if runner is not None:
                     runners[c.label] = runner
                 else:
-                    notes.append(f"{c.label} dropped: {why}")
+                    notes.append(f"{c.label} dropped: {why[:120]}")
             xs = x
             times = compare({k: (lambda r=r: r(xs)) for k, r in runners.items()}, min_runs=min_runs, max_seconds=max_seconds)
             measured = {k: v.median * 1e6 for k, v in times.items()}

@@ -56,7 +56,7 @@ def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
 def test_measured_choice_is_always_correct(tmp_path):
     m = net(1)
     x = torch.randn(4, 96)
-    cm = sc.compile(m, (x,), cache_dir=str(tmp_path))
+    cm = sc.compile(m, (x,), cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
     n_sparse, n_dense = kinds(cm)
     assert n_sparse + n_dense == 3
     assert sum(r["decision"] == "sparse" for r in cm.report.rows) == n_sparse

@@ -133,7 +133,9 @@ def test_nan_weight_is_analysed_and_flagged(capsys, tmp_path):
     (["analyze", "zoo:bert-tiny", "--impose", "2:4", "--layers", "*nothing*"], "matches no Linear/Conv layer"),
     (["analyze", "zoo:bert-tiny", "--layers", "*x*"], "give --impose SPEC too"),
     (["analyze", "zoo:bert-tiny", "--weights", "nope.pt"], "no such file 'nope.pt'"),
-    (["compile", "zoo:bert-tiny", "--backend", "torch"], "not yet available"),
+    (["compile", "zoo:bert-tiny", "--backend", "ort"], "not yet available"),
+    (["compile", "zoo:bert-tiny", "--backend", "cuda"], "unknown backend 'cuda'"),
+    (["sparsify", "zoo:bert-tiny"], "not yet available"),
     (["passes", "nope"], "unknown pass 'nope'"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(capsys, argv, needle):
@@ -172,3 +174,25 @@ def test_import_is_light(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import sys, sparsecomp; print('torch' in sys.modules, 'tvm' in sys.modules)"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-opset20", "legacy-opset17"])
+def test_onnx_file_of_a_2_4_pruned_mlp(capsys, tmp_path, dynamo):
+    from sparsecomp import patterns
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).eval()
+    patterns.impose(m, "2:4", "0")
+    path = tmp_path / "mlp.onnx"
+    kw = {"dynamo": True} if dynamo else {"dynamo": False, "opset_version": 17}
+    torch.onnx.export(m, (torch.randn(2, 64),), str(path), **kw)
+    capsys.readouterr()  # the exporter's own progress lines
+    code, out, _ = run(capsys, "analyze", str(path), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["source"] == "onnx"
+    by_shape = {tuple(l["shape"]): l for l in report["layers"]}
+    assert by_shape[(128, 64)]["nm_conformance"]["2:4"] == 1.0  # groups along in_features, after the transpose
+    assert by_shape[(32, 128)]["nm_conformance"]["2:4"] < 1.0
+    code, out, _ = run(capsys, "opt", str(path), "--pipeline", "analyze-weights,find-mlps", "--print-ir-after-all")
+    assert code == 0 and out.count("// ----- IR after") == 2

@@ -1,0 +1,196 @@
+"""TIR sparse linear kernels (sparsecomp.backends.tir) against `x @ W.T + b`.
+
+Every format x a few variants, at M = 1 and at M > 1 (not a multiple of the M tile), on odd
+shapes (not divisible by blocks, slice heights or N:M groups), with all-zero rows, a fully
+dense and a fully zero weight, no bias, and leading batch dims. Kernels are small and shared
+across tests through the in-process cache; the disk cache goes to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("tvm")
+
+import torch  # noqa: E402
+
+from sparsecomp.errors import PatternError, SparsecompError  # noqa: E402
+from sparsecomp.patterns import impose_pattern  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tir(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path_factory.mktemp("sccache")))
+    from sparsecomp.backends import tir as mod
+
+    if not mod.available():
+        pytest.skip("TVM does not import")
+    yield mod
+    mp.undo()
+
+
+N, K = 37, 53  # odd on purpose: no block, slice height or N:M group divides them
+
+
+def _weights(kind: str, pattern: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash((kind, pattern)) % 2**31)
+    w = torch.randn(N, K, generator=g)
+    if kind == "zero":
+        return torch.zeros(N, K)
+    if kind == "dense":
+        return w
+    w = impose_pattern(w, pattern)
+    w[[0, 5, 6, 36]] = 0  # all-zero rows, including the first and the last
+    return w
+
+
+def _check(tir, fmt, params, w, M, bias=True, lead=()):
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(*lead, M, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    lin = tir.make_linear(fmt, w, params)
+    y = lin(x, b)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous()
+    scale = max(ref.abs().max().item(), 1e-6)
+    err = (y - ref).abs().max().item()
+    assert err <= 1e-4 * scale, f"{fmt} {params} M={M}: max err {err:.3e} (scale {scale:.3e})"
+
+
+MV = {
+    "csr": [{"vec": 8, "unroll": 2, "gather": "hw"}, {"vec": 4, "unroll": 4, "gather": "sw"}],
+    "sell": [{"slice_height": 8, "vec": 8, "gather": "hw"}, {"slice_height": 16, "vec": 8, "unroll": 2, "gather": "sw"},
+             {"slice_height": 32, "vec": 8, "sigma": 64, "gather": "sw"}],
+    "nm": [{"n": 2, "m": 4, "vec": 8, "unroll": 2, "gather": "hw"}, {"n": 2, "m": 4, "vec": 8, "unroll": 1, "gather": "sw"},
+           {"n": 4, "m": 8, "vec": 4, "unroll": 2, "gather": "sw"}, {"n": 3, "m": 8, "vec": 8, "unroll": 1, "gather": "sw"}],
+    "bsr": [{"block": (16, 1), "scheme": "col", "unroll": 2}, {"block": (1, 16), "scheme": "flat", "unroll": 2},
+            {"block": (4, 4), "scheme": "flat", "unroll": 1}, {"block": (4, 4), "scheme": "col", "unroll": 4},
+            {"block": (32, 32), "scheme": "col", "unroll": 1}, {"block": (3, 5), "scheme": "flat", "unroll": 2},
+            {"block": (3, 5), "scheme": "col", "unroll": 1}],
+}
+MM = {
+    "csr": [{"mt": 8, "unroll": 4}, {"mt": 16, "unroll": 1}],
+    "sell": [{"slice_height": 8, "mt": 8, "unroll": 2}, {"slice_height": 16, "sigma": 32, "mt": 8, "unroll": 1}],
+    "nm": [{"n": 2, "m": 4, "mt": 8, "unroll": 2}, {"n": 4, "m": 8, "mt": 16, "unroll": 1}],
+    "bsr": [{"block": (16, 1), "mt": 8}, {"block": (4, 4), "mt": 16}, {"block": (3, 5), "mt": 8}],
+}
+
+
+def _pattern(fmt, params):
+    if fmt == "nm":
+        return f"{params['n']}:{params['m']}"
+    if fmt == "bsr":
+        r, c = params["block"]
+        return f"block:{r}x{c}:0.6"
+    return "unstructured:0.7"
+
+
+def _hw_ok(tir, params):
+    return params.get("gather") != "hw" or tir._target.has_feature("avx2")
+
+
+@pytest.mark.parametrize("fmt,params", [(f, p) for f, ps in MV.items() for p in ps], ids=str)
+def test_mv(tir, fmt, params):
+    if not _hw_ok(tir, params):
+        pytest.skip("no AVX2")
+    w = _weights("sparse", _pattern(fmt, params))
+    _check(tir, fmt, params, w, 1)
+    _check(tir, fmt, params, w, 1, bias=False, lead=(2,))  # leading dims, M = 1 per row
+    _check(tir, fmt, params, _weights("zero", ""), 1)  # output = bias
+    if fmt != "nm":  # a dense weight is not N:M
+        _check(tir, fmt, params, _weights("dense", ""), 1)
+
+
+@pytest.mark.parametrize("fmt,params", [(f, p) for f, ps in MM.items() for p in ps], ids=str)
+def test_mm(tir, fmt, params):
+    w = _weights("sparse", _pattern(fmt, params))
+    _check(tir, fmt, params, w, 19)  # not a multiple of the M tile
+    _check(tir, fmt, params, w, 1)
+    _check(tir, fmt, params, w, 5, bias=False, lead=(3,))
+    _check(tir, fmt, params, _weights("zero", ""), 9)
+    if fmt != "nm":
+        _check(tir, fmt, params, _weights("dense", ""), 9)
+
+
+def test_mv_kernel_many_rows(tir):
+    w = _weights("sparse", "unstructured:0.7")
+    _check(tir, "csr", MV["csr"][0], w, 7)  # an M = 1 kernel applied row by row
+
+
+def test_candidates_are_valid(tir):
+    cases = [("csr", {}), ("sell", {}), ("bsr", {"block": (16, 1)}), ("bsr", {"block": (4, 4)}), ("nm", {"n": 2, "m": 4})]
+    for M in (1, 16, 128):
+        for fmt, kw in cases:
+            cands = tir.candidates(fmt, 4096, 4096, M, **kw)
+            assert 1 <= len(cands) <= 8
+            for p in cands:
+                tir._codegen.kernel_source(fmt, tir._build._normalise(fmt, p))  # generates
+    # one of each actually runs on a matching weight
+    w = _weights("sparse", "block:16x1:0.6")
+    _check(tir, "bsr", tir.candidates("bsr", N, K, 1, block=(16, 1))[0], w, 1)
+
+
+def test_mismatched_kernel_and_storage(tir):
+    w = _weights("sparse", "unstructured:0.7")
+    prep = tir.prepare("sell", w, {"slice_height": 8, "vec": 8})
+    other = tir.build("sell", {**prep.params, "slice_height": 16})
+    with pytest.raises(SparsecompError, match="does not match"):
+        tir.SparseLinearKernel(prep, other)
+    with pytest.raises(SparsecompError, match="features"):
+        tir.make_linear("csr", w, MV["csr"][1])(torch.randn(2, K + 1))
+
+
+def test_nm_rejects_nonconforming_weight(tir):
+    with pytest.raises(PatternError):
+        tir.prepare("nm", torch.randn(N, K), {"n": 2, "m": 4})
+
+
+def test_unknown_format(tir):
+    with pytest.raises(SparsecompError, match="no TIR kernel"):
+        tir.prepare("coo", torch.randn(4, 4), {})
+
+
+def test_corrupt_disk_cache_is_rebuilt(tir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path))
+    params = {"vec": 4, "unroll": 1, "gather": "sw", "index_dtype": "uint16"}
+    tir.clear_memory_cache()
+    k = tir.build("csr", params)
+    assert k.path is not None and k.path.startswith(str(tmp_path))
+    so = tmp_path / "kernels" / f"{k.key}.so"
+    good = so.read_bytes()
+    # damage it through a new inode: the old one is still mapped by this process (dlopen), and
+    # writing into a mapped library in place would crash us rather than the code under test
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(b"\x7fELF garbage" + good[100:200])
+    bad.replace(so)
+    tir.clear_memory_cache()
+    k2 = tir.build("csr", params)
+    assert k2.key == k.key and so.read_bytes() != b"\x7fELF garbage" + good[100:200]
+    w = _weights("sparse", "unstructured:0.7")
+    prep = tir.prepare("csr", w, params)
+    x = torch.randn(K)
+    torch.testing.assert_close(tir.SparseLinearKernel(prep, k2)(x), w @ x, rtol=1e-4, atol=1e-4)
+    # a missing metadata file is a miss too
+    (tmp_path / "kernels" / f"{k.key}.json").unlink()
+    tir.clear_memory_cache()
+    assert tir.build("csr", params).path == str(so)
+    tir.clear_memory_cache()  # later tests rebuild in their own cache dir
+
+
+def test_threads(tir):
+    n = tir.get_num_threads()
+    tir.set_num_threads(1)
+    assert tir.get_num_threads() == 1
+    w = _weights("sparse", "unstructured:0.7")
+    _check(tir, "csr", MV["csr"][1], w, 1)
+    tir.set_num_threads(n)
+    assert tir.get_num_threads() == n
+    with pytest.raises(SparsecompError):
+        tir.set_num_threads(0)
+
+
+def test_target_is_detected(tir):
+    t = tir.host_target()
+    assert t.kind.name == "llvm" and "mcpu" in t.attrs
+    assert tir.vector_width() in (4, 8, 16)
