@@ -14,15 +14,15 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Base install: the package (editable) with the HF extra so the zoo's real model loads.
+# Base install: the package (editable) with the HF extra (the zoo's real model) and TVM (the CPU sparse kernels).
 $(STAMP_BASE): $(BIN)/python pyproject.toml $(CONSTRAINTS)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[hf]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[hf,tvm]"
 	# onnx2torch declares torchvision, which fails to import beside torch 2.13: install it alone.
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps onnx2torch
 	touch $@
 
 $(STAMP_TEST): $(STAMP_BASE)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[hf,test]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[hf,tvm,test]"
 	touch $@
 
 install: $(STAMP_BASE)

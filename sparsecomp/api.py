@@ -207,7 +207,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
         report.notes.append("TVM is not installed: sparse candidates were limited to torch.sparse CSR (pip install 'sparsecomp[tvm]')")
     stats = {s.name: s for s in ctx.results.get("analyze-weights", [])}
     by_layer = {d.layer: d for d in decisions}
-    for name_, ok, why in ctx.results.get("sparse-linear", []):
+    for name_, _rewritten, why in ctx.results.get("sparse-linear", []):
         st = stats.get(name_)
         row = {"layer": name_, "shape": st.shape if st else None, "density": st.density if st else None,
                "pattern": describe_pattern(st)}

@@ -7,7 +7,6 @@ then `--impose SPEC [--layers GLOB]`. Every failure is a `ModelLoadError` naming
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -165,6 +164,3 @@ def load_model(spec: str, *, impose: str | None = None, layers: str | None = Non
             raise type(err)(f"{spec}: {err.message}", hint=err.hint) from None
     return loaded
 
-
-def matches(name: str, glob: str | None) -> bool:
-    return glob is None or fnmatch.fnmatchcase(name, glob)

@@ -21,9 +21,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
-import torch
 import torch.fx as fx
 
 from sparsecomp.errors import SparsecompError, VerificationError

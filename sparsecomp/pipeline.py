@@ -67,7 +67,7 @@ class Pipeline:
         """Check every pass and option exists and every value parses; returns self."""
         for e in self.entries:
             try:
-                e.options
+                e.info.resolve_options(dict(e.raw_options))
             except PipelineError as err:
                 raise PipelineError(f"{err.message} in pipeline '{self}'", hint=err.hint) from None
         return self

@@ -1,0 +1,173 @@
+"""Compiling kernels, with an in-process cache and an on-disk cache of the built libraries.
+
+Disk layout: `$SPARSECOMP_CACHE_DIR/kernels/` (default `~/.cache/sparsecomp/kernels/`) holds
+`<key>.so` and `<key>.json`, where key = sha256 of (kernel source text, target JSON, TVM version,
+cache format version) and the JSON records the sha256 of the .so bytes. A .so is only loaded when
+its bytes match the recorded hash (so a truncated or overwritten file is never dlopen'ed, where
+damaged code could crash the process instead of failing); any mismatch or load error rebuilds
+and rewrites. Writes go to a temporary file in the same folder, then `os.replace` (atomic on
+POSIX): readers never see a half-written file, and concurrent writers of one key are harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sparsecomp.errors import SparsecompError
+
+from . import _target
+from ._codegen import kernel_source
+
+__all__ = ["Kernel", "build", "cache_dir", "clear_memory_cache"]
+
+_log = logging.getLogger("sparsecomp.backends.tir")
+_CACHE_VERSION = "1"
+_lock = threading.Lock()
+_memory: dict[str, "Kernel"] = {}
+
+
+@dataclass(eq=False)
+class Kernel:
+    """One compiled kernel: `func(*args)` runs it on torch CPU tensors (passed via DLPack)."""
+
+    fmt: str
+    params: dict
+    dtype: str
+    source: str
+    key: str
+    func: object = field(repr=False)
+    path: str | None = None  # the cached .so, when the disk cache is in use
+
+    @property
+    def mode(self) -> str:
+        return "mm" if self.params.get("mt", 0) else "mv"
+
+    def __call__(self, *args):
+        return self.func(*args)
+
+
+def cache_dir() -> Path:
+    """Where built kernels are cached: `$SPARSECOMP_CACHE_DIR/kernels` or `~/.cache/sparsecomp/kernels`."""
+    root = os.environ.get("SPARSECOMP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sparsecomp")
+    return Path(root) / "kernels"
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-process kernels (the disk cache stays); for tests."""
+    with _lock:
+        _memory.clear()
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _compile(source: str):
+    tvm = _target.tvm()
+    from tvm.script import tirx as T
+
+    try:
+        func = tvm.script.from_source(source, extra_vars={"T": T})
+        return tvm.compile(tvm.IRModule({"main": func}), target=_target.host_target())
+    except Exception as exc:  # noqa: BLE001 - TVM raises many types; this is a bug in our template
+        raise SparsecompError(f"TIR kernel failed to compile: {str(exc).strip().splitlines()[-1][:300]}",
+                              hint="this is a sparsecomp bug; the kernel source is in the exception's __cause__") from exc
+
+
+def _load(path: Path, meta: Path):
+    """The cached module's function, or None when the files are missing, damaged or stale."""
+    tvm = _target.tvm()
+    try:
+        want = json.loads(meta.read_text())["sha256"]
+        if _sha256_file(path) != want:
+            _log.warning("kernel cache %s is damaged (hash mismatch); rebuilding", path.name)
+            return None
+        return tvm.runtime.load_module(str(path))["main"]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - corrupt json / dlopen failure: rebuild
+        _log.warning("kernel cache %s unusable (%s); rebuilding", path.name, exc)
+        return None
+
+
+def _store(lib, path: Path, meta: Path):
+    """Export atomically; returns the loaded function, or None if exporting is impossible."""
+    tvm = _target.tvm()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        lib.export_library(tmp)
+        digest = _sha256_file(Path(tmp))
+        fdm, tmpm = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+        with os.fdopen(fdm, "w") as f:
+            json.dump({"sha256": digest, "tvm": tvm.__version__}, f)
+        os.replace(tmp, path)
+        os.replace(tmpm, meta)
+        return tvm.runtime.load_module(str(path))["main"]
+    except Exception as exc:  # noqa: BLE001 - no C compiler / read-only disk: stay in memory
+        _log.warning("cannot cache kernel on disk (%s); using it from memory", exc)
+        for t in (tmp,):
+            try:
+                os.unlink(t)
+            except OSError:
+                pass
+        return None
+
+
+def _normalise(fmt: str, params: dict) -> dict:
+    p = dict(params)
+    p.setdefault("mt", 0)
+    p.setdefault("unroll", 1)
+    p.setdefault("vec", _target.vector_width())
+    p.setdefault("gather", "sw")
+    p.setdefault("index_dtype", "uint16")
+    if fmt == "bsr":
+        p["block"] = tuple(p.get("block", (16, 1)))
+        p.setdefault("scheme", "col")
+    if fmt == "sell":
+        p.setdefault("slice_height", 16)
+    if fmt == "nm":
+        p.setdefault("n", 2)
+        p.setdefault("m", 4)
+    return p
+
+
+def build(fmt: str, params: dict, dtype: str = "float32") -> Kernel:
+    """Compile (or fetch from the caches) the kernel for `fmt` and variant `params`.
+
+    `params` is a dict from `candidates(...)` / `prepare(...).params` (it carries the index
+    dtype and, for SELL, whether rows are permuted). Only float32 is generated today.
+    """
+    if dtype != "float32":
+        raise SparsecompError(f"TIR kernels support float32 only, got {dtype!r}")
+    params = _normalise(fmt, params)
+    source = kernel_source(fmt, params, params["index_dtype"])
+    tvm = _target.tvm()
+    target = _target.host_target()
+    key = hashlib.sha256("\n".join([source, str(target.export() if hasattr(target, "export") else target),
+                                    tvm.__version__, _CACHE_VERSION]).encode()).hexdigest()[:32]
+    with _lock:
+        hit = _memory.get(key)
+        if hit is not None:
+            return hit
+        d = cache_dir()
+        path, meta = d / f"{key}.so", d / f"{key}.json"
+        func = _load(path, meta) if path.exists() else None
+        if func is None:
+            lib = _compile(source)
+            func = _store(lib, path, meta)
+            if func is None:
+                func = lib.mod["main"] if hasattr(lib, "mod") else lib["main"]
+                path = None
+        k = Kernel(fmt=fmt, params=params, dtype=dtype, source=source, key=key, func=func,
+                   path=str(path) if path else None)
+        _memory[key] = k
+        return k

@@ -1,0 +1,258 @@
+"""Packing weights for the kernels, calling them from torch, and the candidate variants.
+
+`prepare` builds the storage a kernel variant reads (from `sparsecomp.formats`, with index
+dtypes narrowed and pointers int32); `SparseLinearKernel(prepared, kernel)` is the callable
+`y = x @ W^T + b` for any leading dims and any M; `candidates(fmt, N, K, M)` lists a few
+variants worth timing on this machine, ranked by a rough cost model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsecomp import formats as F
+from sparsecomp.errors import SparsecompError
+
+from . import _target
+from ._build import Kernel, _normalise
+from ._codegen import arg_names
+
+__all__ = ["PreparedWeight", "prepare", "SparseLinearKernel", "candidates", "FORMATS"]
+
+FORMATS = ("csr", "sell", "bsr", "nm")
+
+# params that change how weights are stored (a kernel and a prepared weight must agree on them)
+_STORAGE_KEYS = {
+    "csr": ("index_dtype",),
+    "sell": ("index_dtype", "slice_height", "sigma", "perm"),
+    "bsr": ("index_dtype", "block", "layout"),
+    "nm": ("n", "m"),
+}
+
+
+@dataclass(eq=False)
+class PreparedWeight:
+    """A weight packed for one kernel variant: the arrays in kernel argument order."""
+
+    fmt: str
+    params: dict
+    shape: tuple[int, int]  # (N, K), the true sizes
+    kp: int  # K padded to the format's column granularity (x is zero-padded to it)
+    arrays: list[torch.Tensor] = field(repr=False)
+    zero_bias: torch.Tensor = field(repr=False)
+    nbytes: int = 0  # bytes the kernel must read for the weight (values + indices + pointers)
+
+    def storage_key(self) -> tuple:
+        return tuple(self.params.get(k) for k in _STORAGE_KEYS[self.fmt])
+
+
+def _idx(t: torch.Tensor, what: str) -> tuple[torch.Tensor, str]:
+    if t.dtype == torch.uint16:
+        return t.contiguous(), "uint16"
+    if t.dtype == torch.int32:
+        return t.contiguous(), "int32"
+    if t.dtype == torch.int64 and (t.numel() == 0 or int(t.max()) <= 2**31 - 1):
+        return t.to(torch.int32).contiguous(), "int32"
+    raise SparsecompError(f"{what} indices of dtype {t.dtype} do not fit int32")
+
+
+def _ptr(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.int32:
+        if int(t[-1]) > 2**31 - 1:
+            raise SparsecompError("weight too large for int32 pointers")
+        t = t.to(torch.int32)
+    return t.contiguous()
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    # a zero-size tensor may come with a null data pointer, which TVM's argument checks reject;
+    # one unread element keeps every buffer valid (pointers say there is nothing to read)
+    return t if t.numel() else torch.zeros(1, dtype=t.dtype)
+
+
+def prepare(fmt: str, dense_weight: torch.Tensor, params: dict | None = None) -> PreparedWeight:
+    """Pack `dense_weight [N, K]` into the storage of the kernel variant `params` of `fmt`.
+
+    The returned `.params` are complete (index dtype, SELL row permutation, BSR layout added);
+    pass them to `build`.
+    """
+    if fmt not in FORMATS:
+        raise SparsecompError(f"no TIR kernel for format {fmt!r}", hint=f"formats: {', '.join(FORMATS)}")
+    if not isinstance(dense_weight, torch.Tensor) or dense_weight.dim() != 2:
+        raise SparsecompError("prepare needs a 2-D [out_features, in_features] weight tensor")
+    w = dense_weight.detach().to("cpu", torch.float32).contiguous()
+    N, K = w.shape
+    p = _normalise(fmt, params or {})
+    kp = K
+    if fmt == "csr":
+        f = F.CSR.pack(w)
+        col, p["index_dtype"] = _idx(f.col_idx, "column")
+        arrays = [f.values, col, _ptr(f.row_ptr)]
+    elif fmt == "sell":
+        f = F.SELL.pack(w, slice_height=p["slice_height"], sigma=p.setdefault("sigma", 1))
+        col, p["index_dtype"] = _idx(f.col_idx, "column")
+        arrays = [f.values, col, _ptr(f.slice_ptr)]
+        p["perm"] = f.row_perm is not None
+        if p["perm"]:
+            arrays.append(f.row_perm.to(torch.int32))
+    elif fmt == "bsr":
+        r, c = p["block"]
+        p["layout"] = "rc" if (p["scheme"] == "flat" and not p["mt"]) else "cr"
+        f = F.BSR.pack(w, (r, c), layout=p["layout"])
+        col, p["index_dtype"] = _idx(f.col_idx, "block column")
+        arrays = [f.values.reshape(-1), col, _ptr(f.row_ptr)]
+        kp = -(-K // c) * c
+    else:  # nm
+        f = F.NM.pack(w, n=p["n"], m=p["m"])
+        arrays = [f.values.reshape(-1), f.idx.reshape(-1).contiguous()]
+        kp = (f.values.shape[1] // p["n"]) * p["m"]
+        p["index_dtype"] = "uint8"
+    nbytes = sum(a.numel() * a.element_size() for a in arrays)
+    arrays = [_nonempty(a.contiguous()) for a in arrays]
+    return PreparedWeight(fmt=fmt, params=p, shape=(N, K), kp=kp, arrays=arrays,
+                          zero_bias=torch.zeros(N, dtype=torch.float32), nbytes=nbytes)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # TVM's buffer arguments assume a contiguous, suitably aligned data pointer
+    if not t.is_contiguous() or t.data_ptr() % 64:
+        t = t.clone(memory_format=torch.contiguous_format)  # fresh allocations are 64-byte aligned
+    return t
+
+
+class SparseLinearKernel:
+    """`y = x @ W^T + b` with a prepared sparse weight and a compiled kernel.
+
+    Any leading dims and any M work with either kind of kernel: an "mv" (M = 1) kernel is
+    applied row by row when M > 1, an "mm" kernel pads M to its tile. The output is a new
+    float32 tensor `[..., N]`.
+    """
+
+    def __init__(self, prepared: PreparedWeight, kernel: Kernel):
+        if prepared.fmt != kernel.fmt:
+            raise SparsecompError(f"kernel is for {kernel.fmt!r} but the weight is packed as {prepared.fmt!r}")
+        want = tuple(kernel.params.get(k) for k in _STORAGE_KEYS[prepared.fmt])
+        if kernel.fmt == "bsr":
+            kl = "rc" if (kernel.params["scheme"] == "flat" and not kernel.params["mt"]) else "cr"
+            want = want[:2] + (kl,)
+        if prepared.storage_key() != want:
+            raise SparsecompError(
+                f"kernel variant {kernel.params} does not match the weight's storage {prepared.params}",
+                hint="build the kernel from prepared.params (build(fmt, prepared.params))",
+            )
+        self.prepared = prepared
+        self.kernel = kernel
+        self.mt = int(kernel.params.get("mt", 0))
+        self._func = kernel.func
+
+    @property
+    def out_features(self) -> int:
+        return self.prepared.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.prepared.shape[1]
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        N, K = self.prepared.shape
+        if x.shape[-1] != K:
+            raise SparsecompError(f"input has {x.shape[-1]} features, the weight expects {K}")
+        if x.device.type != "cpu":
+            raise SparsecompError("TIR kernels run on CPU tensors", hint="move the input to the CPU")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        M = x2.shape[0]
+        if bias is None:
+            b = self.prepared.zero_bias
+        else:
+            b = _aligned(bias.detach().to(torch.float32).reshape(N))
+        if M == 0:
+            return x2.new_empty((*lead, N))
+        kp = self.prepared.kp
+        arrays = self.prepared.arrays
+        if self.mt == 0:
+            if kp != K:
+                x2 = torch.nn.functional.pad(x2, (0, kp - K))
+            y = torch.empty((M, N), dtype=torch.float32)
+            for i in range(M):
+                self._func(_aligned(x2[i]), *arrays, b, y[i])
+            return y.reshape(*lead, N)
+        mt = self.mt
+        mp = -(-M // mt) * mt
+        xt = torch.empty((kp, mp), dtype=torch.float32)
+        if mp > M:
+            xt[:, M:].zero_()  # padding rows of x: their outputs are dropped, but keep them finite
+        if kp > K:
+            xt[K:, :M].zero_()
+        xt[:K, :M].copy_(x2.t())
+        y = torch.empty((mp, N), dtype=torch.float32)
+        self._func(xt, *arrays, b, y)
+        return y[:M].reshape(*lead, N)
+
+
+def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] | None = None,
+               n: int = 2, m: int = 4, limit: int = 8) -> list[dict]:
+    """Kernel variants worth timing for `fmt` on a layer `[N, K]` at batch `M`.
+
+    The list is small and pruned by a rough cost model (more independent FMA chains is better
+    up to the register file; less M padding is better); the caller times them on the real
+    weight and keeps the fastest. `block` (BSR) and `n`, `m` (N:M) describe the weight.
+    """
+    if fmt not in FORMATS:
+        raise SparsecompError(f"no TIR kernel for format {fmt!r}", hint=f"formats: {', '.join(FORMATS)}")
+    V = _target.vector_width()
+    hw = _target.has_feature("avx2")
+    gathers = (["hw"] if hw else []) + ["sw"]
+    out: list[tuple[float, dict]] = []
+    if M <= 1:
+        if fmt == "csr":
+            for g in gathers:
+                vv = 8 if g == "hw" else V
+                for u in (2, 4):
+                    out.append((0.0 if g == "hw" else 0.5, {"vec": vv, "unroll": u, "gather": g}))
+        elif fmt == "sell":
+            for C in (8, 16, 32):
+                for g in gathers:
+                    vv = 8 if g == "hw" else min(V, C)
+                    out.append(((0.0 if g == "hw" else 0.5) + abs(C - 16) / 32, {"slice_height": C, "vec": vv, "unroll": 1, "gather": g}))
+        elif fmt == "bsr":
+            r, c = block or (16, 1)
+            if r >= 4:
+                for u in (1, 2, 4):
+                    out.append((abs(u * r - 4 * V) / (4 * V), {"block": (r, c), "scheme": "col", "unroll": u}))
+            if r * c <= 64:
+                for u in (1, 2, 4):
+                    if u * r * c <= 8 * V:
+                        out.append((0.25 + abs(u * r * c - 4 * V) / (4 * V), {"block": (r, c), "scheme": "flat", "unroll": u}))
+        else:
+            for g in gathers:
+                vv = 8 if g == "hw" else V
+                for u in (1, 2, 4):
+                    out.append(((0.0 if g == "hw" else 0.5) + abs(u - 2) / 4, {"n": n, "m": m, "vec": vv, "unroll": u, "gather": g}))
+    else:
+        r = (block or (1, 1))[0] if fmt == "bsr" else 1
+        for mt in (V, 2 * V, 4 * V, 8 * V):
+            if mt > 2 * V and mt > -(-M // V) * V:
+                continue
+            waste = (-(-M // mt) * mt) / M
+            for u in (1, 2, 4):
+                if fmt == "bsr" and u > 1:
+                    continue
+                chains = (mt // V) * u * r
+                regs = chains + (mt // V)
+                cost = waste + abs(math.log2(max(chains, 1) / 8)) * 0.3 + (1.0 if regs > 14 else 0.0)
+                p = {"mt": mt, "unroll": u}
+                if fmt == "bsr":
+                    p["block"] = tuple(block or (16, 1))
+                if fmt == "sell":
+                    p["slice_height"] = 8
+                if fmt == "nm":
+                    p.update(n=n, m=m)
+                out.append((cost, p))
+    out.sort(key=lambda t: t[0])
+    return [p for _, p in out[:limit]]
