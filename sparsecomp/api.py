@@ -121,13 +121,25 @@ def _not_yet(what: str) -> NotYetAvailableError:
 
 
 class CompiledModel(torch.nn.Module):
-    """What `compile` returns: call it like the model; `report` says what was done per layer."""
+    """What `compile` returns: call it like the model; `report` says what was done per layer.
 
-    def __init__(self, gm: torch.fx.GraphModule, report: CompileReport, backend: str):
+    `gm` is the lowered graph. When it would not be faster end to end than the original model
+    (no layer runs sparse, or measured slower on the example inputs), calls go to the original
+    model instead (`runs == "eager"`), and the report says so: compiling never makes a model slower.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, report: CompileReport, backend: str, eager: torch.nn.Module | None = None):
         super().__init__()
         self.gm, self.report, self.backend = gm, report, backend
+        self._eager = [eager]  # a list: not registered as a submodule (its weights are the user's)
+
+    @property
+    def runs(self) -> str:
+        return "eager" if self._eager[0] is not None else "compiled"
 
     def forward(self, *args, **kwargs):
+        if self._eager[0] is not None:
+            return self._eager[0](*args, **kwargs)
         try:
             return self.gm(*args, **kwargs)
         except AssertionError as err:  # torch.export's input guards
@@ -231,6 +243,27 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
             fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed}
             fallback.report.notes.append("verification failed with sparse kernels; every layer fell back to dense")
             return fallback
+    return _choose_end_to_end(model, gm, report, backend, example)
+
+
+def _choose_end_to_end(model, gm, report: CompileReport, backend: str, example) -> CompiledModel:
+    """Run the lowered graph only if it is measured faster end to end than the original model."""
+    from sparsecomp.timing import compare
+
+    if not any(r["decision"] == "sparse" for r in report.rows):
+        report.end_to_end = {"runs": "eager", "why": "no layer runs sparse; the captured graph would only add call overhead"}
+        report.notes.append("no layer runs sparse: calls go to the original model")
+        return CompiledModel(gm, report, backend, eager=model)
+    args, kwargs = example
+    with torch.no_grad():
+        t = compare({"eager": lambda: model(*args, **kwargs), "compiled": lambda: gm(*args, **kwargs)},
+                    min_runs=10, max_seconds=2.0)
+    eager_ms, compiled_ms = t["eager"].median * 1e3, t["compiled"].median * 1e3
+    report.end_to_end = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "runs": "compiled" if compiled_ms < eager_ms else "eager"}
+    if compiled_ms >= eager_ms:
+        report.notes.append(f"the compiled graph measured slower end to end ({compiled_ms:.2f} ms vs eager {eager_ms:.2f} ms "
+                            "on the example inputs): calls go to the original model")
+        return CompiledModel(gm, report, backend, eager=model)
     return CompiledModel(gm, report, backend)
 
 

@@ -170,6 +170,7 @@ class CompileReport:
     verify: dict | None = None
     notes: list[str] = field(default_factory=list)
     cache: dict | None = None
+    end_to_end: dict | None = None  # eager vs compiled on the example inputs, and which one runs
 
     def to_dict(self) -> dict:
         dense_us = sum(r["dense_us"] for r in self.rows if r.get("dense_us"))
@@ -178,7 +179,8 @@ class CompileReport:
                 "summary": {"layers": len(self.rows), "sparse": sum(r["decision"] == "sparse" for r in self.rows),
                             "measured_dense_us": dense_us, "measured_chosen_us": chosen_us,
                             "layer_speedup": dense_us / chosen_us if chosen_us else None},
-                "layers": self.rows, "verify": self.verify, "cache": self.cache, "notes": self.notes}
+                "layers": self.rows, "verify": self.verify, "end_to_end": self.end_to_end, "cache": self.cache,
+                "notes": self.notes}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
@@ -204,6 +206,10 @@ class CompileReport:
         if s["layer_speedup"]:
             line += f"; measured layer time {s['measured_dense_us'] / 1e3:.2f} ms dense -> {s['measured_chosen_us'] / 1e3:.2f} ms ({s['layer_speedup']:.2f}x)"
         yield line
+        e2e = self.end_to_end or {}
+        if "eager_ms" in e2e:
+            yield (f"end to end on the example inputs: eager {e2e['eager_ms']:.2f} ms, compiled {e2e['compiled_ms']:.2f} ms "
+                   f"({e2e['eager_ms'] / e2e['compiled_ms']:.2f}x); runs: {e2e['runs']}")
         if self.verify:
             yield f"verify: {'ok' if self.verify['ok'] else 'FAILED'} (max abs error {self.verify['max_abs_error']:.3g}, allowed {self.verify['allowed']:.3g})"
         for note in self.notes:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import sparsecomp as sc
+from sparsecomp.api import CompiledModel
 from sparsecomp import patterns
 from sparsecomp.backends.torch import SparseLinear
 from sparsecomp.errors import NotYetAvailableError, SparsecompError
@@ -43,11 +44,14 @@ def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
     assert rows["0"]["kernel"] == "torch-csr" and rows["0"]["decision"] == "sparse" and rows["0"]["pattern"] == "unstructured"
     assert rows["2"]["pattern"] == "2:4" and rows["4"]["decision"] == "dense" and "not rewritten" in rows["4"]["reason"]
     assert cm.report.verify["ok"]
+    lowered = CompiledModel(cm.gm, cm.report, "torch")  # always run the lowered graph, whatever e2e timing chose
     for xb in (x, torch.randn(7, 96), torch.zeros(1, 96)):  # other batch sizes after compile
-        ok, err, allowed = compare_outputs(cm(xb), m(xb))
-        assert ok, (err, allowed)
+        for runner in (cm, lowered):
+            ok, err, allowed = compare_outputs(runner(xb), m(xb))
+            assert ok, (err, allowed)
     with pytest.raises(SparsecompError, match="compiled for other input shapes"):
-        cm(torch.randn(2, 3, 96))  # another rank: a clear error, not a wrong answer
+        lowered(torch.randn(2, 3, 96))  # another rank: a clear error, not a wrong answer
+    assert cm.runs == cm.report.end_to_end["runs"] and cm.report.end_to_end["eager_ms"] > 0
     # the dense copies of lowered weights are freed; the dense layer keeps its weight
     names = {n for n, _ in cm.gm.named_parameters()}
     assert "0.weight" not in names and "4.weight" in names
@@ -116,6 +120,7 @@ def test_dense_model_stays_dense_and_exact(tmp_path):
     cm = sc.compile(m, (x,), cache_dir=str(tmp_path))
     assert kinds(cm) == (0, 2)
     assert torch.equal(cm(x), m(x))
+    assert cm.runs == "eager"  # nothing sparse: the captured graph would only add call overhead
 
 
 def test_options_not_yet_available():
