@@ -18,7 +18,6 @@ from sparsecomp.errors import SparsecompError
 
 from . import _target
 from ._build import Kernel, _normalise
-from ._codegen import arg_names
 
 __all__ = ["PreparedWeight", "prepare", "SparseLinearKernel", "candidates", "FORMATS"]
 

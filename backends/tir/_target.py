@@ -119,7 +119,7 @@ def set_num_threads(n: int) -> None:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SparsecompError(f"set_num_threads needs a positive int, got {n!r}")
-    tvm_ = tvm()
+    tvm()  # raises the install hint when TVM is missing
     import tvm_ffi
 
     cap = _pool_size()
