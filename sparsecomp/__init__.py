@@ -22,7 +22,7 @@ _EXPORTS = {
     "sparsify": "sparsecomp.api",
     "export_onnx": "sparsecomp.api",
     "set_num_threads": "sparsecomp.api",
-    "capture": "sparsecomp.capture",
+    "capture": "sparsecomp.frontend",
     "SparsityReport": "sparsecomp.report",
     "PassManager": "sparsecomp.pass_manager",
     "PassContext": "sparsecomp.pass_manager",

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
-from sparsecomp.capture import capture
+from sparsecomp.frontend import capture
 from sparsecomp.errors import NotYetAvailableError, SparsecompError
 from sparsecomp.pass_manager import Instrument, PassContext, PassManager
 from sparsecomp.ir import normalize_inputs

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsecomp.capture import capture
+from sparsecomp.frontend import capture
 from sparsecomp.errors import VerificationError
 from sparsecomp.pass_manager import DumpIR, PassContext, PassManager, PrintIR, Timing, VerifyEach
 from sparsecomp.registry import PassResult, register_pass

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsecomp.capture import capture
+from sparsecomp.frontend import capture
 from sparsecomp.ir import format_graph
 from sparsecomp.pass_manager import PassContext, PassManager
 from sparsecomp.passes.analysis.analyze_weights import weight_stats

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsecomp.capture import capture
+from sparsecomp.frontend import capture
 from sparsecomp.pass_manager import PassContext, PassManager
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsecomp.capture import capture
+from sparsecomp.frontend import capture
 from sparsecomp.errors import SparsecompError
 from sparsecomp.pass_manager import PassContext, PassManager
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsecomp.capture import capture
+from sparsecomp.frontend import capture
 from sparsecomp.errors import CaptureError
 from sparsecomp.ir import linear_sites
 
@@ -88,3 +88,12 @@ def test_not_a_module_and_bad_inputs():
         capture(lambda x: x, (torch.randn(2),))
     with pytest.raises(CaptureError, match="example inputs must be"):
         capture(nn.Linear(2, 2), 3.0)
+
+
+def test_public_capture_is_the_function_even_after_submodules_load():
+    import sparsecomp
+    import sparsecomp.api  # noqa: F401  (imports the frontend module)
+
+    assert callable(sparsecomp.capture)
+    gm = sparsecomp.capture(nn.Linear(3, 2), (torch.randn(2, 3),))
+    assert isinstance(gm, torch.fx.GraphModule)

@@ -1,4 +1,7 @@
-"""Capture: `nn.Module` -> ATen-level `torch.fx.GraphModule` (the one IR).
+"""The frontend, capture: `nn.Module` -> ATen-level `torch.fx.GraphModule` (the one IR).
+
+(The module is not named `capture.py` so that the public function `sparsecomp.capture` is never
+shadowed by a submodule of the same name once imported.)
 
 We use `torch.export.export(strict=False)` and `ExportedProgram.module()`: the result is a
 GraphModule whose parameters and buffers are attributes (reached by `get_attr` nodes under their
