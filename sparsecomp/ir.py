@@ -267,8 +267,11 @@ def compare_outputs(actual: Any, reference: Any, *, rtol: float = 1e-4) -> tuple
         a, r = a.detach().double(), r.detach().double()
         if not torch.equal(torch.isnan(a), torch.isnan(r)):
             return False, float("nan"), 0.0
+        inf = torch.isinf(r)
+        if not torch.equal(a[inf], r[inf]):  # +-inf exactly where the reference has it
+            return False, float("inf"), 0.0
         finite = torch.isfinite(r)
-        if not torch.equal(a[~finite], r[~finite]):
+        if not torch.isfinite(a[finite]).all():
             return False, float("inf"), 0.0
         if finite.any():
             err = (a[finite] - r[finite]).abs().max().item()

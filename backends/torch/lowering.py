@@ -68,6 +68,12 @@ class SparseLinear(torch.nn.Module):
         self._runner = runner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Kernels are built for fp32 CPU tensors: anything else is a clear error, never a wrong answer.
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise SparsecompError(
+                f"layer {self.layer} was compiled for float32 CPU inputs, got {str(x.dtype).replace('torch.', '')} on {x.device}",
+                hint="cast the inputs to float32 on the CPU, or compile the model again for this dtype/device",
+            )
         return self._runner(x)
 
     def extra_repr(self) -> str:

@@ -131,3 +131,45 @@ def test_options_not_yet_available():
         sc.compile(m, (torch.randn(1, 96),), backend="ort")
     with pytest.raises(SparsecompError, match="unknown backend 'cuda'"):
         sc.compile(m, (torch.randn(1, 96),), backend="cuda")
+
+
+def test_nan_and_inf_weights_are_kept_exact(tmp_path):
+    m = net(4)
+    with torch.no_grad():
+        m[0].weight[1, 2] = float("nan")
+        m[0].weight[3, 4] = float("inf")
+    x = torch.randn(3, 96)
+    cm = sc.compile(m, (x,), cache_dir=str(tmp_path), kernels="dense,torch-csr,tir-csr,tir-sell")
+    lowered = CompiledModel(cm.gm, cm.report, "torch")
+    ok, _, _ = compare_outputs(lowered(x), m(x))  # NaN in the same places, finite values close
+    assert ok
+
+
+def test_nan_input_documented_difference():
+    """A skipped zero weight does not turn a NaN input into NaN, as 0 x NaN does in a dense matmul."""
+    from sparsecomp.backends.torch.kernels import _dense, _torch_csr
+
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    x = torch.tensor([[float("nan"), 1.0]])
+    dense, sparse = _dense(w, None)(x), _torch_csr(w, None)(x)
+    assert torch.isnan(dense).all()  # 0 x NaN = NaN in row 1
+    assert torch.isnan(sparse[0, 0]) and sparse[0, 1] == 2.0  # the zero was skipped
+    xf = torch.tensor([[3.0, 1.0]])
+    assert torch.equal(_dense(w, None)(xf), _torch_csr(w, None)(xf))  # finite inputs: identical
+
+
+def test_half_precision_model_stays_dense_with_a_reason(tmp_path):
+    m = net(5).to(torch.bfloat16)
+    x = torch.randn(2, 96, dtype=torch.bfloat16)
+    cm = sc.compile(m, (x,), cache_dir=str(tmp_path))
+    assert kinds(cm) == (0, 3)
+    assert all("bfloat16 (fp32 kernels only)" in r["reason"] for r in cm.report.rows)
+    assert torch.equal(cm(x), m(x))
+
+
+def test_other_input_dtype_is_a_clear_error(tmp_path):
+    m = net(6)
+    cm = sc.compile(m, (torch.randn(2, 96),), cache_dir=str(tmp_path), kernels="torch-csr")
+    lowered = CompiledModel(cm.gm, cm.report, "torch")
+    with pytest.raises(SparsecompError, match="compiled for float32 CPU inputs, got float64|compiled for other input shapes"):
+        lowered(torch.randn(2, 96, dtype=torch.float64))
