@@ -196,3 +196,27 @@ def test_onnx_file_of_a_2_4_pruned_mlp(capsys, tmp_path, dynamo):
     assert by_shape[(32, 128)]["nm_conformance"]["2:4"] < 1.0
     code, out, _ = run(capsys, "opt", str(path), "--pipeline", "analyze-weights,find-mlps", "--print-ir-after-all")
     assert code == 0 and out.count("// ----- IR after") == 2
+
+
+def test_compile_and_bench(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path / "cache"))
+    f = write_factory(tmp_path, """
+        import torch
+        def make():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)), (torch.randn(4, 64),)
+    """)
+    code, out, _ = run(capsys, "compile", f"{f}:make", "--impose", "unstructured:0.9", "--layers", "0",
+                       "--kernels", "dense,torch-csr", "--max-seconds", "0.05", "--json")
+    assert code == 0
+    report = json.loads(out)
+    rows = {r["layer"]: r for r in report["layers"]}
+    assert rows["0"]["pattern"] == "unstructured" and rows["0"]["kernel"] in ("dense", "torch-csr")
+    assert rows["2"]["decision"] == "dense" and "not rewritten" in rows["2"]["reason"]
+    assert report["verify"]["ok"] and report["end_to_end"]["runs"] in ("eager", "compiled")
+    code, out, _ = run(capsys, "compile", f"{f}:make", "--impose", "2:4", "--kernels", "dense,torch-csr", "--max-seconds", "0.05")
+    assert code == 0 and "compiled for torch" in out and "2:4" in out
+    code, out, _ = run(capsys, "bench", f"{f}:make", "--impose", "unstructured:0.9", "--kernels", "dense,torch-csr", "--runs", "5", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["eager_ms"] > 0 and result["compiled_ms"] > 0 and result["layers"] == 2
