@@ -7,7 +7,10 @@ Rules (one per matched shape; the rule name lands in each new node's provenance)
 - `addmm`:   aten.addmm(b, x, t(W))            -> sparse_linear(x, W, b)
 - `matmul`:  aten.matmul/mm(x, W_in_out)       -> sparse_linear(x, W_in_out^T, None)
              (the transposed copy is stored as a new attribute `<name>_sparsecomp_wt`)
-Convolutions are left alone for now (1x1 convolutions come with their NCHW lowering).
+- `conv1x1`: aten.conv2d(x, W[o, i, 1, 1], b) with stride 1, no padding, dilation 1, groups 1
+             -> permute(sparse_linear(permute(x, NHWC), W[o, i], b), NCHW)
+             (the [o, i] view is stored as `<name>_sparsecomp_w2d`)
+Other convolutions are left alone.
 """
 
 from __future__ import annotations
@@ -58,7 +61,11 @@ def sparse_linear(gm, ctx, *, min_sparsity: float = 0.5, nm: str = "2:4,4:8", mi
     rewritten = 0
     for site in linear_sites(gm):
         node = site.node
-        if site.kind == "conv" or node.op != "call_function":
+        if node.op != "call_function":
+            continue
+        if site.kind == "conv" and not _is_pointwise_conv2d(gm, node):
+            k = "x".join(str(v) for v in site.weight(gm).shape[2:])
+            decisions.append((site.name, False, f"convolution {k} (only 1x1, stride-1, ungrouped ones become sparse_linear)"))
             continue
         w2 = site.weight_2d(gm)
         name = site.name
@@ -83,6 +90,10 @@ def sparse_linear(gm, ctx, *, min_sparsity: float = 0.5, nm: str = "2:4,4:8", mi
             bias = node.args[0]
         elif site.kind == "linear":
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if site.kind == "conv":
+            _rewrite_conv1x1(gm, node, site, w2, stats, name, reason)
+            rewritten += 1
+            continue
         with graph.inserting_before(node):
             if site.transposed:  # x @ W stored [in, out]: keep a contiguous [out, in] copy
                 attr = site.weight_target.replace(".", "_") + "_sparsecomp_wt"
@@ -107,3 +118,39 @@ def sparse_linear(gm, ctx, *, min_sparsity: float = 0.5, nm: str = "2:4,4:8", mi
         rewritten += 1
     ctx.results["sparse-linear"] = decisions
     return PassResult(rewritten > 0, {"rewritten": rewritten, "kept-dense": len(decisions) - rewritten})
+
+
+def _is_pointwise_conv2d(gm, node: fx.Node) -> bool:
+    """conv2d with a 1x1 kernel, stride 1, no padding, dilation 1, groups 1 (a per-pixel Linear)."""
+    if node.target is not aten.conv2d.default:
+        return False
+    w = get_attr_value(gm, node.args[1].target)
+    args = list(node.args) + [None] * (7 - len(node.args))
+    stride, padding, dilation, groups = (args[3] or [1, 1]), (args[4] or [0, 0]), (args[5] or [1, 1]), (args[6] or 1)
+    return (w.dim() == 4 and tuple(w.shape[2:]) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]
+            and list(dilation) == [1, 1] and groups == 1)
+
+
+def _rewrite_conv1x1(gm, node: fx.Node, site, w2: torch.Tensor, stats, name: str, reason: str) -> None:
+    graph = gm.graph
+    attr = site.weight_target.replace(".", "_") + "_sparsecomp_w2d"
+    gm.register_buffer(attr, w2.contiguous())
+    x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
+    with graph.inserting_before(node):
+        w_node = graph.get_attr(attr)
+        nhwc = graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
+        lin = graph.call_function(dialect.sparse_linear.default, (nhwc, w_node, bias))
+        out = graph.call_function(aten.permute.default, (lin, [0, 3, 1, 2]))
+    val = node.meta.get("val")
+    if val is not None:
+        out.meta["val"] = val
+        lin.meta["val"] = val.permute(0, 2, 3, 1)
+        nhwc.meta["val"] = x.meta["val"].permute(0, 2, 3, 1) if "val" in x.meta else None
+    w_node.meta["val"] = w2
+    for n in (w_node, nhwc, lin, out):
+        n.meta["sparsecomp.rule"] = "conv1x1"
+        n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    lin.meta[WEIGHTS_KEY] = stats
+    lin.meta["sparsecomp.sparse_linear"] = {"layer": name, "reason": reason}
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)

@@ -93,3 +93,29 @@ def test_rewritten_graph_still_exports():
     gm, _ = sc.run_pipeline(m, (x,), "sparse-linear")
     ep = torch.export.export(gm, (x,), strict=False)
     assert any(n.target is SPARSE for n in ep.graph.nodes)
+
+
+def test_pointwise_conv_becomes_sparse_linear_and_others_do_not():
+    torch.manual_seed(0)
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Conv2d(32, 48, 1)
+            self.k3 = nn.Conv2d(48, 16, 3, padding=1)  # 3x3: must NOT be rewritten
+            self.strided = nn.Conv2d(16, 32, 1, stride=2)  # strided 1x1: must NOT be rewritten
+
+        def forward(self, x):
+            return self.strided(self.k3(torch.relu(self.pw(x))))
+
+    m = ConvNet().eval()
+    patterns.impose(m, "unstructured:0.8")
+    x = torch.randn(2, 32, 7, 9)
+    gm, ctx = sc.run_pipeline(m, (x,), "sparse-linear")
+    assert count(gm, SPARSE) == 1
+    assert count(gm, torch.ops.aten.conv2d.default) == 2
+    for xb in (x, torch.randn(1, 32, 7, 9)):
+        ok, err, allowed = compare_outputs(gm(xb), m(xb))
+        assert ok, (err, allowed)
+    rules = {n.meta["sparsecomp.provenance"]["rule"] for n in gm.graph.nodes if "sparsecomp.provenance" in n.meta}
+    assert rules == {"conv1x1"}
