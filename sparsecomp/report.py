@@ -25,6 +25,15 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def _render(renderable, width: int = 220) -> str:
+    """Plain text of a rich renderable (what `str(report)` prints)."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(width=width, file=buf, color_system=None).print(renderable)
+    return buf.getvalue()
+
+
 @dataclass
 class SparsityReport:
     model: str
@@ -131,11 +140,7 @@ class SparsityReport:
             yield f"note: {note}"
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        buf = io.StringIO()
-        Console(width=200, file=buf, color_system=None).print(self)
-        return buf.getvalue()
+        return _render(self)
 
 
 def describe_pattern(stats: Any) -> str:
@@ -216,8 +221,4 @@ class CompileReport:
             yield f"note: {note}"
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        buf = io.StringIO()
-        Console(width=220, file=buf, color_system=None).print(self)
-        return buf.getvalue()
+        return _render(self)
