@@ -173,3 +173,23 @@ def test_other_input_dtype_is_a_clear_error(tmp_path):
     lowered = CompiledModel(cm.gm, cm.report, "torch")
     with pytest.raises(SparsecompError, match="compiled for float32 CPU inputs, got float64|compiled for other input shapes"):
         lowered(torch.randn(2, 96, dtype=torch.float64))
+
+
+def test_model_level_verification_failure_falls_back_to_dense(tmp_path, monkeypatch):
+    import sparsecomp.ir as ir
+
+    real = ir.compare_outputs
+    calls = {"n": 0}
+
+    def fail_first(actual, reference, **kw):  # the end-to-end check disagrees (e.g. accumulated error)
+        calls["n"] += 1
+        return (False, 1.0, 0.1) if calls["n"] == 1 else real(actual, reference, **kw)
+
+    monkeypatch.setattr(ir, "compare_outputs", fail_first)
+    m = net(7)
+    x = torch.randn(2, 96)
+    cm = sc.compile(m, (x,), cache_dir=str(tmp_path), kernels="dense,torch-csr")
+    assert kinds(cm) == (0, 3)
+    assert all(r["decision"] == "dense" and "fallback: compiled model disagreed" in r["reason"] for r in cm.report.rows)
+    assert any("fell back to dense" in n for n in cm.report.notes)
+    assert torch.equal(cm(x), m(x))
