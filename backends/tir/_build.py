@@ -134,9 +134,17 @@ def _normalise(fmt: str, params: dict) -> dict:
         p.setdefault("scheme", "col")
     if fmt == "sell":
         p.setdefault("slice_height", 16)
+        p.setdefault("scheme", "col")
+        if p["mt"]:  # the M > 1 kernel reads plain column indices
+            p["scheme"] = "col"
+        if p["scheme"] == "delta":  # uint8 column deltas (see _codegen._sell_delta_mv)
+            p["index_dtype"] = "uint8"
     if fmt == "nm":
         p.setdefault("n", 2)
         p.setdefault("m", 4)
+        p.setdefault("scheme", "row")
+        if p["mt"]:  # the M > 1 kernel reads the row layout
+            p["scheme"] = "row"
     return p
 
 

@@ -26,9 +26,9 @@ FORMATS = ("csr", "sell", "bsr", "nm")
 # params that change how weights are stored (a kernel and a prepared weight must agree on them)
 _STORAGE_KEYS = {
     "csr": ("index_dtype",),
-    "sell": ("index_dtype", "slice_height", "sigma", "perm"),
+    "sell": ("index_dtype", "slice_height", "sigma", "perm", "scheme"),
     "bsr": ("index_dtype", "block", "layout"),
-    "nm": ("n", "m"),
+    "nm": ("n", "m", "scheme"),
 }
 
 
@@ -90,6 +90,9 @@ def prepare(fmt: str, dense_weight: torch.Tensor, params: dict | None = None) ->
         f = F.CSR.pack(w)
         col, p["index_dtype"] = _idx(f.col_idx, "column")
         arrays = [f.values, col, _ptr(f.row_ptr)]
+    elif fmt == "sell" and p["scheme"] == "delta":
+        arrays = _pack_sell_delta(w, p.setdefault("sigma", 1), p["slice_height"])
+        p["perm"] = len(arrays) == 4
     elif fmt == "sell":
         f = F.SELL.pack(w, slice_height=p["slice_height"], sigma=p.setdefault("sigma", 1))
         col, p["index_dtype"] = _idx(f.col_idx, "column")
@@ -104,6 +107,9 @@ def prepare(fmt: str, dense_weight: torch.Tensor, params: dict | None = None) ->
         col, p["index_dtype"] = _idx(f.col_idx, "block column")
         arrays = [f.values.reshape(-1), col, _ptr(f.row_ptr)]
         kp = -(-K // c) * c
+    elif p["scheme"] in ("perm", "perm4"):  # nm, rows interleaved 8 at a time (see _codegen._nm_perm_mv)
+        arrays, kp = _pack_nm_perm(w, p["n"], p["m"], p["scheme"] == "perm4")
+        p["index_dtype"] = "uint8"
     else:  # nm
         f = F.NM.pack(w, n=p["n"], m=p["m"])
         arrays = [f.values.reshape(-1), f.idx.reshape(-1).contiguous()]
@@ -113,6 +119,80 @@ def prepare(fmt: str, dense_weight: torch.Tensor, params: dict | None = None) ->
     arrays = [_nonempty(a.contiguous()) for a in arrays]
     return PreparedWeight(fmt=fmt, params=p, shape=(N, K), kp=kp, arrays=arrays,
                           zero_bias=torch.zeros(N, dtype=torch.float32), nbytes=nbytes)
+
+
+def _pack_sell_delta(w: torch.Tensor, sigma: int, C: int) -> list[torch.Tensor]:
+    """[vals, uint8 column deltas, slice_ptr, (row_perm)] for the SELL-C delta kernel.
+
+    Entry j of a row stores col[j] - col[j-1] (col[-1] = 0). A gap over 255 gets zero-valued
+    filler entries every 255 columns after the previous entry (added to the nonzero mask before
+    the SELL layout, so slice widths count them); padding entries have delta 0 and value 0.
+    """
+    N, K = w.shape
+    mask = w != 0
+    if K > 256 and N:
+        j = torch.arange(K)
+        last = torch.cummax(torch.where(mask, j, 0), dim=1).values  # last entry at or before j (or col 0)
+        later = torch.flip(torch.cumsum(torch.flip(mask, [1]).to(torch.int32), 1), [1]) > mask.to(torch.int32)
+        dist = j - last
+        mask = mask | ((dist > 0) & (dist % 255 == 0) & later)
+    perm, pcounts, widths = F.SELL._layout(mask, C, sigma)
+    pw = w if perm is None else w[perm]
+    pmask = mask if perm is None else mask[perm]
+    sptr = torch.zeros(widths.numel() + 1, dtype=torch.int64)
+    torch.cumsum(widths * C, 0, out=sptr[1:])
+    total = int(sptr[-1])
+    idx = pmask.nonzero()
+    prow, col = idx[:, 0], idx[:, 1]
+    row_start = torch.cumsum(pcounts, 0) - pcounts
+    rank = torch.arange(idx.shape[0]) - row_start[prow]
+    prev = torch.where(rank > 0, torch.cat([col.new_zeros(1), col[:-1]]), 0)
+    delta = col - prev
+    if delta.numel() and int(delta.max()) > 255:
+        raise SparsecompError("SELL delta packing left a gap over 255 columns (sparsecomp bug)")
+    offset = sptr[prow // C] + rank * C + prow % C
+    vals = torch.zeros(total, dtype=torch.float32)
+    vals[offset] = pw[pmask]
+    deltas = torch.zeros(total, dtype=torch.uint8)
+    deltas[offset] = delta.to(torch.uint8)
+    arrays = [vals, deltas, _ptr(sptr)]
+    if perm is not None:
+        arrays.append(perm.to(torch.int32))
+    return arrays
+
+
+def _pack_nm_perm(w: torch.Tensor, n: int, m: int, two_bit: bool = False) -> tuple[list[torch.Tensor], int]:
+    """vals [NS, G2, n, 8] and uint8 metadata for the perm / perm4 kernels; returns (arrays, kp).
+
+    Rows are padded to slices of 8 and groups to whole metadata windows (zeros, position 0).
+    perm: [NS, G2, n // 2 or n, 8], each value's position inside its 8-column window, two 3-bit
+    fields per byte when n is even. perm4 (two_bit): [NS, G2 // (4 // n), 8], one byte per row
+    per 4 // n groups, slot k of the window in bits 2k..2k+1 (its position inside its group).
+    """
+    if two_bit and (m != 4 or n > 2):
+        raise SparsecompError(f"the N:M perm4 kernel needs n:4 with n <= 2, got {n}:{m}", hint="use scheme='perm'")
+    if 8 % m:
+        raise SparsecompError(f"the N:M perm kernel needs m dividing 8, got m={m}", hint="use scheme='row'")
+    f = F.NM.pack(w, n=n, m=m)
+    N = w.shape[0]
+    G = f.values.shape[1] // n
+    P = 4 // n if two_bit else 8 // m  # groups per metadata window
+    ns, g2 = -(-N // 8), -(-G // P) * P
+    vals = torch.zeros(ns * 8, g2, n, dtype=torch.float32)
+    pos = torch.zeros(ns * 8, g2, n, dtype=torch.int32)
+    vals[:N, :G] = f.values.view(N, G, n)
+    pos[:N, :G] = f.idx.view(N, G, n).to(torch.int32)
+    vals = vals.view(ns, 8, g2, n).permute(0, 2, 3, 1).contiguous()
+    if two_bit:  # [NS, windows, 8]: 2 bits per slot, slot k of the window at bits 2k..2k+1
+        pos = pos.view(ns, 8, g2 // P, P * n).permute(0, 2, 1, 3)
+        pos = (pos << (2 * torch.arange(P * n, dtype=torch.int32))).sum(-1)
+        return [vals.reshape(-1), pos.to(torch.uint8).contiguous().reshape(-1)], g2 * m
+    pos += (torch.arange(g2, dtype=torch.int32) % P * m).view(1, g2, 1)
+    pos = pos.view(ns, 8, g2, n).permute(0, 2, 3, 1)
+    if n % 2 == 0:
+        pos = pos[:, :, 0::2] | (pos[:, :, 1::2] << 3)
+    meta = pos.to(torch.uint8).contiguous()
+    return [vals.reshape(-1), meta.reshape(-1)], g2 * m
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -215,6 +295,16 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                 for u in (2, 4):
                     out.append((0.0 if g == "hw" else 0.5, {"vec": vv, "unroll": u, "gather": g}))
         elif fmt == "sell":
+            # SELL with uint8 column deltas (5 bytes per entry instead of 6). Measured cold,
+            # 4096x4096, interleaved, 2 rounds at load 1.5-1.8: 70%: delta-32 hw 1.33 ms, delta-8
+            # hw 1.35, sell-16 hw 1.39-1.40, torch CSR 1.69-1.71, dense 3.2-3.3; 90%: sell-32 sw
+            # 0.48-0.50 ms, delta-16 sw 0.49-0.51, delta-8 hw 0.50-0.52, torch CSR 0.72. So two
+            # more variants to time, never displacing sell-32 sw (the limit of 8 keeps all)
+            for g, C, u, sg in (("hw", 32, 1, 64), ("sw", 16, 1, 1)):
+                if g == "hw" and not hw:
+                    continue
+                out.append((0.1 if g == "hw" else 0.6,
+                            {"scheme": "delta", "slice_height": C, "unroll": u, "gather": g, "sigma": sg}))
             for C in (8, 16, 32):
                 for g in gathers:
                     vv = 8 if g == "hw" else min(V, C)
@@ -229,6 +319,18 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                     if u * r * c <= 8 * V:
                         out.append((0.25 + abs(u * r * c - 4 * V) / (4 * V), {"block": (r, c), "scheme": "flat", "unroll": u}))
         else:
+            if hw and m == 4 and n <= 2:
+                # 2-bit positions + vpermilps (34 instead of 36 MB on 2:4 4096x4096): measured
+                # cold, load 3.4, interleaved, best of 4 rounds: perm4 u2 1.48 ms, u4 1.70, u1
+                # 1.92; perm u4 2.2, u1 2.6; torch dense 3.0 (medians swing 1.5x at that load)
+                for u in (2, 4, 1):
+                    out.append((-2.0 + abs(u - 2) / 8, {"n": n, "m": m, "scheme": "perm4", "unroll": u}))
+            if hw and 8 % m == 0:
+                # gather-free permute kernel (lanes over 8 rows, vpermps picks x): measured 2:4
+                # 4096x4096, 2 threads, cold, load 2.2 (interleaved): perm u4 2.0 ms, u1 2.3 ms,
+                # row hw-gather u2 4.1 ms, row sw u1 3.8 ms, torch dense 2.9 ms
+                for u in (4, 1):
+                    out.append((-1.0 + abs(u - 4) / 8, {"n": n, "m": m, "scheme": "perm", "unroll": u}))
             for g in gathers:
                 vv = 8 if g == "hw" else V
                 for u in (1, 2, 4):
@@ -253,5 +355,11 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                 if fmt == "nm":
                     p.update(n=n, m=m)
                 out.append((cost, p))
+                if fmt == "csr" and -(-M // mt) >= 4:
+                    # row blocks of 32 with M tiles outermost (one xt slice live in L2): measured
+                    # 768->3072 at M = 128, 90%, hot, interleaved, load 2.1 and 3.0: mt 32 u1
+                    # 1.72-1.79 ms vs 1.97-2.01 ms without, mt 16 u2 1.79-1.82 vs 1.94-1.99 ms;
+                    # at M = 16 (2 tiles of 8) it lost: 1.61 ms vs 1.24 ms for mt 16 u4
+                    out.append((cost - 0.05, {**p, "rb": 32}))
     out.sort(key=lambda t: t[0])
     return [p for _, p in out[:limit]]

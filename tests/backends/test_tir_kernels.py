@@ -61,16 +61,25 @@ def _check(tir, fmt, params, w, M, bias=True, lead=()):
 MV = {
     "csr": [{"vec": 8, "unroll": 2, "gather": "hw"}, {"vec": 4, "unroll": 4, "gather": "sw"}],
     "sell": [{"slice_height": 8, "vec": 8, "gather": "hw"}, {"slice_height": 16, "vec": 8, "unroll": 2, "gather": "sw"},
-             {"slice_height": 32, "vec": 8, "sigma": 64, "gather": "sw"}],
+             {"slice_height": 32, "vec": 8, "sigma": 64, "gather": "sw"},
+             # uint8 column deltas, lanes over 8 rows
+             {"scheme": "delta", "slice_height": 8, "unroll": 2, "gather": "hw", "sigma": 16},
+             {"scheme": "delta", "slice_height": 16, "unroll": 3, "gather": "sw"},
+             {"scheme": "delta", "slice_height": 32, "unroll": 1, "gather": "hw", "sigma": 64}],
     "nm": [{"n": 2, "m": 4, "vec": 8, "unroll": 2, "gather": "hw"}, {"n": 2, "m": 4, "vec": 8, "unroll": 1, "gather": "sw"},
-           {"n": 4, "m": 8, "vec": 4, "unroll": 2, "gather": "sw"}, {"n": 3, "m": 8, "vec": 8, "unroll": 1, "gather": "sw"}],
+           {"n": 4, "m": 8, "vec": 4, "unroll": 2, "gather": "sw"}, {"n": 3, "m": 8, "vec": 8, "unroll": 1, "gather": "sw"},
+           # gather-free permute kernel (AVX2): packed metadata (n even), one slot per byte (n odd), m = 2/4/8
+           {"n": 2, "m": 4, "scheme": "perm", "unroll": 1, "gather": "hw"}, {"n": 2, "m": 4, "scheme": "perm", "unroll": 4, "gather": "hw"},
+           {"n": 3, "m": 8, "scheme": "perm", "unroll": 2, "gather": "hw"}, {"n": 1, "m": 2, "scheme": "perm", "unroll": 3, "gather": "hw"},
+           # 2-bit positions, vpermilps: two groups per byte (2:4), four (1:4)
+           {"n": 2, "m": 4, "scheme": "perm4", "unroll": 2, "gather": "hw"}, {"n": 1, "m": 4, "scheme": "perm4", "unroll": 3, "gather": "hw"}],
     "bsr": [{"block": (16, 1), "scheme": "col", "unroll": 2}, {"block": (1, 16), "scheme": "flat", "unroll": 2},
             {"block": (4, 4), "scheme": "flat", "unroll": 1}, {"block": (4, 4), "scheme": "col", "unroll": 4},
             {"block": (32, 32), "scheme": "col", "unroll": 1}, {"block": (3, 5), "scheme": "flat", "unroll": 2},
             {"block": (3, 5), "scheme": "col", "unroll": 1}],
 }
 MM = {
-    "csr": [{"mt": 8, "unroll": 4}, {"mt": 16, "unroll": 1}],
+    "csr": [{"mt": 8, "unroll": 4}, {"mt": 16, "unroll": 1}, {"mt": 8, "unroll": 2, "rb": 8}, {"mt": 16, "unroll": 1, "rb": 5}],
     "sell": [{"slice_height": 8, "mt": 8, "unroll": 2}, {"slice_height": 16, "sigma": 32, "mt": 8, "unroll": 1}],
     "nm": [{"n": 2, "m": 4, "mt": 8, "unroll": 2}, {"n": 4, "m": 8, "mt": 16, "unroll": 1}],
     "bsr": [{"block": (16, 1), "mt": 8}, {"block": (4, 4), "mt": 16}, {"block": (3, 5), "mt": 8}],
@@ -111,6 +120,26 @@ def test_mm(tir, fmt, params):
     _check(tir, fmt, params, _weights("zero", ""), 9)
     if fmt != "nm":
         _check(tir, fmt, params, _weights("dense", ""), 9)
+
+
+def test_sell_delta_long_gaps(tir):
+    # gaps over 255 columns need zero-valued filler entries (and the first entry's gap from
+    # column 0 too); a wide, very sparse weight has many, some several fillers long
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(21, 2000, generator=g)
+    w[torch.rand(21, 2000, generator=g) > 0.004] = 0
+    w[3] = 0
+    w[4, 1999] = 1.5  # only the very last column: 7 fillers before it
+    w[5, :] = 0
+    w[5, 0] = 2.0  # only column 0 (delta 0)
+    x = torch.randn(2, 2000, generator=g)
+    for params in ({"scheme": "delta", "slice_height": 8, "unroll": 1, "gather": "hw"},
+                   {"scheme": "delta", "slice_height": 16, "unroll": 2, "gather": "sw", "sigma": 8}):
+        if not _hw_ok(tir, params):
+            continue
+        y = tir.make_linear("sell", w, params)(x)
+        ref = x @ w.t()
+        assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
 def test_mv_kernel_many_rows(tir):
