@@ -34,8 +34,11 @@ demo: $(STAMP_BASE)
 test: $(STAMP_TEST)
 	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/pytest -n 2 --dist loadgroup
 
+# Benchmarks take minutes each (bench_models about 10): run them on a quiet machine.
 bench: $(STAMP_BASE)
 	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_analyze.py
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_linear.py
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_models.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
