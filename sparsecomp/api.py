@@ -257,7 +257,7 @@ def _choose_end_to_end(model, gm, report: CompileReport, backend: str, example) 
     args, kwargs = example
     with torch.no_grad():
         t = compare({"eager": lambda: model(*args, **kwargs), "compiled": lambda: gm(*args, **kwargs)},
-                    min_runs=10, max_seconds=2.0)
+                    min_runs=20, max_seconds=5.0)
     eager_ms, compiled_ms = t["eager"].median * 1e3, t["compiled"].median * 1e3
     report.end_to_end = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "runs": "compiled" if compiled_ms < eager_ms else "eager"}
     if compiled_ms >= eager_ms:

@@ -220,3 +220,17 @@ def test_compile_and_bench(capsys, tmp_path, monkeypatch):
     assert code == 0
     result = json.loads(out)
     assert result["eager_ms"] > 0 and result["compiled_ms"] > 0 and result["layers"] == 2
+
+
+def test_demo_prints_the_tables(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path / "cache"))
+    f = write_factory(tmp_path, """
+        import torch
+        def make():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)), (torch.randn(1, 256),)
+    """)
+    code, out, _ = run(capsys, "demo", "--model", f"{f}:make", "--impose", "unstructured:0.9")
+    assert code == 0
+    assert "dense vs unstructured:0.9 (weight storage)" in out and "compiled for torch" in out
+    assert "end to end on the example inputs" in out and "verify: ok" in out
