@@ -32,6 +32,7 @@ from .kernels import Candidate, candidates
 __all__ = ["LayerDecision", "SparseLinear", "lower_sparse_linear", "CANDIDATE_SET_VERSION"]
 
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
+SHORTLIST = 3  # kernels kept for later layers of the same shape and density
 SPARSE_LINEAR = "sparsecomp.sparse_linear.default"
 
 
@@ -120,6 +121,10 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
     inputs = _record_inputs(gm, nodes, example)
     decisions = []
     lowered_weights: set[str] = set()
+    # Layers of one shape, rows per call and density (e.g. the 12 encoder blocks of a BERT) rank the
+    # kernels alike: the first one searches every candidate, the others only its fastest few. This
+    # cut compile time several-fold (each candidate costs an LLVM build and a check) at no measured loss.
+    shortlists: dict[tuple, list[str]] = {}
     for i, node in enumerate(nodes):
         layer = node.meta.get("sparsecomp.sparse_linear", {}).get("layer", node.name)
         weight = get_attr_value(gm, node.args[1].target).detach()
@@ -154,8 +159,13 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
             else:
                 notes.append(f"cached choice {chosen.label} failed verification ({why}); re-measured")
                 chosen, cached = None, False
+        family = (tuple(weight.shape), m, round(density, 2))
         if chosen is None:
-            for c in cands:
+            trial = cands
+            if family in shortlists:
+                trial = [c for c in cands if c.label in shortlists[family] or c.name == "dense"]
+                notes.append(f"searched the {len(trial) - 1} fastest kernels of an earlier layer of this shape and density")
+            for c in trial:
                 runner, why = _check(c.make, weight, bias, x, reference, rtol)
                 if runner is not None:
                     runners[c.label] = runner
@@ -169,6 +179,8 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
                                       hint="include 'dense' among the kernels")
             best = min(measured, key=measured.get)
             chosen = by_label[best]
+            if family not in shortlists:
+                shortlists[family] = sorted((k for k in measured if k != "dense"), key=measured.get)[:SHORTLIST]
             dense_us, chosen_us = measured.get("dense", float("nan")), measured[best]
             if cache is not None:
                 cache.put(key, {"kernel": best, "dense_us": dense_us, "chosen_us": chosen_us, "measured": measured})

@@ -193,3 +193,18 @@ def test_model_level_verification_failure_falls_back_to_dense(tmp_path, monkeypa
     assert all(r["decision"] == "dense" and "fallback: compiled model disagreed" in r["reason"] for r in cm.report.rows)
     assert any("fell back to dense" in n for n in cm.report.notes)
     assert torch.equal(cm(x), m(x))
+
+
+def test_same_shape_layers_search_a_shortlist(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Linear(64, 64) for _ in range(3)]).eval()
+    patterns.impose(m, "unstructured:0.9")
+    cm = sc.compile(m, (torch.randn(2, 64),), cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    first, *rest = cm.report.rows
+    assert "fastest kernels of an earlier layer" not in first["reason"]
+    for r in rest:
+        assert "fastest kernels of an earlier layer" in r["reason"]
+        assert len(r["measured"]) <= 4 and "dense" in r["measured"]  # dense always measured
+    assert len(first["measured"]) >= len(rest[0]["measured"])
+    x = torch.randn(5, 64)
+    assert compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))[0]
