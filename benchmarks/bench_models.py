@@ -572,7 +572,7 @@ def print_table(results: dict) -> None:
             tg = c["target"]
             log(f"target {name}: {tg['metric']} {tg['measured']:.2f}x, needs >= {tg['target']}x -> {'MET' if tg['met'] else 'NOT MET'}")
     bw = results["bandwidth_gbs"]
-    log(f"read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
+    log("read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
     log("'others' = share of the CPUs other processes used while a case was timed (0% = a clean measurement)")
     log(f"load average at start {results['loadavg']['start']}, at end {results['loadavg'].get('end')}; "
         f"wall time {results['wall_s']:.0f} s")
