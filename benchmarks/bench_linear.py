@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sparsecomp.patterns import impose_pattern  # noqa: E402
+from sparsecomp.timing import read_bandwidth  # noqa: E402
 
 THREADS = 2
 
@@ -56,13 +57,7 @@ def l3_bytes() -> int:
 
 def measure_bandwidth(big: torch.Tensor, reps: int = 5) -> float:
     """Read bandwidth in bytes/s of big.sum() (median of reps)."""
-    big.sum()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        big.sum()
-        ts.append(time.perf_counter() - t0)
-    return big.numel() * big.element_size() / statistics.median(ts)
+    return read_bandwidth(big, reps)
 
 
 def n_copies(bytes_per_copy: int, l3: int) -> int:

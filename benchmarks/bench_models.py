@@ -42,7 +42,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -56,7 +55,7 @@ import torch  # noqa: E402
 
 import sparsecomp  # noqa: E402
 from sparsecomp import models  # noqa: E402
-from sparsecomp.timing import compare  # noqa: E402
+from sparsecomp.timing import compare, read_bandwidth  # noqa: E402
 
 THREADS = 2
 RESULTS = Path(__file__).parent / "results" / "bench_models.json"
@@ -97,16 +96,7 @@ def cpu_isa() -> list[str]:
 
 def measure_bandwidth(reps: int = 5) -> float:
     """Read bandwidth in GB/s of a 512 MiB float32 `tensor.sum()` (median of reps)."""
-    big = torch.ones(128 * 1024 * 1024)
-    big.sum()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        big.sum()
-        ts.append(time.perf_counter() - t0)
-    gbs = big.numel() * 4 / statistics.median(ts) / 1e9
-    del big
-    return gbs
+    return read_bandwidth(reps=reps) / 1e9
 
 
 def versions() -> dict:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Measurement", "measure", "compare"]
+__all__ = ["Measurement", "measure", "compare", "read_bandwidth"]
 
 
 @dataclass
@@ -82,3 +82,18 @@ def compare(candidates: dict[str, Callable[[], object]], *, warmup: int = 2, min
         if rounds >= 3 and time.perf_counter() - start >= max_seconds:
             break
     return {k: Measurement(statistics.median(v), len(v), v) for k, v in samples.items()}
+
+
+def read_bandwidth(big=None, reps: int = 5) -> float:
+    """Measured memory read bandwidth in bytes/s: median time of `big.sum()` over a 512 MiB
+    float32 tensor (or `big`). The roofline of a memory-bound kernel is bytes read / this."""
+    import torch
+
+    big = torch.ones(128 * 1024 * 1024) if big is None else big
+    big.sum()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        big.sum()
+        ts.append(time.perf_counter() - t0)
+    return big.numel() * big.element_size() / statistics.median(ts)
