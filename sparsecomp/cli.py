@@ -25,7 +25,7 @@ from rich.text import Text
 from sparsecomp.errors import NotYetAvailableError, SparsecompError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="sparsecomp: a sparsity-aware compiler for PyTorch models.")
+                  help="sparsecomp: a sparsity-aware compiler for PyTorch models. Errors are one line plus a hint; add --debug anywhere for the trace.")
 out = Console(soft_wrap=False, width=220)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -161,7 +161,7 @@ def demo(
     model: str = typer.Option("zoo:mlp-relu", "--model", metavar="MODEL"),
     impose: str = typer.Option("unstructured:0.9", "--impose", metavar="SPEC"),
 ):
-    """The main job on a zoo model: analyse it dense, impose a pattern, analyse again, compare."""
+    """The main job on a zoo model: analyse it dense, impose a pattern, compare storage, compile, time it."""
     from rich.table import Table
 
     import sparsecomp
