@@ -367,27 +367,7 @@ def _nm_perm_mv(p: dict) -> str:
                             f"vals[T.Ramp(((sl * G2 + {g}) * {n} + {slot}) * 8, 1, 8)] * {xp}\n")
         return out
 
-    body = f"""
-G2 = T.Bind(KP // {m})
-NW = T.Bind(KP // 8)
-for sl in T.parallel((N + 7) // 8):
-    acc = T.alloc_buffer(({A * 8},), "float32")
-    for v in T.vectorized({A * 8}):
-        acc[v] = T.float32(0)
-    for h in range(NW // {U}):
-"""
-    for u in range(U):
-        body += _ind(window(f"h * {U} + {u}", u * P * n, str(u)), 8)
-    if U > 1:
-        body += f"    for h in range(NW // {U} * {U}, NW):\n" + _ind(window("h", 0, "t"), 8)
-    if A > 1:
-        terms = " + ".join(f"acc[{a * 8} + v]" for a in range(1, A))
-        body += f"    for v in T.vectorized(8):\n        acc[v] = acc[v] + {terms}\n"
-    body += """    for i in range(8):
-        if sl * 8 + i < N:
-            y[sl * 8 + i] = acc[i] + bias[sl * 8 + i]
-"""
-    return s + _ind(body, 4)
+    return s + _lane_slice_body(f"G2 = T.Bind(KP // {m})\nNW = T.Bind(KP // 8)", A, U, window, P * n)
 
 
 def _nm_perm4_mv(p: dict) -> str:
@@ -423,9 +403,15 @@ def _nm_perm4_mv(p: dict) -> str:
                         f"vals[T.Ramp(((sl * G2 + {g}) * {n} + {sl_}) * 8, 1, 8)] * {xp}\n")
         return out
 
+    return s + _lane_slice_body(f"G2 = T.Bind(KP // 4)\nNW = T.Bind(G2 // {GPB})", A, U, window, GPB * n)
+
+
+def _lane_slice_body(prelude: str, A: int, U: int, window, chains_per_window: int) -> str:
+    """The loop skeleton shared by the gather-free N:M kernels (one output row per vector lane,
+    8 rows per slice): zero A accumulators, run `window` U times unrolled over the NW x windows
+    (then the remainder), add the accumulators up, store the slice's rows with their bias."""
     body = f"""
-G2 = T.Bind(KP // 4)
-NW = T.Bind(G2 // {GPB})
+{prelude}
 for sl in T.parallel((N + 7) // 8):
     acc = T.alloc_buffer(({A * 8},), "float32")
     for v in T.vectorized({A * 8}):
@@ -433,7 +419,7 @@ for sl in T.parallel((N + 7) // 8):
     for h in range(NW // {U}):
 """
     for u in range(U):
-        body += _ind(window(f"h * {U} + {u}", u * GPB * n, str(u)), 8)
+        body += _ind(window(f"h * {U} + {u}", u * chains_per_window, str(u)), 8)
     if U > 1:
         body += f"    for h in range(NW // {U} * {U}, NW):\n" + _ind(window("h", 0, "t"), 8)
     if A > 1:
@@ -443,7 +429,7 @@ for sl in T.parallel((N + 7) // 8):
         if sl * 8 + i < N:
             y[sl * 8 + i] = acc[i] + bias[sl * 8 + i]
 """
-    return s + _ind(body, 4)
+    return _ind(body, 4)
 
 
 # ------------------------------------------------------------------------------------------------
