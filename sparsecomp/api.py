@@ -1,6 +1,5 @@
-"""The public API (the face): `analyze`, `capture`, `run_pipeline`, and the entry points that later
-issues fill in (`compile`, `sparsify`, `export_onnx`), which say clearly that they are not yet
-available rather than failing obscurely.
+"""The public API (the face): `analyze`, `capture`, `run_pipeline`, `compile`, `sparsify`,
+`export_onnx`. Entry points (or options) not built yet say so clearly rather than failing obscurely.
 """
 
 from __future__ import annotations
@@ -123,7 +122,8 @@ def _not_yet(what: str) -> NotYetAvailableError:
 class CompiledModel(torch.nn.Module):
     """What `compile` returns: call it like the model; `report` says what was done per layer.
 
-    `gm` is the lowered graph. When it would not be faster end to end than the original model
+    `gm` is the lowered module (the lowered GraphModule for the torch backend, a module wrapping an
+    ONNX Runtime session for ort). When it would not be faster end to end than the original model
     (no layer runs sparse, or measured slower on the example inputs), calls go to the original
     model instead (`runs == "eager"`), and the report says so: compiling never makes a model slower.
     """
@@ -175,78 +175,143 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
             use_tir: bool = True, kernels: str | None = None) -> CompiledModel:
     """Compile `model` for `backend`; the result computes the same outputs, faster where sparsity pays.
 
-    Every layer's format/kernel is chosen by measuring the candidates on its real weights and input
-    shape (bounded by `max_seconds_per_layer`), cached in `cache_dir` (default
-    `$SPARSECOMP_CACHE_DIR`). With `verify`, the compiled model is checked against eager on the
-    example inputs and never returned if it disagrees (it falls back to dense and says so).
+    Stages (each a small function below): optional one-shot sparsification of a copy of the model
+    (`sparsify=`, lossy, only when asked) -> capture -> the pass pipeline (default: analysis,
+    `sparse-linear`, and the activation-sparsity rewrite when asked) -> the backend's lowering, which
+    chooses every layer's format/kernel by measuring the candidates on its real weights and input
+    shape (bounded by `max_seconds_per_layer`, cached in `cache_dir`, default `$SPARSECOMP_CACHE_DIR`)
+    -> verification -> the end-to-end check (calls go to the original model unless the compiled one
+    is measured faster).
+
+    Verify semantics (DESIGN.md section 2): without lossy passes the reference is eager; once a lossy
+    pass was asked for, it is the rewritten graph run on the reference ops, so verify checks the
+    lowering and never undoes what was asked. A model that disagrees is never returned (it falls back
+    to dense and says so).
     """
     if backend not in BACKENDS:
         raise SparsecompError(f"unknown backend '{backend}'", hint=f"backends: {', '.join(BACKENDS)}")
     if BACKENDS[backend] is not None:
-        raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}", hint="use backend='torch'")
-    for option, value, issue in (("sparsify", sparsify, "#6"), ("activation_sparsity", activation_sparsity, "#5"),
-                                 ("tune", tune or None, "a later release (MetaSchedule)"), ("calibration", calibration, "#5/#6")):
-        if value is not None:
-            raise NotYetAvailableError(f"compile({option}=...) is not yet available (arrives with {issue})",
-                                       hint=f"drop {option}= for now")
+        available = ", ".join(b for b, why in BACKENDS.items() if why is None)
+        raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}", hint=f"available backends: {available}")
+    if tune:
+        raise NotYetAvailableError("compile(tune=True) is not yet available (MetaSchedule search arrives later)",
+                                   hint="format and kernel choice is measured already with tune=False")
     _load_passes()
-    from sparsecomp.backends import torch as torch_backend
     from sparsecomp.cache import DecisionCache
     from sparsecomp.ir import compare_outputs, run_graph
-    from sparsecomp.report import describe_pattern
 
     label = name or type(model).__name__
-    pipeline = pipeline or "analyze-weights,sparse-linear"
+    batches = _check_calibration(calibration, label) if calibration is not None else None
+    lossy: list[str] = []
+    if sparsify is not None:
+        model, what = _apply_sparsify(model, sparsify, batches, label)
+        lossy.append(what)
+    act_passes, act_lossy = _activation_pipeline(activation_sparsity)
+    if act_lossy:
+        lossy.append(act_lossy)
+    pipeline = pipeline or ",".join(["analyze-weights", "sparse-linear", *act_passes])
     pm = PassManager(pipeline)
     example = normalize_inputs(example_inputs)
-    reference = run_graph(model, example)
     gm = capture(model, example_inputs, name=label)
-    ctx = PassContext.create(example_inputs, model_name=label)
+    ctx = PassContext.create(example_inputs, batches or [], model_name=label)
     pm.run(gm, ctx)
+    # The reference: eager (lossless) or the rewritten graph on the reference ops (after lossy passes).
+    reference = run_graph(gm, example) if act_lossy else run_graph(model, example)
+
+    backend_mod = _backend(backend)
     cache = DecisionCache(backend, Path(cache_dir) if cache_dir else None)
     bar, update = _progress_bar(f"compiling {label}")
     try:
         if bar:
             bar.start()
         only = {k.strip() for k in kernels.split(",") if k.strip()} if kernels else None
-        decisions = torch_backend.lower(gm, ctx.example_inputs, cache=cache, max_seconds=max_seconds_per_layer,
-                                        use_tir=use_tir, only=only, progress=update)
+        lowered = backend_mod.lower(gm, ctx.example_inputs, cache=cache, max_seconds=max_seconds_per_layer,
+                                    use_tir=use_tir, only=only, progress=update)
     finally:
         if bar:
             bar.stop()
     report = CompileReport(label, backend, str(pm.pipeline), cache=dict(cache.stats))
-    if use_tir and not torch_backend.tir_available():
-        report.notes.append("TVM is not installed: sparse candidates were limited to torch.sparse CSR (pip install 'sparsecomp[tvm]')")
+    report.notes.extend(lowered.notes)
+    report.notes.extend(f"lossy (asked for): {what}" for what in lossy)
+    report.rows = _report_rows(ctx, lowered.decisions)
+    if verify:
+        out = run_graph(lowered.module, example)
+        ok, err, allowed = compare_outputs(out, reference)
+        report.verify = {"ok": ok, "max_abs_error": err, "allowed": allowed,
+                         "reference": "rewritten graph on reference ops" if act_lossy else "eager"}
+        if not ok:
+            # Never return a model that disagrees: compile again with every layer dense, and say why.
+            # (Sparsification already happened on `model`; it is what was asked and stays.)
+            fallback = compile(model, example_inputs, backend, pipeline="analyze-weights", verify=False,
+                               cache_dir=cache_dir, name=label, use_tir=use_tir, kernels=kernels)
+            fallback.report.rows = [dict(r, decision="dense", kernel="aten.linear",
+                                         reason=f"fallback: compiled model disagreed with the reference (error {err:.3g} > {allowed:.3g})")
+                                    for r in report.rows]
+            fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed}
+            fallback.report.notes.extend(n for n in report.notes if n.startswith("lossy"))
+            fallback.report.notes.append("verification failed with sparse kernels; every layer fell back to dense")
+            return fallback
+    return _choose_end_to_end(model, lowered.module, report, backend, example)
+
+
+def _backend(name: str):
+    """The backend package for `name` (imported on first use: `import sparsecomp` stays light)."""
+    import importlib
+
+    return importlib.import_module(f"sparsecomp.backends.{name}")
+
+
+def _check_calibration(calibration, label: str) -> list:
+    """Calibration batches as a list (each a tuple of args or a dict of kwargs), or a clear error."""
+    try:
+        batches = list(calibration)
+    except TypeError:
+        raise SparsecompError(f"calibration for {label} must be an iterable of input batches, got {type(calibration).__name__}",
+                              hint="pass a list of example-input tuples (or dicts of keyword inputs)") from None
+    if not batches:
+        raise SparsecompError(f"calibration for {label} is empty", hint="pass at least one input batch")
+    return batches
+
+
+def _apply_sparsify(model, spec, batches: list | None, label: str):
+    """One-shot sparsification for `compile(sparsify=spec)`: returns (a pruned copy of model, what was done).
+
+    The user's model is never modified. Filled in by the sparsifier issue (#6)."""
+    raise NotYetAvailableError("compile(sparsify=...) is not yet available (arrives with #6)", hint="drop sparsify= for now")
+
+
+def _activation_pipeline(activation_sparsity) -> tuple[list[str], str | None]:
+    """The passes `compile(activation_sparsity=...)` appends, and a description when they are lossy.
+
+    Filled in by the activation-sparsity issue (#5)."""
+    if activation_sparsity is None:
+        return [], None
+    raise NotYetAvailableError("compile(activation_sparsity=...) is not yet available (arrives with #5)",
+                               hint="drop activation_sparsity= for now")
+
+
+def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
+    """One row per candidate layer: the rewrite's verdict joined with the backend's decision."""
+    from sparsecomp.report import describe_pattern
+
     stats = {s.name: s for s in ctx.results.get("analyze-weights", [])}
     by_layer = {d.layer: d for d in decisions}
+    rows = []
     for name_, _rewritten, why in ctx.results.get("sparse-linear", []):
         st = stats.get(name_)
         row = {"layer": name_, "shape": st.shape if st else None, "density": st.density if st else None,
                "pattern": describe_pattern(st)}
-        d = by_layer.get(name_)
+        d = by_layer.pop(name_, None)
         if d is None:
             row.update(decision="dense", kernel="aten.linear", reason=f"not rewritten: {why}")
         else:
             row.update({k: v for k, v in d.to_dict().items() if k not in ("layer", "shape", "density")})
-        report.rows.append(row)
-    if verify:
-        out = run_graph(gm, example)
-        ok, err, allowed = compare_outputs(out, reference)
-        report.verify = {"ok": ok, "max_abs_error": err, "allowed": allowed}
-        if not ok:
-            # Never return a model that disagrees: recompile with every layer dense, and say why.
-            fallback = compile(model, example_inputs, backend, pipeline="analyze-weights", verify=False, cache_dir=cache_dir,
-                               name=label, use_tir=use_tir, kernels=kernels)
-            fallback.report.rows = [dict(r, decision="dense", kernel="aten.linear",
-                                         reason=f"fallback: compiled model disagreed with eager (error {err:.3g} > {allowed:.3g})")
-                                    for r in report.rows]
-            fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed}
-            fallback.report.notes.append("verification failed with sparse kernels; every layer fell back to dense")
-            return fallback
-    return _choose_end_to_end(model, gm, report, backend, example)
+        rows.append(row)
+    rows.extend(d.to_dict() for d in by_layer.values())  # decisions of other rewrites (e.g. sparse-mlp)
+    return rows
 
 
-def _choose_end_to_end(model, gm, report: CompileReport, backend: str, example) -> CompiledModel:
+def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backend: str, example) -> CompiledModel:
     """Run the lowered graph only if it is measured faster end to end than the original model."""
     from sparsecomp.timing import compare
 

@@ -8,15 +8,22 @@
 
 from __future__ import annotations
 
+from sparsecomp.lowering import LayerDecision, Lowered
+
 from .kernels import tir_available
-from .lowering import LayerDecision, SparseLinear, lower_sparse_linear
+from .lowering import SparseLinear, lower_sparse_linear
 
 __all__ = ["NAME", "lower", "LayerDecision", "SparseLinear", "tir_available"]
 
 NAME = "torch"
 
 
-def lower(gm, example, *, cache=None, max_seconds: float = 0.5, use_tir: bool = True, only=None, progress=None):
-    """Lower every sparsecomp op in `gm` (in place); returns the per-layer decisions."""
-    return lower_sparse_linear(gm, example, cache=cache, max_seconds=max_seconds, use_tir=use_tir, only=only,
-                               progress=progress)
+def lower(gm, example, *, cache=None, max_seconds: float = 0.5, use_tir: bool = True, only=None,
+          progress=None) -> Lowered:
+    """Lower every sparsecomp op in `gm` (in place); the lowered graph is the runner."""
+    decisions = lower_sparse_linear(gm, example, cache=cache, max_seconds=max_seconds, use_tir=use_tir, only=only,
+                                    progress=progress)
+    notes = []
+    if use_tir and not tir_available():
+        notes.append("TVM is not installed: sparse candidates were limited to torch.sparse CSR (pip install 'sparsecomp[tvm]')")
+    return Lowered(gm, decisions, notes)

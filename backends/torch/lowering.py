@@ -17,14 +17,13 @@ For every sparse_linear node the backend:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.fx as fx
 
 from sparsecomp.cache import DecisionCache, pattern_hash
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, flat_inputs, get_attr_value
+from sparsecomp.lowering import LayerDecision
 from sparsecomp.timing import compare
 
 from .kernels import Candidate, candidates
@@ -34,30 +33,6 @@ __all__ = ["LayerDecision", "SparseLinear", "lower_sparse_linear", "CANDIDATE_SE
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
 SHORTLIST = 3  # kernels kept for later layers of the same shape and density
 SPARSE_LINEAR = "sparsecomp.sparse_linear.default"
-
-
-@dataclass
-class LayerDecision:
-    layer: str
-    shape: list[int]  # [out, in]
-    m: int  # rows per call at the example inputs
-    density: float
-    decision: str  # "sparse" | "dense"
-    kernel: str  # candidate label
-    dense_us: float
-    chosen_us: float
-    reason: str
-    cached: bool = False
-    measured: dict | None = None  # candidate label -> median us
-
-    @property
-    def speedup(self) -> float:
-        return self.dense_us / self.chosen_us if self.chosen_us else float("nan")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["speedup"] = self.speedup
-        return d
 
 
 class SparseLinear(torch.nn.Module):

@@ -1,0 +1,58 @@
+"""What every backend's lowering returns, so the face treats backends alike.
+
+A backend is a package `sparsecomp.backends.<name>` with the same shape:
+
+    NAME: str
+    lower(gm, example, *, cache, max_seconds, only, progress, **backend_options) -> Lowered
+
+`gm` is the rewritten FX graph (holding `sparsecomp::*` ops), `example` the normalised example
+inputs `(args, kwargs)`, `cache` a `DecisionCache` for this backend. The backend decides per layer by
+measurement (records a `LayerDecision` for each sparsecomp op it lowered) and returns a module that
+runs the whole model: for torch the lowered GraphModule itself, for ONNX Runtime a module wrapping
+an `InferenceSession`. After lowering, no op the backend cannot run may remain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["LayerDecision", "Lowered"]
+
+
+@dataclass
+class LayerDecision:
+    """One lowered layer: what was measured and what was chosen (a row of `CompileReport`)."""
+
+    layer: str
+    shape: list[int]  # [out, in]
+    m: int  # rows per call at the example inputs
+    density: float
+    decision: str  # "sparse" | "dense"
+    kernel: str  # candidate label
+    dense_us: float
+    chosen_us: float
+    reason: str
+    cached: bool = False
+    measured: dict | None = None  # candidate label -> median us
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_us / self.chosen_us if self.chosen_us else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["speedup"] = self.speedup
+        return d
+
+
+@dataclass
+class Lowered:
+    """A backend's result: the runnable module, the per-layer decisions, notes for the report."""
+
+    module: torch.nn.Module
+    decisions: list[Any] = field(default_factory=list)  # LayerDecision or a backend's richer record with to_dict()
+    notes: list[str] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. {"onnx": ModelProto} for export
