@@ -271,12 +271,14 @@ class BSR(_Format):
         _check_dense(dense, "BSR")
         r, c = BSR._check(blocksize, layout)
         _, occ = BSR._grid(dense, r, c)
-        rb, cb = occ.shape
-        nnzb = int(occ.sum())
-        return (
-            nnzb * (r * c * dense.element_size() + _isize(index_dtype(cb - 1)))
-            + (rb + 1) * _isize(pointer_dtype(nnzb))
-        )
+        return BSR.bytes_for(tuple(dense.shape), (r, c), int(occ.sum()), dense.element_size())
+
+    @staticmethod
+    def bytes_for(shape: tuple[int, int], blocksize: tuple[int, int], nnzb: int, element_size: int) -> int:
+        """Bytes of a BSR with `nnzb` stored blocks (values + narrow column indices + row pointers)."""
+        r, c = blocksize
+        rb, cb = -(-shape[0] // r), -(-shape[1] // c)
+        return nnzb * (r * c * element_size + _isize(index_dtype(cb - 1))) + (rb + 1) * _isize(pointer_dtype(nnzb))
 
     def nnzb(self) -> int:
         return self.values.shape[0]

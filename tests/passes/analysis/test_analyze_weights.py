@@ -98,3 +98,19 @@ def test_custom_block_and_nm_options():
     gm, stats = run(m, torch.randn(2, 32), 'analyze-weights{blocks="2x2,8x8",nm="1:4"}')
     assert set(stats[0].block_occupancy) == {"2x2", "8x8"}
     assert set(stats[0].nm_conformance) == {"1:4"}
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (64, 128)])
+def test_sizes_from_one_mask_match_the_formats_own_estimates(shape):
+    # weight_stats prices BSR from the occupancy it measured (one pass over a mask): it must agree
+    # with the format's own estimate, edges not divisible by the block and a NaN included.
+    from sparsecomp import formats
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(*shape, generator=g)
+    w[torch.rand(*shape, generator=g) < 0.8] = 0
+    w[1, 2] = float("nan")
+    s = weight_stats("w", "linear", w, blocks=[(16, 1), (4, 4), (3, 5), (32, 32)], nm=[(2, 4)])
+    for r, c in [(16, 1), (4, 4), (3, 5), (32, 32)]:
+        assert s.bytes[f"bsr{r}x{c}"] == formats.BSR.estimate_nbytes(w, (r, c))
+    assert s.density == pytest.approx(float((w != 0).float().mean()))
