@@ -146,17 +146,26 @@ def _export(model, args, kwargs, dynamic: bool):
     ds = _dynamic_spec(args, kwargs) if dynamic else None
     if ds is not None:
         dyn_args, dyn_kwargs = ds
-        ds = dyn_args if not kwargs else (dict(zip(_arg_names(model, len(args)), dyn_args)) | dyn_kwargs)
+        named = sum("[" not in name for name in _arg_names(model, len(args)))
+        if named < len(args):  # forward(self, a, *rest): export matches the spec to that structure
+            dyn_args = (*dyn_args[:named], tuple(dyn_args[named:]))
+            ds = dyn_args if not kwargs else None
+        else:
+            ds = dyn_args if not kwargs else (dict(zip(_arg_names(model, len(args)), dyn_args)) | dyn_kwargs)
     with _quiet_export():
         return torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=ds, strict=False)
 
 
 def _arg_names(model: torch.nn.Module, n: int) -> list[str]:
+    """Names of the first `n` positional inputs; those taken by `*rest` are named `rest[i]`."""
     import inspect
 
-    params = [p.name for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return params[:n]
+    sig = inspect.signature(model.forward).parameters.values()
+    params = [p.name for p in sig if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:n]
+    var = next((p.name for p in sig if p.kind == p.VAR_POSITIONAL), None)
+    if var is not None:
+        params += [f"{var}[{i}]" for i in range(n - len(params))]
+    return params
 
 
 def _record(gm: fx.GraphModule, args: tuple, kwargs: dict, model: torch.nn.Module) -> CaptureInfo:

@@ -97,3 +97,19 @@ def test_public_capture_is_the_function_even_after_submodules_load():
     assert callable(sparsecomp.capture)
     gm = sparsecomp.capture(nn.Linear(3, 2), (torch.randn(2, 3),))
     assert isinstance(gm, torch.fx.GraphModule)
+
+
+def test_varargs_forward_keeps_batch_dynamic():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, *xs):
+            return self.lin(torch.cat(xs, dim=-1))
+
+    m = Cat()
+    gm = capture(m, (torch.randn(3, 5), torch.randn(3, 3)))
+    assert gm.meta["sparsecomp.capture"].dynamic  # the spec matched forward(self, *xs)
+    a, b = torch.randn(6, 5), torch.randn(6, 3)
+    assert torch.allclose(gm(a, b), m(a, b), atol=1e-6)
