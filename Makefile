@@ -39,6 +39,9 @@ bench: $(STAMP_BASE)
 	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_analyze.py
 	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_linear.py
 	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_models.py
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_onnx.py
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_mlp.py
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,6 +20,7 @@ _EXPORTS = {
     "run_pipeline": "sparsecomp.api",
     "compile": "sparsecomp.api",
     "sparsify": "sparsecomp.api",
+    "SparsifyConfig": "sparsecomp.passes.sparsify",
     "export_onnx": "sparsecomp.api",
     "set_num_threads": "sparsecomp.api",
     "capture": "sparsecomp.frontend",

@@ -23,7 +23,7 @@ DEFAULT_ANALYSIS = "analyze-weights,find-mlps"
 # Backends the compile contract names, and where each stands. A name not in this table is a typo.
 BACKENDS: dict[str, str | None] = {
     "torch": None,  # available
-    "ort": "not yet available (arrives with the ONNX-export issue, #4)",
+    "ort": None,  # available: ONNX Runtime on sparsecomp's ONNX export (backends/ort)
     "tvm": "not yet available",
     "triton": "not yet available",
     "auto": "not yet available (needs at least one backend)",
@@ -46,7 +46,18 @@ def _analyze_onnx(model: Any, name: str | None, blocks: str, nm: str) -> Sparsit
 
     proto = onnx_io.load_onnx(model) if isinstance(model, (str, Path)) else model
     block_list, nm_list = parse_block_shapes(blocks), parse_nm_list(nm)
-    layers = [weight_stats(s.name, s.op.lower(), s.weight, blocks=block_list, nm=nm_list) for s in onnx_io.onnx_weight_sites(proto)]
+    sites = [(i, s.name, s.op.lower(), s.weight) for i, s in enumerate(onnx_io.onnx_weight_sites(proto))]
+    from sparsecomp.backends.ort import files as ort_files
+
+    if ort_files.is_export(proto):
+        # sparsecomp's own export stores sparse layers compactly (values + narrow indices): read
+        # them back from its metadata instead of the graph, in graph order among the other sites
+        order = {n.name: i for i, n in enumerate(proto.graph.node)}
+        sites = [(order.get(s.node_name, i), s.name, s.op.lower(), s.weight) for i, s in enumerate(onnx_io.onnx_weight_sites(proto))
+                 if not ort_files.owns(proto, s.node_name)]
+        sites += [(first, name, "linear", w) for name, w, first in ort_files.stored_weights(proto)]
+        sites.sort(key=lambda t: t[0])
+    layers = [weight_stats(name, op, w, blocks=block_list, nm=nm_list) for _, name, op, w in sites]
     label = name or (Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "onnx model")
     return SparsityReport(
         model=label, source="onnx", pipeline="analyze-weights", layers=layers,
@@ -193,9 +204,6 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     if BACKENDS[backend] is not None:
         available = ", ".join(b for b, why in BACKENDS.items() if why is None)
         raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}", hint=f"available backends: {available}")
-    if tune:
-        raise NotYetAvailableError("compile(tune=True) is not yet available (MetaSchedule search arrives later)",
-                                   hint="format and kernel choice is measured already with tune=False")
     _load_passes()
     from sparsecomp.cache import DecisionCache
     from sparsecomp.ir import compare_outputs, run_graph
@@ -225,8 +233,11 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
         if bar:
             bar.start()
         only = {k.strip() for k in kernels.split(",") if k.strip()} if kernels else None
-        lowered = backend_mod.lower(gm, ctx.example_inputs, cache=cache, max_seconds=max_seconds_per_layer,
-                                    use_tir=use_tir, only=only, progress=update)
+        # tune: the whole kernel-variant grid, with 4x the time per layer (cached like any decision)
+        extra = {"tune": True} if tune else {}
+        lowered = backend_mod.lower(gm, ctx.example_inputs, cache=cache,
+                                    max_seconds=max_seconds_per_layer * (4 if tune else 1),
+                                    use_tir=use_tir, only=only, progress=update, **extra)
     finally:
         if bar:
             bar.stop()
@@ -276,18 +287,43 @@ def _check_calibration(calibration, label: str) -> list:
 def _apply_sparsify(model, spec, batches: list | None, label: str):
     """One-shot sparsification for `compile(sparsify=spec)`: returns (a pruned copy of model, what was done).
 
-    The user's model is never modified. Filled in by the sparsifier issue (#6)."""
-    raise NotYetAvailableError("compile(sparsify=...) is not yet available (arrives with #6)", hint="drop sparsify= for now")
+    The user's model is never modified. `spec` is `METHOD:SPEC` (e.g. `"sparsegpt:2:4"`) or a
+    `SparsifyConfig`; wanda, sparsegpt and data-driven allocations calibrate on `batches`.
+    """
+    import copy
+
+    from sparsecomp.passes.sparsify import parse_sparsify_spec
+    from sparsecomp.passes.sparsify.engine import progress_bar, sparsify_module
+
+    cfg = parse_sparsify_spec(spec)
+    if cfg.needs_calibration and not batches:
+        raise SparsecompError(f"compile(sparsify='{cfg}') needs calibration data for {label}",
+                              hint="pass calibration=[batch, ...] to compile (or use the magnitude method)")
+    pruned = copy.deepcopy(model)
+    with progress_bar(label) as update:
+        result = sparsify_module(pruned, cfg, batches if cfg.needs_calibration else None, label=label, progress=update)
+    what = (f"sparsify {cfg.describe()}: {len(result.pruned)} layers pruned to {result.sparsity:.1%} zeros"
+            + (f", {len(result.skipped)} left dense" if result.skipped else ""))
+    return pruned, what
 
 
 def _activation_pipeline(activation_sparsity) -> tuple[list[str], str | None]:
     """The passes `compile(activation_sparsity=...)` appends, and a description when they are lossy.
 
-    Filled in by the activation-sparsity issue (#5)."""
+    `"exact"` (lossless: ReLU-family zeros), `"threshold:S"` / `"predictor:S"` (lossy, calibrated
+    on `calibration=` to skip the fraction S of hidden neurons; see `passes/rewrite/sparse_mlp.py`).
+    """
     if activation_sparsity is None:
         return [], None
-    raise NotYetAvailableError("compile(activation_sparsity=...) is not yet available (arrives with #5)",
-                               hint="drop activation_sparsity= for now")
+    from sparsecomp.passes.rewrite.sparse_mlp import parse_activation_sparsity
+
+    mode, target = parse_activation_sparsity(activation_sparsity)
+    if mode == "exact":
+        return ["find-mlps", 'sparse-mlp{mode="exact"}'], None
+    what = (f"activation sparsity {mode}:{target:g} (MLP hidden neurons below a per-layer threshold calibrated to "
+            f"{target:.0%} sparsity are skipped{'; a low-rank predictor picks them before the up-projection' if mode == 'predictor' else ''}; "
+            "per-layer MLP output cosine to dense on the calibration data is in each sparse-mlp row)")
+    return ["find-mlps", f'sparse-mlp{{mode="{mode}",sparsity={target:g}}}'], what
 
 
 def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
@@ -332,22 +368,127 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
     return CompiledModel(gm, report, backend)
 
 
-def sparsify(model, method: str = "magnitude", sparsity: float = 0.5, pattern: str = "unstructured", calibration=None):
-    """One-shot sparsifiers (magnitude, Wanda, SparseGPT). Not yet available."""
-    raise _not_yet("sparsecomp.sparsify (issue #6)")
+def sparsify(model, method: str = "magnitude", sparsity: float | None = None, pattern: str = "unstructured", calibration=None, *,
+             skip=None, allocation: str | None = None, name: str | None = None, progress: bool = True,
+             return_report: bool = False, **options):
+    """One-shot sparsification of `model`'s Linear / matmul weights, in place; returns the model.
+
+    `method`: magnitude | wanda | sparsegpt, or a whole spec `"sparsegpt:2:4"` (then `pattern` and
+    `sparsity` are not given) or a `SparsifyConfig`. `pattern`: `unstructured`, `N:M` (`2:4`,
+    `4:8`), `block:RxC`, or a full spec with its sparsity (`unstructured:0.5`, `block:16x1:0.9`);
+    `sparsity` in [0, 1) (default 0.5) completes a pattern given without one. `calibration`: a list
+    of input batches (like example inputs), needed by wanda, sparsegpt and the owl / sensitivity
+    allocations. `skip`: layer-name globs left dense (default `DEFAULT_SKIP`: output heads; a list
+    given replaces it). `allocation`: uniform (default) | owl | sensitivity (global budget exact).
+    `options`: SparseGPT's `damp`, `blocksize`, `correct`, `update_bias`, `refine`; OWL's `owl_m`,
+    `owl_lambda` (see `sparsecomp.passes.sparsify.SparsifyConfig`).
+
+    The weights are written only when every layer is done (an error or Ctrl-C leaves the model
+    as it was); the module keeps its type, so `model.state_dict()` is the pruned checkpoint.
+    `return_report=True` returns `(model, SparsifyResult)` (per-layer sparsity, error, reasons).
+    """
+    from sparsecomp.passes.sparsify import SparsifyConfig, parse_sparsify_spec, resolve_pattern
+    from sparsecomp.passes.sparsify.engine import progress_bar, sparsify_module
+
+    label = name or type(model).__name__
+    fields = dict(options)
+    if allocation is not None:
+        fields["allocation"] = allocation
+    if skip is not None:
+        fields["skip"] = (skip,) if isinstance(skip, str) else tuple(skip)
+    whole = isinstance(method, SparsifyConfig) or (isinstance(method, str) and ":" in method)
+    if whole and (sparsity is not None or pattern != "unstructured"):
+        raise SparsecompError(f"sparsify({method!s}) already names its pattern; drop pattern= / sparsity=",
+                              hint="either sparsify(model, 'sparsegpt:2:4', ...) or sparsify(model, 'sparsegpt', pattern='2:4', ...)")
+    try:
+        cfg = (parse_sparsify_spec(method, **fields) if whole
+               else SparsifyConfig(method=method, pattern=resolve_pattern(pattern, sparsity), **fields))
+    except TypeError as err:  # an unknown option name
+        raise SparsecompError(f"sparsify: {err}", hint="options: damp, blocksize, correct, update_bias, refine, owl_m, owl_lambda") from None
+    if progress is False:
+        result = sparsify_module(model, cfg, calibration, label=label)
+    else:
+        with progress_bar(label) as update:  # shown only when stderr is a terminal
+            result = sparsify_module(model, cfg, calibration, label=label, progress=update)
+    return (model, result) if return_report else model
 
 
-def export_onnx(model, example_inputs, path):
-    """Export the rewritten graph to ONNX for stock onnxruntime. Not yet available."""
-    raise _not_yet("sparsecomp.export_onnx (issue #4)")
+def export_onnx(model_or_compiled, example_inputs, path, *, opset: int | None = None, dynamic_axes: Any = "auto",
+                **compile_options) -> dict:
+    """Write `model_or_compiled` as one standard-ONNX model for stock onnxruntime; returns
+    `{"path", "bytes", "external_data", "opset"}`.
+
+    Given an `nn.Module`, first runs exactly what `compile(model, example_inputs, backend="ort",
+    **compile_options)` runs (pipeline, per-layer lowering timed in onnxruntime, verification), so
+    this call alone is the deployment path. Given a `CompiledModel` from `backend="ort"`, writes
+    its model without compiling again. `opset` (default 20, minimum `MIN_OPSET` = 16) and
+    `dynamic_axes` (`"auto"`: the batch / sequence dims capture kept dynamic; `None`: static
+    shapes; or `{input name: [dims]}`) other than the defaults re-export from the same per-layer
+    decisions, checked against the compiled model on the example inputs. The file carries metadata
+    (sparsecomp version, pipeline, per-layer decisions and storage), passes the full
+    `onnx.checker`, and moves its weights to `<path>.data` when they pass the protobuf limit.
+    A missing or read-only directory, or a too-old opset, is an error before any work is done.
+    """
+    import json
+
+    from sparsecomp.backends.ort import files
+    from sparsecomp.backends.ort.export import check_opset, set_metadata
+    from sparsecomp.errors import OnnxError
+
+    target = files.check_writable(path)
+    if opset is not None:
+        check_opset(opset)
+    if isinstance(model_or_compiled, CompiledModel):
+        cm = model_or_compiled
+        if cm.backend != "ort" or not hasattr(cm.gm, "onnx_model"):
+            raise OnnxError(f"{cm.report.model} was compiled for backend '{cm.backend}', which has no ONNX model",
+                            hint="pass the nn.Module itself, or compile it with backend='ort'")
+    elif isinstance(model_or_compiled, torch.nn.Module):
+        cm = compile(model_or_compiled, example_inputs, backend="ort", **compile_options)
+    else:
+        raise OnnxError(f"export_onnx expects an nn.Module or a CompiledModel, got {type(model_or_compiled).__name__}")
+    module = cm.gm
+    if opset is None and dynamic_axes == "auto":
+        proto = module.onnx_model
+    else:
+        proto = module.to_onnx(opset=opset, dynamic_axes=dynamic_axes)
+        if example_inputs is not None:  # a new export: check it against the compiled model
+            from sparsecomp.backends.ort.runner import session
+            from sparsecomp.ir import compare_outputs, normalize_inputs
+
+            args, kwargs = normalize_inputs(example_inputs)
+            feeds = module.feeds(args, kwargs)
+            out = [torch.from_numpy(o) for o in session(proto).run(None, {i.name: feeds[i.name] for i in proto.graph.input})]
+            ref = _flat_outputs(module, args, kwargs)
+            ok, err, allowed = compare_outputs(out, ref)
+            if not ok:
+                raise OnnxError(f"the re-export at opset {opset} disagrees with the compiled model (error {err:.3g} > {allowed:.3g})",
+                                hint="export with the default opset / dynamic_axes")
+    set_metadata(proto, {"sparsecomp.pipeline": cm.report.pipeline,
+                         "sparsecomp.decisions": json.dumps(cm.report.rows, default=str)})
+    info = files.save(proto, target)
+    info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return info
+
+
+def _flat_outputs(module, args, kwargs) -> list:
+    """A module's outputs on (args, kwargs) as a flat list of tensors."""
+    from torch.utils._pytree import tree_leaves
+
+    with torch.no_grad():
+        return [t for t in tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
 
 
 def set_num_threads(n: int | None = None) -> int:
-    """One thread setting for torch (and, as they arrive, TVM and ORT); default SPARSECOMP_NUM_THREADS."""
+    """One thread setting for torch, TVM and ONNX Runtime; default SPARSECOMP_NUM_THREADS.
+
+    ONNX Runtime sessions that sparsecomp opens afterwards take it as their pool size
+    (`sparsecomp.backends.ort.use_global_thread_pool()` shares one pool across the process)."""
     if n is None:
         n = int(os.environ.get("SPARSECOMP_NUM_THREADS", torch.get_num_threads()))
     if n < 1:
         raise SparsecompError(f"thread count must be >= 1, got {n}")
     torch.set_num_threads(n)
     os.environ["TVM_NUM_THREADS"] = str(n)  # read by TVM's runtime when it loads
+    os.environ["SPARSECOMP_NUM_THREADS"] = str(n)  # read by the ort backend's shared session pool
     return n

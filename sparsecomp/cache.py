@@ -112,6 +112,10 @@ class DecisionCache:
         text = json.dumps({"machine": machine_id(), "backend": self.backend, **parts}, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()
 
+    def has(self, key: str) -> bool:
+        """Whether an entry exists (not yet validated; does not count as a hit or miss)."""
+        return key in self._entries
+
     def get(self, key: str, validate=None) -> dict | None:
         """The entry, or None if absent or (per `validate(entry) -> bool`) not trustworthy."""
         entry = self._entries.get(key)

@@ -190,14 +190,34 @@ def demo(
     out.print(cm.report)  # ends with eager vs compiled end to end, measured on the example inputs
 
 
-def _compile_loaded(loaded, backend: str, kernels: Optional[str], max_seconds: float):
+SPARSIFY_CALIB = 64  # calibration batches `compile --sparsify` draws (zoo minilm: 128 sentences)
+
+
+ACTIVATION_CALIB = 32  # calibration batches `compile --activation-sparsity threshold:S|predictor:S` draws
+
+
+def _compile_loaded(loaded, backend: str, kernels: Optional[str], max_seconds: float, sparsify: Optional[str] = None,
+                    activation_sparsity: Optional[str] = None):
     import sparsecomp
 
     if loaded.is_onnx:
         raise SparsecompError(f"compiling an ONNX file for backend '{backend}' is not supported yet",
                               hint="compile the torch model (zoo:NAME or file.py:factory)")
+    calibration = None
+    if sparsify:
+        from sparsecomp.passes.sparsify import parse_sparsify_spec
+
+        if parse_sparsify_spec(sparsify).needs_calibration:  # a bad spec fails here, before any work
+            calibration = loaded.calibration(SPARSIFY_CALIB)
+    if activation_sparsity:
+        from sparsecomp.passes.rewrite.sparse_mlp import parse_activation_sparsity
+
+        mode, _ = parse_activation_sparsity(activation_sparsity)  # a bad spec fails here, before any work
+        if mode != "exact" and calibration is None:
+            calibration = loaded.calibration(ACTIVATION_CALIB)
     return sparsecomp.compile(loaded.model, loaded.example_inputs, backend=backend, name=loaded.name,
-                              kernels=kernels, max_seconds_per_layer=max_seconds)
+                              kernels=kernels, max_seconds_per_layer=max_seconds, sparsify=sparsify, calibration=calibration,
+                              activation_sparsity=activation_sparsity)
 
 
 @app.command("compile")
@@ -207,17 +227,38 @@ def compile_cmd(
     kernels: Optional[str] = typer.Option(None, "--kernels", metavar="LIST", help='restrict candidates, e.g. "dense,tir-sell"'),
     max_seconds: float = typer.Option(0.5, "--max-seconds", help="time budget to measure each layer's candidates"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    sparsify: Optional[str] = typer.Option(None, "--sparsify", metavar="SPEC",
+                                           help="prune a copy first (lossy): METHOD:SPEC, e.g. sparsegpt:2:4, wanda:unstructured:0.5"),
+    activation_sparsity: Optional[str] = typer.Option(
+        None, "--activation-sparsity", metavar="MODE",
+        help="skip inactive MLP neurons: exact (lossless, ReLU family) | threshold:S | predictor:S (lossy, calibrated)"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="OUT",
+                                         help="write the compiled model (--backend ort: an ONNX file for stock onnxruntime)"),
     impose: Optional[str] = ImposeOpt,
     layers: Optional[str] = LayersOpt,
     weights: Optional[str] = WeightsOpt,
 ):
     """Compile MODEL for a backend and print the per-layer report (decision, kernel, measured times)."""
+    if output:  # fail before any slow work
+        if backend != "ort":
+            raise SparsecompError(f"-o writes an ONNX file, which backend '{backend}' does not produce",
+                                  hint="use --backend ort -o model.onnx")
+        from sparsecomp.backends.ort.files import check_writable
+
+        check_writable(output)
     loaded = _load(model, impose, layers, weights)
-    cm = _compile_loaded(loaded, backend, kernels, max_seconds)
+    cm = _compile_loaded(loaded, backend, kernels, max_seconds, sparsify=sparsify, activation_sparsity=activation_sparsity)
     if json_out:
         print(cm.report.to_json())
     else:
         out.print(cm.report)
+    if output:
+        import sparsecomp
+
+        with err.status(f"writing {output}"):
+            info = sparsecomp.export_onnx(cm, loaded.example_inputs, output)
+        extra = f" + external data {info['external_data']}" if info["external_data"] else ""
+        err.print(f"wrote {info['path']}{extra} ({info['bytes'] / 2**20:.1f} MiB, opset {info['opset']})")
 
 
 @app.command()
@@ -231,13 +272,21 @@ def bench(
     layers: Optional[str] = LayersOpt,
     weights: Optional[str] = WeightsOpt,
 ):
-    """Time eager vs compiled side by side (interleaved, medians), on the example inputs."""
+    """Time eager vs compiled side by side (interleaved, medians), on the example inputs.
+
+    For an ONNX file written by `compile --backend ort -o`: onnxruntime on the file vs onnxruntime
+    on its dense equivalent (the same graph with every lowered layer a plain MatMul), on random
+    inputs shaped like the recorded example. Any other ONNX file is timed alone.
+    """
     import json
 
     from sparsecomp.ir import normalize_inputs
     from sparsecomp.timing import compare
 
     loaded = _load(model, impose, layers, weights)
+    if loaded.is_onnx:
+        _bench_onnx_file(loaded, runs, json_out)
+        return
     cm = _compile_loaded(loaded, backend, kernels, 0.5)
     args, kwargs = normalize_inputs(loaded.example_inputs)
     import torch
@@ -257,6 +306,39 @@ def bench(
               f"speedup {eager / compiled:.2f}x (medians of {res['compiled'].runs} interleaved runs, {torch.get_num_threads()} threads)")
 
 
+def _bench_onnx_file(loaded, runs: int, json_out: bool) -> None:
+    import json
+
+    from sparsecomp.backends.ort import files, session, threads
+    from sparsecomp.timing import compare
+
+    proto = loaded.onnx
+    feeds = files.example_feeds(proto)
+    variants = {"file": proto}
+    if files.is_export(proto):
+        variants = {"dense_equivalent": files.dense_equivalent(proto), "sparsecomp": proto}
+    with err.status("opening onnxruntime sessions"):
+        sessions = {k: session(m) for k, m in variants.items()}
+    with err.status(f"timing {', '.join(sessions)} in onnxruntime ({runs} runs each)"):
+        res = compare({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, min_runs=runs, max_seconds=120.0)
+    result = {"model": loaded.name, "backend": "ort", "runs": runs, "threads": threads(),
+              "inputs": {k: list(v.shape) for k, v in feeds.items()}, **{f"{k}_ms": v.median * 1e3 for k, v in res.items()}}
+    if "sparsecomp" in res:
+        result["speedup"] = res["dense_equivalent"].median / res["sparsecomp"].median
+        lay = files.layers(proto)
+        result["sparse_layers"], result["layers"] = sum(r["decision"] == "sparse" for r in lay), len(lay)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    if "sparsecomp" in res:
+        out.print(f"{loaded.name}: onnxruntime dense equivalent {result['dense_equivalent_ms']:.2f} ms, sparsecomp export "
+                  f"{result['sparsecomp_ms']:.2f} ms, speedup {result['speedup']:.2f}x ({result['sparse_layers']}/{result['layers']} "
+                  f"layers sparse; medians of {runs} interleaved runs, {threads()} threads)")
+    else:
+        out.print(f"{loaded.name}: onnxruntime {result['file_ms']:.2f} ms (median of {runs} runs, {threads()} threads); not a "
+                  "sparsecomp export, so there is nothing to compare it with: `sparsecomp compile MODEL --backend ort -o OUT` makes one")
+
+
 def _not_yet_command(name: str, issue: str, help_text: str):
     def command(args: List[str] = typer.Argument(None, hidden=True)):
         raise NotYetAvailableError(f"`sparsecomp {name}` is not yet available (arrives with issue {issue})",
@@ -266,8 +348,98 @@ def _not_yet_command(name: str, issue: str, help_text: str):
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-_not_yet_command("sparsify", "#6", "Create sparsity (magnitude, Wanda, SparseGPT) and save the weights.")
-_not_yet_command("tune", "#3", "Search kernel schedules for MODEL and fill the cache.")
+@app.command("sparsify")
+def sparsify_cmd(
+    model: str = ModelArg,
+    method: str = typer.Option("sparsegpt", "--method", "-m", help="magnitude | wanda | sparsegpt (or a whole spec, e.g. sparsegpt:2:4)"),
+    pattern: Optional[str] = typer.Option(None, "--pattern", "-p", metavar="SPEC",
+                                          help="unstructured:S | N:M | block:RxC:S (default unstructured:0.5); unstructured / block:RxC take --sparsity"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", metavar="S", help="fraction of zeros in [0, 1) for a pattern given without one"),
+    calib: int = typer.Option(64, "--calib", metavar="N", help="calibration batches (wanda, sparsegpt, owl, sensitivity)"),
+    allocation: str = typer.Option("uniform", "--allocation", help="per-layer sparsity: uniform | owl | sensitivity (global budget exact)"),
+    skip: List[str] = typer.Option([], "--skip", metavar="GLOB",
+                                   help="leave matching layers dense (repeatable; replaces the default output-head globs)"),
+    damp: float = typer.Option(0.01, "--damp", help="SparseGPT Hessian damping (fraction of the mean diagonal)"),
+    correct: bool = typer.Option(False, "--correct", help="SparseGPT: target the dense model's layer outputs"),
+    update_bias: bool = typer.Option(False, "--update-bias", help="SparseGPT: let biases absorb the mean error"),
+    refine: int = typer.Option(0, "--refine", metavar="STEPS", help="SparseGPT: masked least-squares refinement steps per layer"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE.pt", help="save the pruned state dict here"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    impose: Optional[str] = ImposeOpt,
+    layers: Optional[str] = LayersOpt,
+    weights: Optional[str] = WeightsOpt,
+):
+    """Create sparsity (magnitude, Wanda, SparseGPT) and save the pruned weights as a state dict (-o)."""
+    import json
+    import os
+    import tempfile
+
+    import torch
+
+    import sparsecomp
+    from sparsecomp.passes.sparsify import parse_sparsify_spec
+
+    spec = method if ":" in method else None
+    if spec and (pattern or sparsity is not None):
+        raise SparsecompError(f"--method {method} already names its pattern; drop --pattern / --sparsity")
+    options = dict(allocation=allocation, damp=damp, correct=correct, update_bias=update_bias, refine=refine,
+                   **({"skip": tuple(skip)} if skip else {}))
+    if spec:
+        parse_sparsify_spec(spec, **options)  # a bad spec fails before the model loads
+    loaded = _load(model, impose, layers, weights)
+    if loaded.is_onnx:
+        raise SparsecompError("sparsify needs a torch model, not an ONNX file", hint="pass zoo:NAME or file.py:factory")
+    cfg = parse_sparsify_spec(spec, **options) if spec else None
+    needs = cfg.needs_calibration if cfg else (method != "magnitude" or allocation != "uniform")
+    calibration = loaded.calibration(calib) if needs and calib > 0 else None
+    if spec:
+        _, result = sparsecomp.sparsify(loaded.model, cfg, calibration=calibration, name=loaded.name, return_report=True)
+    else:
+        _, result = sparsecomp.sparsify(loaded.model, method, sparsity, pattern or ("unstructured" if sparsity is not None else "unstructured:0.5"),
+                                        calibration, name=loaded.name, return_report=True, **options)
+    if output:
+        # atomic: a half-written checkpoint never replaces a good one
+        folder = os.path.dirname(os.path.abspath(output))
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(loaded.model.state_dict(), tmp)
+            os.replace(tmp, output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    if json_out:
+        print(json.dumps(dict(result.to_dict(), output=output), indent=2))
+        return
+    out.print(result)
+    if output:
+        out.print(f"saved the pruned state dict to {output} (load with --weights {output})")
+    else:
+        out.print("nothing saved: add -o FILE.pt to keep the pruned weights")
+@app.command()
+def tune(
+    model: str = ModelArg,
+    backend: str = typer.Option("torch", "--backend", "-b"),
+    max_seconds: float = typer.Option(0.5, "--max-seconds", help="base time budget per layer (tuning takes 4x)"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    impose: Optional[str] = ImposeOpt,
+    layers: Optional[str] = LayersOpt,
+    weights: Optional[str] = WeightsOpt,
+):
+    """Time every kernel variant of every layer of MODEL and cache the choices (later compiles reuse them)."""
+    import sparsecomp
+    from sparsecomp.cache import cache_dir
+
+    loaded = _load(model, impose, layers, weights)
+    if loaded.is_onnx:
+        raise SparsecompError("tuning an ONNX file is not supported", hint="tune the torch model (zoo:NAME or file.py:factory)")
+    cm = sparsecomp.compile(loaded.model, loaded.example_inputs, backend=backend, name=loaded.name, tune=True,
+                            max_seconds_per_layer=max_seconds)
+    if json_out:
+        print(cm.report.to_json())
+        return
+    out.print(cm.report)
+    out.print(f"tuned decisions cached in {cache_dir() / 'decisions' / (backend + '.json')}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,12 +275,14 @@ class SparseLinearKernel:
 
 
 def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] | None = None,
-               n: int = 2, m: int = 4, limit: int = 8) -> list[dict]:
+               n: int = 2, m: int = 4, limit: int = 8, exhaustive: bool = False) -> list[dict]:
     """Kernel variants worth timing for `fmt` on a layer `[N, K]` at batch `M`.
 
     The list is small and pruned by a rough cost model (more independent FMA chains is better
     up to the register file; less M padding is better); the caller times them on the real
     weight and keeps the fastest. `block` (BSR) and `n`, `m` (N:M) describe the weight.
+    `exhaustive` (what `tune=True` asks for) returns the whole grid, unpruned, with the slice
+    heights the default list fixes also varied at M > 1.
     """
     if fmt not in FORMATS:
         raise SparsecompError(f"no TIR kernel for format {fmt!r}", hint=f"formats: {', '.join(FORMATS)}")
@@ -352,6 +354,8 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                     p["block"] = tuple(block or (16, 1))
                 if fmt == "sell":
                     p["slice_height"] = 8
+                    if exhaustive:
+                        out.extend((cost + 0.01, {**p, "slice_height": C}) for C in (16, 32))
                 if fmt == "nm":
                     p.update(n=n, m=m)
                 out.append((cost, p))
@@ -362,4 +366,4 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                     # at M = 16 (2 tiles of 8) it lost: 1.61 ms vs 1.24 ms for mt 16 u4
                     out.append((cost - 0.05, {**p, "rb": 32}))
     out.sort(key=lambda t: t[0])
-    return [p for _, p in out[:limit]]
+    return [p for _, p in (out if exhaustive else out[:limit])]

@@ -3,6 +3,8 @@
 - `kernels.py`: the candidate kernels (dense `F.linear`, torch.sparse CSR, TVM TIR kernels).
 - `lowering.py`: the lowering table (`sparse_linear` -> chosen kernel module or `aten.linear`),
   per-layer decisions by measurement, cached.
+- `mlp.py`: `sparse_mlp` -> a `SparseMLP` module running the measured strategy (TIR kernels that
+  skip inactive neurons, union of active neurons for M > 1 with a measured dense crossover).
 - runner: the lowered GraphModule itself (`lower` returns it ready to call).
 """
 
@@ -12,17 +14,22 @@ from sparsecomp.lowering import LayerDecision, Lowered
 
 from .kernels import tir_available
 from .lowering import SparseLinear, lower_sparse_linear
+from .mlp import SparseMLP, lower_sparse_mlp
 
-__all__ = ["NAME", "lower", "LayerDecision", "SparseLinear", "tir_available"]
+__all__ = ["NAME", "lower", "LayerDecision", "SparseLinear", "SparseMLP", "tir_available"]
 
 NAME = "torch"
 
 
 def lower(gm, example, *, cache=None, max_seconds: float = 0.5, use_tir: bool = True, only=None,
-          progress=None) -> Lowered:
-    """Lower every sparsecomp op in `gm` (in place); the lowered graph is the runner."""
+          progress=None, tune: bool = False) -> Lowered:
+    """Lower every sparsecomp op in `gm` (in place); the lowered graph is the runner.
+
+    `tune`: search every kernel variant (see `lower_sparse_linear`)."""
     decisions = lower_sparse_linear(gm, example, cache=cache, max_seconds=max_seconds, use_tir=use_tir, only=only,
-                                    progress=progress)
+                                    progress=progress, tune=tune)
+    decisions += lower_sparse_mlp(gm, example, cache=cache, max_seconds=max_seconds, use_tir=use_tir, only=only,
+                                  progress=progress)
     notes = []
     if use_tir and not tir_available():
         notes.append("TVM is not installed: sparse candidates were limited to torch.sparse CSR (pip install 'sparsecomp[tvm]')")

@@ -77,13 +77,13 @@ def tir_available() -> bool:
     return tir.available()
 
 
-def _tir_candidates(weight: torch.Tensor, m: int) -> list[Candidate]:
+def _tir_candidates(weight: torch.Tensor, m: int, exhaustive: bool) -> list[Candidate]:
     from sparsecomp.backends import tir
 
     n, k = weight.shape
     out = []
     for fmt in tir.FORMATS:
-        for params in tir.candidates(fmt, n, k, m):
+        for params in tir.candidates(fmt, n, k, m, exhaustive=exhaustive):
             if fmt == "nm" and patterns.nm_conformance(weight, params["n"], params["m"]) < 1.0:
                 continue  # N:M storage exists only for conformant weights
             def make(w, b, fmt=fmt, params=params):
@@ -94,16 +94,18 @@ def _tir_candidates(weight: torch.Tensor, m: int) -> list[Candidate]:
     return out
 
 
-def candidates(weight: torch.Tensor, m: int, *, use_tir: bool = True, only: set[str] | None = None) -> list[Candidate]:
+def candidates(weight: torch.Tensor, m: int, *, use_tir: bool = True, only: set[str] | None = None,
+               exhaustive: bool = False) -> list[Candidate]:
     """Candidates for a weight [N, K] at M rows per call (dense first).
 
     `only` keeps the candidates with those names (e.g. {"dense", "tir-sell"}): for debugging a
-    kernel, or forcing a format in experiments.
+    kernel, or forcing a format in experiments. `exhaustive` (tune=True): every TIR variant of the
+    grid instead of the cost model's shortlist.
     """
     cands = [Candidate("dense", "dense", {}, _dense), Candidate("torch-csr", "csr", {}, _torch_csr)]
     wants_tir = only is None or any(name.startswith("tir-") for name in only)
     if use_tir and wants_tir and tir_available():
-        cands += _tir_candidates(weight, m)
+        cands += _tir_candidates(weight, m, exhaustive)
     if only is not None:
         cands = [c for c in cands if c.name in only]
     return cands

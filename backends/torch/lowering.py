@@ -88,8 +88,13 @@ def _check(make, weight, bias, x, reference, rtol: float):
 
 def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: DecisionCache | None,
                         max_seconds: float = 0.5, min_runs: int = 20, use_tir: bool = True, rtol: float = 1e-4,
-                        only: set[str] | None = None, progress=None) -> list[LayerDecision]:
-    """Replace every sparse_linear node of `gm` by its measured choice; returns the decisions."""
+                        only: set[str] | None = None, progress=None, tune: bool = False) -> list[LayerDecision]:
+    """Replace every sparse_linear node of `gm` by its measured choice; returns the decisions.
+
+    `tune`: time every kernel variant of the grid (not the cost model's shortlist), for every layer
+    (no shortlist shared between layers of one shape). A tuned decision is cached under its own key
+    and preferred by later untuned compiles of the same layer (`sparsecomp tune`, then `compile`).
+    """
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR]
     if not nodes:
         return []
@@ -111,20 +116,33 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
             reference = torch.nn.functional.linear(x, weight, bias)
         density = float((weight != 0).float().mean())
         key = None
-        cands = candidates(weight, m, use_tir=use_tir, only=only)
+        cands = candidates(weight, m, use_tir=use_tir, only=only, exhaustive=tune)
         by_label = {c.label: c for c in cands}
         chosen: Candidate | None = None
         cached = False
         measured: dict[str, float] = {}
         notes = []
         if cache is not None:
-            key = cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
-                            pattern=pattern_hash(weight), version=CANDIDATE_SET_VERSION,
-                            candidates=sorted(by_label))
-            entry = cache.get(key, validate=lambda e: e.get("kernel") in by_label and "dense_us" in e and "chosen_us" in e)
-            if entry is not None:
-                chosen, cached = by_label[entry["kernel"]], True
-                measured = dict(entry.get("measured", {}))
+            phash = pattern_hash(weight)
+
+            def key_for(labels):
+                return cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
+                                 pattern=phash, version=CANDIDATE_SET_VERSION, candidates=sorted(labels))
+
+            key = key_for(by_label)
+            lookups = [(key, by_label)]
+            if not tune and only is None:  # a decision `tune` made for this layer beats the shortlist's
+                full = {c.label: c for c in candidates(weight, m, use_tir=use_tir, exhaustive=True)}
+                if set(full) != set(by_label) and cache.has(key_for(full)):
+                    lookups.insert(0, (key_for(full), full))
+            for k, labels in lookups:
+                entry = cache.get(k, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
+                if entry is not None:
+                    chosen, cached = labels[entry["kernel"]], True
+                    measured = dict(entry.get("measured", {}))
+                    if labels is not by_label:
+                        notes.append("tuned decision (sparsecomp tune)")
+                    break
         runners = {}
         if chosen is not None:
             runner, why = _check(chosen.make, weight, bias, x, reference, rtol)
@@ -137,7 +155,7 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
         family = (tuple(weight.shape), m, round(density, 2))
         if chosen is None:
             trial = cands
-            if family in shortlists:
+            if family in shortlists and not tune:
                 trial = [c for c in cands if c.label in shortlists[family] or c.name == "dense"]
                 notes.append(f"searched the {len(trial) - 1} fastest kernels of an earlier layer of this shape and density")
             for c in trial:

@@ -125,10 +125,10 @@ def test_dense_model_stays_dense_and_exact(tmp_path):
 
 def test_options_not_yet_available():
     m = net()
-    with pytest.raises(NotYetAvailableError, match="activation_sparsity"):
-        sc.compile(m, (torch.randn(1, 96),), activation_sparsity="exact")
-    with pytest.raises(NotYetAvailableError, match="ort"):
-        sc.compile(m, (torch.randn(1, 96),), backend="ort")
+    with pytest.raises(SparsecompError, match=r"target activation sparsity must be in \(0, 1\)"):  # #5 is in
+        sc.compile(m, (torch.randn(1, 96),), activation_sparsity="threshold:1.5")
+    with pytest.raises(NotYetAvailableError, match="tvm"):  # ort is in (#4)
+        sc.compile(m, (torch.randn(1, 96),), backend="tvm")
     with pytest.raises(SparsecompError, match="unknown backend 'cuda'"):
         sc.compile(m, (torch.randn(1, 96),), backend="cuda")
 
@@ -208,3 +208,24 @@ def test_same_shape_layers_search_a_shortlist(tmp_path):
     assert len(first["measured"]) >= len(rest[0]["measured"])
     x = torch.randn(5, 64)
     assert compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))[0]
+
+
+def test_tune_searches_the_whole_grid_and_later_compiles_reuse_it(tmp_path):
+    from sparsecomp.backends import tir
+
+    if not tir.available():
+        pytest.skip("TVM not installed: no kernel-variant grid to tune")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).eval()
+    patterns.impose(m, "unstructured:0.9")
+    x = torch.randn(2, 64)
+    plain = sc.compile(m, (x,), cache_dir=str(tmp_path / "plain"), max_seconds_per_layer=0.02)
+    tuned = sc.compile(m, (x,), cache_dir=str(tmp_path / "t"), max_seconds_per_layer=0.02, tune=True)
+    for p, t in zip(plain.report.rows, tuned.report.rows):
+        assert len(t["measured"]) > len(p["measured"])  # more variants timed, for every layer
+        assert "fastest kernels of an earlier layer" not in t["reason"]
+    again = sc.compile(m, (x,), cache_dir=str(tmp_path / "t"), max_seconds_per_layer=0.02)
+    assert again.report.cache["hit"] == 2
+    assert [r["kernel"] for r in again.report.rows] == [r["kernel"] for r in tuned.report.rows]
+    assert all("tuned decision" in r["reason"] for r in again.report.rows)
+    assert compare_outputs(CompiledModel(again.gm, again.report, "torch")(x), m(x))[0]

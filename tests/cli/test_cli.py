@@ -133,9 +133,9 @@ def test_nan_weight_is_analysed_and_flagged(capsys, tmp_path):
     (["analyze", "zoo:bert-tiny", "--impose", "2:4", "--layers", "*nothing*"], "matches no Linear/Conv layer"),
     (["analyze", "zoo:bert-tiny", "--layers", "*x*"], "give --impose SPEC too"),
     (["analyze", "zoo:bert-tiny", "--weights", "nope.pt"], "no such file 'nope.pt'"),
-    (["compile", "zoo:bert-tiny", "--backend", "ort"], "not yet available"),
+    (["compile", "zoo:bert-tiny", "--backend", "tvm"], "not yet available"),
     (["compile", "zoo:bert-tiny", "--backend", "cuda"], "unknown backend 'cuda'"),
-    (["sparsify", "zoo:bert-tiny"], "not yet available"),
+    (["sparsify", "zoo:bert-tiny", "--pattern", "unstructured:1.0"], "in [0, 1)"),
     (["passes", "nope"], "unknown pass 'nope'"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(capsys, argv, needle):
@@ -167,7 +167,7 @@ def test_console_script_and_no_top_level_passes_module(tmp_path):
     assert r.returncode == 0, r.stderr
     env = dict(os.environ, COLUMNS="200")
     r = subprocess.run([str(VENV_BIN / "sparsecomp"), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert r.returncode == 0 and "analyze" in r.stdout and "not yet available" in r.stdout
+    assert r.returncode == 0 and "analyze" in r.stdout and "sparsify" in r.stdout
 
 
 def test_import_is_light(tmp_path):
@@ -234,3 +234,21 @@ def test_demo_prints_the_tables(capsys, tmp_path, monkeypatch):
     assert code == 0
     assert "dense vs unstructured:0.9 (weight storage)" in out and "compiled for torch" in out
     assert "end to end on the example inputs" in out and "verify: ok" in out
+
+
+def test_tune_fills_the_cache_that_compile_reuses(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path / "cache"))
+    f = write_factory(tmp_path, """
+        import torch
+        def make():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)), (torch.randn(1, 64),)
+    """)
+    code, out, _ = run(capsys, "tune", f"{f}:make", "--impose", "unstructured:0.9", "--max-seconds", "0.02", "--json")
+    assert code == 0
+    tuned = {r["layer"]: r["kernel"] for r in json.loads(out)["layers"]}
+    assert (tmp_path / "cache" / "decisions" / "torch.json").exists()
+    code, out, _ = run(capsys, "compile", f"{f}:make", "--impose", "unstructured:0.9", "--max-seconds", "0.02", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["cache"]["hit"] == 2
+    assert {r["layer"]: r["kernel"] for r in report["layers"]} == tuned

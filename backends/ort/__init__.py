@@ -1,0 +1,75 @@
+"""The ONNX Runtime backend: the rewritten graph as one standard-ONNX model, run by stock onnxruntime.
+
+Lowering table (which sparsecomp op becomes what; `kernels.py` has the ONNX of each):
+
+    sparsecomp.sparse_linear(x, W, b) -> one of, measured per layer in onnxruntime:
+        dense        MatMul(x, W^T) + b   (W^T stored dense, or compact and rebuilt once at load)
+        liveRxC      Gather(live cols) -> smaller MatMul -> Gather(row map) + b    (dead rows / cols)
+        ell, sellK   GatherElements(x, cols) * values -> ReduceSum             (constant fan-in, M ~ 1)
+        bsrRxC[-bK]  Gather(x^T blocks) -> batched MatMul(values) -> Transpose   (R x C blocks)
+    any other sparsecomp op (e.g. a future sparsecomp.sparse_mlp)
+                 -> its reference implementation, decomposed to ATen and exported dense, with a
+                    note naming the op and node in the report (`export._reference_decompositions`,
+                    the spot a real lowering replaces); if it does not decompose: OnnxError naming them.
+
+Shape of the package (the same as every backend):
+- `kernels.py`: the candidate decompositions and their compact storage (values + narrow indices,
+  Cast at run time, folded by onnxruntime at load);
+- `lowering.py`: per-layer decisions timed in onnxruntime on one-layer models, cached in
+  `DecisionCache("ort")`;
+- `export.py`: FX -> ONNX (torch's exporter with a placeholder per sparse layer, replaced by the
+  chosen nodes), metadata, checker;
+- `runner.py`: sessions with sparsecomp's thread setting (own pools, or one process-wide pool on
+  request: `use_global_thread_pool`) and `OrtModule`, the runner `lower` returns;
+- `files.py`: writing a model (external data above the protobuf limit) and reading a sparsecomp
+  export back (stored weights for `analyze`, the dense equivalent for `bench`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sparsecomp.lowering import Lowered
+
+from .export import DEFAULT_OPSET, MIN_OPSET, export_graph
+from .lowering import decide_layers
+from .runner import OrtModule, pool_note, session, threads, use_global_thread_pool
+
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "NAME", "OrtModule", "lower", "session", "threads", "use_global_thread_pool"]
+
+NAME = "ort"
+
+
+def lower(gm, example, *, cache=None, max_seconds: float = 0.5, only=None, progress=None, opset: int | None = None,
+          dynamic_axes: Any = "auto", **_other_backends_options) -> Lowered:
+    """Choose every sparse layer's lowering by timing in onnxruntime, export, and open a session.
+
+    `**_other_backends_options` (e.g. the torch backend's `use_tir`) are accepted and ignored, so
+    `compile()` can pass one set of options to every backend.
+    """
+    from .export import check_opset
+
+    opset = check_opset(opset)  # a bad opset fails before any measuring
+    label = gm.meta.get("sparsecomp.model_name", "model")
+    placements, decisions = decide_layers(gm, example, cache=cache, max_seconds=max_seconds, only=only,
+                                          progress=progress, opset=opset)
+    notes: list[str] = []
+
+    def exporter(*, opset=opset, dynamic_axes=dynamic_axes):
+        model, info = export_graph(gm, example, placements, opset=opset, dynamic_axes=dynamic_axes, label=label, notes=notes)
+        return model, info
+
+    model, _ = exporter()
+    sess = session(model)
+    # The runner flattens a call as the captured graph does (its placeholders, in order); each
+    # placeholder's target is the argument name, which is also the ONNX input's name. Inputs the
+    # exporter dropped (unused by the graph) are not fed.
+    graph_inputs = {i.name for i in model.graph.input}
+    flat_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    module = OrtModule(model, sess, in_spec=getattr(gm, "_in_spec", None), out_spec=getattr(gm, "_out_spec", None),
+                       input_names=[n if n in graph_inputs else None for n in flat_names], label=label,
+                       exporter=lambda **kw: exporter(**kw)[0])
+    note = pool_note()
+    if note:
+        notes.append(note)
+    return Lowered(module, decisions, notes, artifacts={"onnx": model})

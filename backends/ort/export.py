@@ -1,0 +1,364 @@
+"""FX graph with sparsecomp ops -> one ONNX model for stock onnxruntime.
+
+How (why not a custom translation per layer): torch's ONNX exporter translates an op with ONE
+function, but every `sparse_linear` node gets its own measured lowering and its own compact
+arrays. So the graph is exported with each `sparse_linear` as an opaque placeholder node
+`sparsecomp::SparseLinear(x, tag)` (a `custom_translation_table` entry), and the placeholders are
+then replaced in the ModelProto by the chosen candidate's standard-ONNX nodes and initializers
+(`kernels.py`). This also keeps the narrow index storage exactly as written: the exporter's
+optimizer constant-folds a Cast applied to an initializer (DESIGN.md section 3), but it never sees
+ours. The placeholder's second input is a tiny `[out, 1]` tag tensor holding the layer's index
+(unique by value, so initializer de-duplication cannot confuse two layers, and the dense sparse
+weights are never serialised at all); the bias is passed as None (the lowering adds its own).
+
+Steps: (1) a shallow copy of the graph with tags instead of weights; (2) `torch.export` with the
+batch / sequence dims recorded dynamic at capture (size-1 dims traced at size 2, as capture does);
+(3) sparsecomp ops with no ONNX lowering are decomposed into their reference implementation (a
+dense fallback, reported); (4) `torch.onnx.export(..., dynamo=True)`; (5) placeholders replaced,
+dynamic dims renamed `batch` / `sequence`, metadata attached. (The full `onnx.checker` pass runs
+when the file is written, `files.save`; onnxruntime checks the model as it opens the session.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import fx
+
+from sparsecomp.errors import OnnxError
+
+from .kernels import MIN_OPSET, Candidate, Emitter
+
+__all__ = ["DEFAULT_OPSET", "METADATA_KEYS", "MIN_OPSET", "Placement", "check_opset", "export_graph"]
+
+DEFAULT_OPSET = 20  # what torch 2.13's exporter writes by default
+SPARSE_LINEAR = "sparsecomp.sparse_linear.default"
+DOMAIN = "sparsecomp.placeholder"
+METADATA_KEYS = ("sparsecomp.version", "sparsecomp.backend", "sparsecomp.layers", "sparsecomp.inputs")
+
+
+@dataclass
+class Placement:
+    """One sparse_linear node and how it is lowered."""
+
+    node: str  # FX node name
+    layer: str
+    candidate: Candidate
+    shape: list[int]  # [out, in]
+    extra: dict = field(default_factory=dict)  # decision facts for the metadata
+
+
+def check_opset(opset: int | None) -> int:
+    opset = DEFAULT_OPSET if opset is None else opset
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool):
+        raise OnnxError(f"opset must be an int, got {opset!r}", hint=f"e.g. opset={DEFAULT_OPSET}")
+    if opset < MIN_OPSET:
+        raise OnnxError(f"opset {opset} is too old for sparsecomp's ONNX lowering: the minimum is opset {MIN_OPSET} "
+                        "(ScatterElements with reduction='add', Shape with start/end)",
+                        hint=f"use opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
+    if opset > newest:
+        raise OnnxError(f"opset {opset} is newer than this onnx package knows ({newest})", hint=f"use opset <= {newest}")
+    return opset
+
+
+def _placeholder_fn():
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    P = OpSchema.FormalParameter
+    schema = OpSchema("SparseLinear", DOMAIN, 1, inputs=[P("x", "T"), P("tag", "T")], outputs=[P("y", "T")],
+                      type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"], "")])
+    op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "SparseLinear", schema)
+
+    def sparse_linear(x, weight, bias=None):  # names as the op's schema; weight is the tag here
+        return op(x, weight)
+
+    return sparse_linear
+
+
+def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement]) -> fx.GraphModule:
+    """A GraphModule sharing gm's parameters whose sparse_linear nodes read tags instead of weights."""
+    import copy
+
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    graph = new.graph
+    for i, node in enumerate([n for n in graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR]):
+        p = placements[node.name]
+        attr = f"_sparsecomp_tag_{i}"
+        new.register_buffer(attr, torch.full((p.shape[0], 1), float(i)))
+        with graph.inserting_before(node):
+            tag = graph.get_attr(attr)
+        node.args = (node.args[0], tag, None)
+        p.extra["tag"] = i
+    # the dense weights of sparse layers are no longer read (unless something else reads them)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    new.recompile()
+    for key in ("_in_spec", "_out_spec"):
+        if hasattr(gm, key):
+            setattr(new, key, getattr(gm, key))
+    new.meta.update(gm.meta)
+    return new
+
+
+def _grow(t, dims):
+    reps = [2 if (d in dims and t.shape[d] == 1) else 1 for d in range(t.dim())]
+    return t.repeat(*reps) if any(r == 2 for r in reps) else t
+
+
+def _dynamic(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic_axes: Any) -> dict[str, list[int]]:
+    """Input name -> dims to keep dynamic: capture's record ("auto"), none (None/False), or given."""
+    if dynamic_axes in (None, False):
+        return {}
+    info = gm.meta.get("sparsecomp.capture")
+    if dynamic_axes == "auto":
+        return dict(info.dynamic) if info is not None else {}
+    if isinstance(dynamic_axes, dict):
+        bound = _bound_inputs(gm, args, kwargs)
+        out = {}
+        for name, dims in dynamic_axes.items():  # a list of dims, or a dict {dim: name} (names are ours)
+            value = bound.get(name)
+            rank = value.dim() if isinstance(value, torch.Tensor) else 0
+            bad = [d for d in dims if not isinstance(d, int) or not 0 <= d < rank]
+            if name in bound and bad:
+                raise OnnxError(f"dynamic_axes[{name!r}] names dims {bad} of a rank-{rank} input",
+                                hint=f"dims of {name!r} are 0..{rank - 1}")
+            out[name] = sorted(dims)
+        return out
+    raise OnnxError(f"dynamic_axes must be 'auto', None or a dict {{input name: [dims]}}, got {dynamic_axes!r}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    names = ["torch.onnx", "torch._export", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes", "onnxscript"]
+    old = [logging.getLogger(n).level for n in names]
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, lvl in zip(names, old):
+            logging.getLogger(n).setLevel(lvl)
+
+
+def _input_names(gm: fx.GraphModule) -> list[str]:
+    import inspect
+
+    return [p.name for p in inspect.signature(gm.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _bound_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[str, Any]:
+    return dict(zip(_input_names(gm), args)) | kwargs
+
+
+def _export_program(gm: fx.GraphModule, args: tuple, kwargs: dict, dyn: dict[str, list[int]], label: str):
+    from torch.export import Dim
+
+    names = _input_names(gm)
+    unknown = sorted(set(dyn) - set(names))
+    if unknown:
+        raise OnnxError(f"dynamic_axes names inputs {unknown} that {label} does not take", hint=f"its inputs: {', '.join(names)}")
+    bound = _bound_inputs(gm, args, kwargs)
+    grown = {k: _grow(v, dyn[k]) if isinstance(v, torch.Tensor) and k in dyn else v for k, v in bound.items()}
+    spec = {k: ({d: Dim.AUTO for d in dyn[k]} if k in dyn and isinstance(v, torch.Tensor) else None) for k, v in bound.items()}
+    ordered = [k for k in names if k in bound]
+    with _quiet():
+        try:
+            return torch.export.export(gm, (), {k: grown[k] for k in ordered}, dynamic_shapes={k: spec[k] for k in ordered} if dyn else None,
+                                       strict=False), True
+        except Exception:
+            if not dyn:
+                raise
+        # the graph does not allow those dims dynamic (or not at size 2): export static shapes
+        return torch.export.export(gm, (), {k: bound[k] for k in ordered}, strict=False), False
+
+
+def _reference_decompositions(ep, notes: list[str]):
+    """sparsecomp ops other than sparse_linear have no ONNX lowering here yet: export their
+    reference implementation (dense), and say so. This is the spot a future lowering replaces
+    (e.g. `sparsecomp::sparse_mlp` as Gather + MatMul kernels)."""
+    from sparsecomp.ops import is_sparsecomp_op, op_def
+
+    table = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and is_sparsecomp_op(node.target) and str(node.target) != SPARSE_LINEAR:
+            d = op_def(node.target)
+            table[node.target] = d.reference
+            notes.append(f"{d.qualname} (node {node.name}) has no ONNX lowering in the ort backend: exported as its dense "
+                         "reference decomposition")
+    if not table:
+        return ep
+    try:
+        with _quiet():
+            return ep.run_decompositions(table)
+    except Exception as err:  # noqa: BLE001
+        ops = ", ".join(sorted(str(k) for k in table))
+        raise OnnxError(f"cannot export {ops}: no ONNX lowering, and its reference implementation does not decompose "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})",
+                        hint="compile with backend='torch', or drop the rewrite that creates it from the pipeline") from None
+
+
+def _tensor_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+    return None
+
+
+def _rename_dims(model: onnx.ModelProto, dyn: dict[str, list[int]]) -> None:
+    """The exporter names dynamic dims s31, s81...: call them batch / sequence (by capture's rule:
+    dim 0 is the batch, dim 1 the sequence) wherever they appear."""
+    names: dict[str, str] = {}
+    for vi in model.graph.input:
+        for d, dim in enumerate(vi.type.tensor_type.shape.dim):
+            if dim.dim_param and dim.dim_param not in names and d in dyn.get(vi.name, [0, 1]):
+                names[dim.dim_param] = "batch" if d == 0 else "sequence" if d == 1 else f"dim{d}"
+    if not names or len(set(names.values())) != len(names):
+        return
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+
+
+def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: dict[str, Placement], *, opset: int | None,
+                 dynamic_axes: Any = "auto", label: str = "model", notes: list[str] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """The ONNX model of `gm` with every sparse_linear lowered as `placements` say.
+
+    Returns (model, info) with info = {"dynamic": {input name: dims kept dynamic}}.
+    """
+    import sparsecomp
+
+    notes = notes if notes is not None else []
+    opset = check_opset(opset)
+    args, kwargs = example
+    dyn = _dynamic(gm, args, kwargs, dynamic_axes)
+    tagged = _tagged_copy(gm, placements)
+    try:
+        ep, kept = _export_program(tagged, args, kwargs, dyn, label)
+    except OnnxError:
+        raise
+    except Exception as err:
+        raise OnnxError(f"cannot export {label} to ONNX: torch.export failed ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''})",
+                        hint="the captured graph must re-export; --debug shows the trace") from err
+    if dyn and not kept:
+        notes.append("the exported model has static input shapes (the graph does not allow the recorded dynamic dims)")
+        dyn = {}
+    ep = _reference_decompositions(ep, notes)
+    table = {torch.ops.sparsecomp.sparse_linear.default: _placeholder_fn()}
+    try:
+        with _quiet():
+            prog = torch.onnx.export(ep, (), kwargs={}, dynamo=True, custom_translation_table=table, opset_version=opset,
+                                     optimize=True, verbose=False)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise OnnxError(f"torch.onnx.export failed on {label} at opset {opset}: {first}",
+                        hint="try the default opset; --debug shows the trace") from err
+    model = prog.model_proto
+    by_tag = {p.extra["tag"]: p for p in placements.values()}
+    _lower_placeholders(model, by_tag)
+    if dyn:
+        _rename_dims(model, dyn)
+    layers = []
+    for p in sorted(placements.values(), key=lambda p: p.extra["tag"]):
+        layers.append({"layer": p.layer, "node": p.node, "shape": p.shape, "kernel": p.candidate.label,
+                       "family": p.candidate.family, "decision": p.candidate.decision, "arrays": p.extra.get("arrays", {}),
+                       "block": p.extra.get("block"), "stored_bytes": p.candidate.stored_bytes,
+                       **{k: v for k, v in p.extra.items() if k in ("input", "output", "density", "m", "dense_us", "chosen_us")}})
+    meta = {
+        "sparsecomp.version": sparsecomp.__version__,
+        "sparsecomp.backend": "ort",
+        "sparsecomp.layers": json.dumps(layers),
+        "sparsecomp.inputs": json.dumps(_input_record(args, kwargs, tagged, dyn)),
+    }
+    set_metadata(model, meta)
+    model.producer_name, model.producer_version = "sparsecomp", sparsecomp.__version__
+    return model, {"dynamic": dyn}
+
+
+def _input_record(args, kwargs, gm, dyn) -> list[dict]:
+    """Name, shape, dtype and value range of each example input (so `bench model.onnx` can make inputs)."""
+    out = []
+    for k, v in _bound_inputs(gm, args, kwargs).items():
+        if isinstance(v, torch.Tensor):
+            rec = {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "dynamic": dyn.get(k, [])}
+            if not v.is_floating_point() and v.numel():
+                rec["min"], rec["max"] = int(v.min()), int(v.max())
+            out.append(rec)
+    return out
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement]) -> None:
+    g = model.graph
+    new_nodes, new_inits, dropped = [], [], set()
+    for node in g.node:
+        if node.domain != DOMAIN:
+            new_nodes.append(node)
+            continue
+        tag = _tensor_value(g, node.input[1])
+        if tag is None or tag.size == 0 or int(tag.reshape(-1)[0]) not in by_tag:
+            raise OnnxError(f"internal: cannot identify the sparse layer of placeholder {node.name}",
+                            hint="please report it (--debug shows the trace)")
+        p = by_tag[int(tag.reshape(-1)[0])]
+        dropped.add(node.input[1])
+        e = Emitter(p.layer)
+        p.candidate.emit(e, node.input[0], node.output[0])
+        new_nodes.extend(e.nodes)
+        new_inits.extend(e.initializers)
+        p.extra["arrays"] = dict(e.arrays)
+        p.extra["input"], p.extra["output"] = node.input[0], node.output[0]
+        if p.candidate.block is not None:
+            p.extra["block"] = list(p.candidate.block)
+    # The tags were read only by the placeholders: drop them (initializers or Constant nodes).
+    used = {i for n in new_nodes for i in n.input}
+    gone = dropped - used
+    nodes = [n for n in new_nodes if not (n.op_type == "Constant" and n.output[0] in gone)]
+    inits = [t for t in g.initializer if t.name not in gone] + new_inits
+    value_info = [v for v in g.value_info if v.name not in gone]
+    opsets = [o for o in model.opset_import if o.domain != DOMAIN]
+    for field_, items in ((g.node, nodes), (g.initializer, inits), (g.value_info, value_info), (model.opset_import, opsets)):
+        del field_[:]
+        field_.extend(items)
+
+
+def check(model: onnx.ModelProto, path: str | None = None) -> None:
+    """Full onnx.checker pass (by path for models over the protobuf limit)."""
+    try:
+        onnx.checker.check_model(path if path is not None else model, full_check=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise OnnxError(f"the exported model fails onnx.checker: {first}", hint="please report it (--debug shows the trace)") from err
+

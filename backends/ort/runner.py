@@ -1,0 +1,176 @@
+"""The ORT backend's runner: onnxruntime sessions with sparsecomp's thread setting, and `OrtModule`.
+
+Threads. Sessions take sparsecomp's one thread setting (`sparsecomp.set_num_threads(n)` /
+`SPARSECOMP_NUM_THREADS`, else torch's thread count) as their intra-op pool size. By default each
+session has its own pool: onnxruntime's process-wide *global* pool cannot be an internal choice of
+a library, because once it exists onnxruntime refuses every session that asks for its own threads,
+which is what a user's plain `InferenceSession(path)` does (measured: it broke every other
+onnxruntime user in the process). So:
+
+- the short-lived one-layer sessions timed at compile time run with spinning off
+  (`session.intra_op.allow_spinning = 0`): idle pools sleep instead of spin-waiting, so the
+  candidates timed round-robin do not fight each other (DESIGN.md section 3); the compiled model's
+  session keeps onnxruntime's default (spinning: lower latency per call);
+- `use_global_thread_pool()` opts the whole process into one shared pool (what a process with
+  several models alive at once wants, e.g. `benchmarks/bench_onnx.py`); a global pool created by
+  someone else is detected and used too. Its size is fixed when it is created; `pool_note()` says
+  so in the report when the setting changed since.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsecomp.errors import SparsecompError
+
+__all__ = ["OrtModule", "pool_note", "session", "threads", "use_global_thread_pool"]
+
+_POOL: dict[str, int] = {}  # {"threads": n} once sessions run on a process-wide pool (-1: size unknown)
+_GLOBAL_POOL_REFUSED = "use_per_session_threads must be false when using a global thread pool"
+
+
+def threads() -> int:
+    """sparsecomp's one thread setting: SPARSECOMP_NUM_THREADS, else torch's intra-op threads."""
+    env = os.environ.get("SPARSECOMP_NUM_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise SparsecompError(f"SPARSECOMP_NUM_THREADS={env!r} is not an integer", hint="e.g. SPARSECOMP_NUM_THREADS=2") from None
+    return torch.get_num_threads()
+
+
+def use_global_thread_pool(n: int | None = None) -> int:
+    """Run every onnxruntime session of this process on one shared pool of `n` threads (default:
+    sparsecomp's setting). Call it before the process's first session; onnxruntime then refuses
+    sessions that ask for their own threads, including plain `InferenceSession(path)` calls."""
+    from onnxruntime.capi import _pybind_state as C
+
+    n = threads() if n is None else n
+    C.set_global_thread_pool_sizes(n, 1)
+    _POOL["threads"] = n
+    return n
+
+
+def pool_note() -> str | None:
+    n = threads()
+    if _POOL.get("threads", 0) > 0 and _POOL["threads"] != n:
+        return (f"onnxruntime's shared thread pool was created with {_POOL['threads']} threads and cannot be resized "
+                f"to the current setting ({n}) in this process")
+    return None
+
+
+def session(model: Any, *, optimize: bool = True, spinning: bool = True):
+    """An InferenceSession on the CPU provider (model: ModelProto, bytes or path).
+
+    `optimize=False` is ORT_DISABLE_ALL (no constant folding, no fusions): the tests run every
+    export both ways, since folding is what turns the narrow stored indices into int32 once.
+    `spinning=False` lets the pool's idle workers sleep (sessions that are timed side by side).
+    """
+    import onnxruntime as ort
+
+    def options(shared: bool):
+        so = ort.SessionOptions()
+        if shared:
+            so.use_per_session_threads = False
+        else:
+            so.intra_op_num_threads, so.inter_op_num_threads = threads(), 1
+            if not spinning:
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        so.log_severity_level = 3
+        return so
+
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    if isinstance(data, (str, os.PathLike)):
+        data = str(data)
+    try:
+        return ort.InferenceSession(data, options(bool(_POOL)), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        if _POOL or _GLOBAL_POOL_REFUSED not in str(err):
+            raise
+    _POOL.setdefault("threads", -1)  # someone else made the process-wide pool: use it
+    return ort.InferenceSession(data, options(True), providers=["CPUExecutionProvider"])
+
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.int64: np.int64,
+       torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8}
+
+
+class OrtModule(torch.nn.Module):
+    """Runs an exported model in onnxruntime with the original model's calling convention.
+
+    Inputs are flattened as the captured graph flattens them (`in_spec`), fed by name; outputs come
+    back as torch tensors in the model's output structure (`out_spec`). `onnx_model` is the
+    exported ModelProto (what `export_onnx` writes); `to_onnx(opset=..., dynamic_axes=...)`
+    exports again with other settings from the same per-layer decisions.
+    """
+
+    def __init__(self, onnx_model, sess, *, in_spec, out_spec, input_names: list[str], label: str, exporter=None):
+        super().__init__()
+        self.onnx_model = onnx_model
+        self._sess = [sess]  # a list: nn.Module must not try to deep-copy or register it
+        self._in_spec, self._out_spec = in_spec, out_spec
+        self._input_names = input_names  # flattened placeholder order -> ONNX input name (or None: unused)
+        self._graph_inputs = {i.name: i for i in sess.get_inputs()}
+        self._label = label
+        self._exporter = exporter
+
+    @property
+    def session(self):
+        return self._sess[0]
+
+    def to_onnx(self, *, opset: int | None = None, dynamic_axes: Any = "auto"):
+        if self._exporter is None:
+            raise SparsecompError(f"{self._label}: this module cannot export again", hint="compile the model with backend='ort'")
+        return self._exporter(opset=opset, dynamic_axes=dynamic_axes)
+
+    def feeds(self, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+        from torch.utils._pytree import tree_flatten
+
+        if self._in_spec is not None:
+            from torch.fx._pytree import tree_flatten_spec
+
+            try:
+                flat = tree_flatten_spec((args, kwargs), self._in_spec)
+            except Exception as err:  # noqa: BLE001
+                raise SparsecompError(f"{self._label}: inputs do not match the compiled signature ({err})",
+                                      hint="call the compiled model with the same arguments as the original") from None
+        else:
+            flat = tree_flatten((args, kwargs))[0]
+        feeds = {}
+        for name, value in zip(self._input_names, flat):
+            if name is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value)
+            spec = self._graph_inputs[name]
+            if value.dim() != len(spec.shape):
+                raise SparsecompError(
+                    f"{self._label} was compiled for other input shapes: input {name!r} has rank {value.dim()}, "
+                    f"the exported model takes rank {len(spec.shape)} {spec.shape}",
+                    hint="only batch/sequence dims recorded as dynamic may change; compile again with example inputs of this shape")
+            if value.dtype not in _NP:
+                raise SparsecompError(f"{self._label}: input {name!r} has dtype {value.dtype}, which onnxruntime cannot take here")
+            feeds[name] = value.detach().cpu().contiguous().numpy()
+        return feeds
+
+    def forward(self, *args, **kwargs):
+        feeds = self.feeds(args, kwargs)
+        try:
+            outs = self.session.run(None, feeds)
+        except Exception as err:  # noqa: BLE001 - InvalidArgument on a shape / dtype the export does not allow
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SparsecompError(f"{self._label} was compiled for other input shapes or dtypes: {first[:300]}",
+                                  hint="only batch/sequence dims recorded as dynamic may change; compile again with example inputs of this shape") from None
+        tensors = [torch.from_numpy(o) for o in outs]
+        if self._out_spec is None:
+            return tensors[0] if len(tensors) == 1 else tuple(tensors)
+        from torch.utils._pytree import tree_unflatten
+
+        return tree_unflatten(tensors, self._out_spec)

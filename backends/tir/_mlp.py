@@ -1,0 +1,333 @@
+"""TIR kernels for the fused sparse MLP (`sparsecomp::sparse_mlp`): skip the inactive neurons.
+
+The down-projection's weight is stored transposed, `wdt[H, NP]` (row j = neuron j's outgoing
+weights, contiguous; NP = N padded to the column chunk CB), so an active neuron costs one
+contiguous read of its row. Kernels (all float32, sizes symbolic, one build per variant):
+
+- `up_mv` (M = 1, exact mode): dense up-projection (+ ReLU-family activation, + ReLU gate for
+  gated MLPs) parallel over blocks of BS rows; each block compacts its active neurons into
+  `idx[blk, :cnt[blk]]` and their values into `hc[blk, :]` as it goes, so there is no serial
+  compaction pass. In a gated MLP, the up row of a neuron whose gate is zero is never read.
+- `gather_up_mv` (M = 1, predictor mode): the pre-activations of the selected neurons only,
+  `u[t] = w[idx[t]] . x + b[idx[t]]` (rows of the up weight are contiguous), parallel over t.
+- `down_mv` (M = 1): `y = b + sum_t hc[t] * wdt[idx[t], :]`. The active neurons are split over P
+  tasks; each task streams its neurons' whole rows (R at a time) into a partial sum part[p, :]
+  (L1/L2 resident), then a parallel pass adds the partials and the bias. Measured (2048x8192,
+  10% active, 2 threads, interleaved): 183-190 us for P = 2-4, R = 2-4, against 250 us for a
+  kernel parallel over column chunks of 64 (each neuron read as 256-byte pieces: too little
+  memory-level parallelism) and 470-520 us for chunks of 128-256 (register spills on AVX2).
+- `down_mm` (M > 1, union of the rows' active neurons): the same split over neurons, each weight
+  row read once for all MT rows of x (`y[m] = b + sum_t hc[m, t] * wdt[idx[t], :]`).
+- `down_rows` (M > 1, per-row work): parallel over rows, each row compacting and adding only its
+  own active neurons (for rows whose union would be dense).
+
+Argument conventions: inputs, then weights, then outputs (like `_codegen`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from sparsecomp.errors import SparsecompError
+
+from . import _build, _target
+from ._codegen import _ind
+
+__all__ = ["ACTIVATIONS", "build_mlp_kernel", "mlp_source"]
+
+# Activations the exact-mode up kernel applies in TIR (the ReLU family: exact zeros).
+ACTIVATIONS = {
+    "relu": "T.max({s}, T.float32(0))",
+    "relu6": "T.min(T.max({s}, T.float32(0)), T.float32(6))",
+    "relu2": "T.max({s}, T.float32(0)) * T.max({s}, T.float32(0))",
+}
+
+_HEAD = '''@T.prim_func
+def main({args}):
+    T.func_attr({{"global_symbol": "main", "tir.noalias": True}})
+'''
+
+
+def _header(args: list[tuple[str, str, str]], sizes: list[str]) -> str:
+    s = _HEAD.format(args=", ".join(f"{a}_h: T.handle" for a, _, _ in args))
+    for v in sizes:
+        s += f"    {v} = T.int32()\n"
+    for a, shape, dt in args:
+        s += f'    {a} = T.match_buffer({a}_h, ({shape},), "{dt}")\n'
+    return s
+
+
+def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str) -> str:
+    """acc[r*U*V:(r+1)*U*V] = partial sums of w[rows[r], :] . x for R rows at once (x loaded once
+    per step for all R rows: R streams in flight, R*U independent FMA chains); then each row's
+    partials folded into acc[r*U*V : r*U*V + V]."""
+    UV = U * V
+    s = f"for v in T.vectorized({R * UV}):\n    {acc}[v] = T.float32(0)\n"
+    s += f"for kb in range(K // {UV}):\n"
+    for u in range(U):
+        for r in range(R):
+            o = r * UV + u * V
+            s += (f"    for v in T.vectorized({V}):\n"
+                  f"        {acc}[{o} + v] = {acc}[{o} + v] + {w}[{rows[r]}, kb * {UV} + {u * V} + v] * {x}[kb * {UV} + {u * V} + v]\n")
+    s += f"for k in range(K // {UV} * {UV}, K):\n"
+    for r in range(R):
+        s += f"    {acc}[{r * UV}] = {acc}[{r * UV}] + {w}[{rows[r]}, k] * {x}[k]\n"
+    if U > 1:
+        for r in range(R):
+            terms = " + ".join(f"{acc}[{r * UV + u * V} + v]" for u in range(1, U))
+            s += f"for v in T.vectorized({V}):\n    {acc}[{r * UV} + v] = {acc}[{r * UV} + v] + {terms}\n"
+    return s
+
+
+def _dot(V: int, U: int, row: str, w: str, x: str, acc: str) -> str:
+    return _dot_rows(V, U, 1, [row], w, x, acc)
+
+
+def _sum(V: int, acc: str, base: int = 0) -> str:
+    return " + ".join(f"{acc}[{base + i}]" for i in range(V))
+
+
+def _up_mv(p: dict) -> str:
+    V, U, BS, act, gated, R = p["vec"], p["unroll"], p["bs"], p["act"], p["gated"], p["rows"]
+    if act not in ACTIVATIONS:
+        raise SparsecompError(f"the exact-mode up kernel has no activation {act!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
+    if BS % R:
+        raise SparsecompError(f"up kernel: block size {BS} must be a multiple of rows {R}")
+    args = [("x", "K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32")]
+    if gated:
+        args += [("wg", "H, K", "float32"), ("bg", "H", "float32")]
+    args += [("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32")]
+    s = _header(args, ["K", "H", "NB", "BS"])
+    a = ACTIVATIONS[act]
+    UV = U * V
+
+    def emit(row: str, base: int, val: str) -> str:
+        return (f"hv{base} = T.Bind({a.format(s='(' + val + ')')})\n"
+                f"if hv{base} != T.float32(0):\n    hc[blk, c[0]] = hv{base}\n    idx[blk, c[0]] = {row}\n"
+                f"    c[0] = c[0] + 1\n")
+
+    body = f"""
+for blk in T.parallel(NB):
+    acc = T.alloc_buffer(({R * UV},), "float32")
+    c = T.alloc_buffer((1,), "int32")
+    c[0] = 0
+"""
+    if gated:  # gate first: a zero gate means the up row is never read
+        inner = _dot(V, U, "r", "wg", "x", "acc")
+        inner += f"g = T.Bind({a.format(s='(' + _sum(V, 'acc') + ' + bg[r])')})\n"
+        up = _dot(V, U, "r", "w", "x", "acc")
+        up += f"hc[blk, c[0]] = g * ({_sum(V, 'acc')} + b[r])\nidx[blk, c[0]] = r\nc[0] = c[0] + 1\n"
+        inner += "if g != T.float32(0):\n" + _ind(up, 4)
+        body += f"    for rr in range({BS}):\n        if blk * {BS} + rr < H:\n            r = T.Bind(blk * {BS} + rr)\n"
+        body += _ind(inner, 12)
+    else:
+        # full groups of R rows, then (last block only) the rows left over, one at a time
+        rows = [f"r0 + {q}" for q in range(R)]
+        inner = _dot_rows(V, U, R, rows, "w", "x", "acc")
+        for q in range(R):
+            inner += emit(rows[q], q, f"{_sum(V, 'acc', q * UV)} + b[{rows[q]}]")
+        body += f"    for rq in range({BS // R}):\n        if blk * {BS} + rq * {R} + {R} <= H:\n"
+        body += f"            r0 = T.Bind(blk * {BS} + rq * {R})\n" + _ind(inner, 12)
+        if R > 1:
+            tail = _dot(V, U, "r", "w", "x", "acc") + emit("r", 0, f"{_sum(V, 'acc')} + b[r]")
+            body += (f"        elif blk * {BS} + rq * {R} < H:\n"
+                     f"            for q in range({R}):\n"
+                     f"                if blk * {BS} + rq * {R} + q < H:\n"
+                     f"                    r = T.Bind(blk * {BS} + rq * {R} + q)\n" + _ind(tail, 20))
+    body += "    cnt[blk] = c[0]\n"
+    return s + _ind(body, 4)
+
+
+def _gather_up_mv(p: dict) -> str:
+    V, U = p["vec"], p["unroll"]
+    s = _header([("x", "K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"), ("idx", "L", "int32"),
+                 ("u", "L", "float32")], ["K", "H", "L"])
+    body = f"""
+for t in T.parallel(L):
+    acc = T.alloc_buffer(({U * V},), "float32")
+    j = T.Bind(idx[t])
+""" + _ind(_dot(V, U, "j", "w", "x", "acc"), 4) + f"    u[t] = {_sum(V, 'acc')} + b[j]\n"
+    return s + _ind(body, 4)
+
+
+def _down_mv(p: dict) -> str:
+    """M = 1, neurons split over P tasks: task p adds its neurons' full rows into part[p, :]
+    (contiguous 4*NP-byte streams, R rows at a time), then a parallel sum over p adds the bias.
+    `serial=True`: the same loops on the calling thread, no thread-pool launch (two per call
+    otherwise): for small active sets, and on a busy machine, where waking the pool's sleeping
+    workers costs more than the work."""
+    V, R, CB = p["vec"], p["rows"], p["cb"]
+    par = "range" if p.get("serial") else "T.parallel"
+    s = _header([("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32"),
+                 ("wdt", "H, NP", "float32"), ("bias", "N", "float32"), ("part", "P, NP", "float32"),
+                 ("y", "N", "float32")],
+                ["NB", "BS", "H", "NP", "N", "P"])
+    body = f"""
+for pp in {par}(P):
+    for c in range(NP // {V}):
+        for v in T.vectorized({V}):
+            part[pp, c * {V} + v] = T.float32(0)
+    for blk in range(pp * NB // P, (pp + 1) * NB // P):
+        n = T.Bind(cnt[blk])
+        for tb in range(n // {R}):
+"""
+    for r in range(R):
+        body += f"            j{r} = T.Bind(idx[blk, tb * {R} + {r}])\n            hv{r} = T.Bind(hc[blk, tb * {R} + {r}])\n"
+    terms = " + ".join(f"hv{r} * wdt[j{r}, c * {V} + v]" for r in range(R))
+    body += f"""            for c in range(NP // {V}):
+                for v in T.vectorized({V}):
+                    part[pp, c * {V} + v] = part[pp, c * {V} + v] + {terms}
+        for t in range(n // {R} * {R}, n):
+            jt = T.Bind(idx[blk, t])
+            hvt = T.Bind(hc[blk, t])
+            for c in range(NP // {V}):
+                for v in T.vectorized({V}):
+                    part[pp, c * {V} + v] = part[pp, c * {V} + v] + hvt * wdt[jt, c * {V} + v]
+for cb in {par}(NP // {CB}):
+    for v in T.vectorized({CB}):
+        if cb * {CB} + v < N:
+            y[cb * {CB} + v] = bias[cb * {CB} + v]
+    for pp in range(P):
+        for v in T.vectorized({CB}):
+            if cb * {CB} + v < N:
+                y[cb * {CB} + v] = y[cb * {CB} + v] + part[pp, cb * {CB} + v]
+"""
+    return s + _ind(body, 4)
+
+
+def _down_mm(p: dict) -> str:
+    """M > 1 (MT rows, padded), neurons split over P tasks like `down_mv_split`: each task streams
+    its neurons' full rows once (R at a time) and adds them, scaled per row of x, into its partial
+    part[p, m, :]; then a parallel sum over p adds the bias."""
+    V, R, CB, MT = p["vec"], p["rows"], p["cb"], p["mt"]
+    s = _header([("hc", "MT_, L", "float32"), ("idx", "L", "int32"),
+                 ("wdt", "H, NP", "float32"), ("bias", "N", "float32"), ("part", "P, MT_, NP", "float32"),
+                 ("y", "MT_, N", "float32")],
+                ["MT_", "L", "H", "NP", "N", "P"])
+    body = f"""
+for pp in T.parallel(P):
+    for m in range({MT}):
+        for c in range(NP // {V}):
+            for v in T.vectorized({V}):
+                part[pp, m, c * {V} + v] = T.float32(0)
+    t0 = T.Bind(pp * L // P)
+    t1 = T.Bind((pp + 1) * L // P)
+    for tb in range((t1 - t0) // {R}):
+"""
+    for r in range(R):
+        body += f"        j{r} = T.Bind(idx[t0 + tb * {R} + {r}])\n"
+    body += f"        for c in range(NP // {V}):\n"
+    for r in range(R):
+        body += f"            w{r} = T.Bind(wdt[j{r}, T.Ramp(c * {V}, 1, {V})])\n"
+    body += f"            for m in T.unroll({MT}):\n"
+    terms = " + ".join(f"T.Broadcast(hc[m, t0 + tb * {R} + {r}], {V}) * w{r}" for r in range(R))
+    body += (f"                part[pp, m, T.Ramp(c * {V}, 1, {V})] = part[pp, m, T.Ramp(c * {V}, 1, {V})] + {terms}\n")
+    body += f"""    for t in range(t0 + (t1 - t0) // {R} * {R}, t1):
+        jt = T.Bind(idx[t])
+        for c in range(NP // {V}):
+            wt = T.Bind(wdt[jt, T.Ramp(c * {V}, 1, {V})])
+            for m in T.unroll({MT}):
+                part[pp, m, T.Ramp(c * {V}, 1, {V})] = part[pp, m, T.Ramp(c * {V}, 1, {V})] + T.Broadcast(hc[m, t], {V}) * wt
+for task in T.parallel(NP // {CB} * {MT}):
+    cb = T.Bind(task % (NP // {CB}))
+    m = T.Bind(task // (NP // {CB}))
+    for v in T.vectorized({CB}):
+        if cb * {CB} + v < N:
+            y[m, cb * {CB} + v] = bias[cb * {CB} + v]
+    for pp in range(P):
+        for v in T.vectorized({CB}):
+            if cb * {CB} + v < N:
+                y[m, cb * {CB} + v] = y[m, cb * {CB} + v] + part[pp, m, cb * {CB} + v]
+"""
+    return s + _ind(body, 4)
+
+
+def _down_rows(p: dict) -> str:
+    """M > 1, per-row work: each row of h (parallel over rows) compacts its own nonzero neurons
+    (branch-free: the index is always written, the count advances by h != 0) into scratch
+    `sidx[m, :]`, then adds their down rows (R at a time) into y[m, :]. Pays when rows share few
+    active neurons (a union would be dense) and the down weight stays in cache (an encoder's
+    tokens, a small MLP)."""
+    V, R = p["vec"], p["rows"]
+    s = _header([("h", "M, H", "float32"), ("sidx", "M, H", "int32"), ("wdt", "H, NP", "float32"),
+                 ("bias", "NP", "float32"), ("y", "M, NP", "float32")], ["M", "H", "NP"])
+    body = f"""
+for m in T.parallel(M):
+    c = T.alloc_buffer((1,), "int32")
+    c[0] = 0
+    for j in range(H):
+        sidx[m, c[0]] = j
+        c[0] = c[0] + T.Cast("int32", h[m, j] != T.float32(0))
+    for cc in range(NP // {V}):
+        y[m, T.Ramp(cc * {V}, 1, {V})] = bias[T.Ramp(cc * {V}, 1, {V})]
+    n = T.Bind(c[0])
+    for tb in range(n // {R}):
+"""
+    for r in range(R):
+        body += f"        j{r} = T.Bind(sidx[m, tb * {R} + {r}])\n        hv{r} = T.Bind(h[m, j{r}])\n"
+    terms = " + ".join(f"T.Broadcast(hv{r}, {V}) * wdt[j{r}, T.Ramp(cc * {V}, 1, {V})]" for r in range(R))
+    body += f"""        for cc in range(NP // {V}):
+            y[m, T.Ramp(cc * {V}, 1, {V})] = y[m, T.Ramp(cc * {V}, 1, {V})] + {terms}
+    for t in range(n // {R} * {R}, n):
+        jt = T.Bind(sidx[m, t])
+        hvt = T.Bind(h[m, jt])
+        for cc in range(NP // {V}):
+            y[m, T.Ramp(cc * {V}, 1, {V})] = y[m, T.Ramp(cc * {V}, 1, {V})] + T.Broadcast(hvt, {V}) * wdt[jt, T.Ramp(cc * {V}, 1, {V})]
+"""
+    return s + _ind(body, 4)
+
+
+_GEN = {"up_mv": _up_mv, "gather_up_mv": _gather_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows}
+
+
+def _normalise(kind: str, params: dict) -> dict:
+    p = dict(params)
+    p.setdefault("vec", _target.vector_width())
+    p.setdefault("unroll", 4 if kind in ("up_mv", "gather_up_mv") else 1)
+    if kind == "up_mv":
+        p.setdefault("bs", 64)
+        p.setdefault("gated", False)
+        p.setdefault("act", "relu")
+        p.setdefault("rows", 1)
+    if kind in ("down_mv", "down_mm", "down_rows"):
+        p.setdefault("cb", 64)
+        p.setdefault("rows", 2)
+    if kind == "down_mv":
+        p.setdefault("serial", False)
+    if kind == "down_mm":
+        p.setdefault("mt", 4)
+    return p
+
+
+def mlp_source(kind: str, params: dict) -> str:
+    """TVMScript text of one sparse-MLP kernel (`kind` in up_mv, gather_up_mv, down_mv, down_mm)."""
+    if kind not in _GEN:
+        raise SparsecompError(f"no sparse-MLP kernel {kind!r}", hint=f"kinds: {', '.join(_GEN)}")
+    return _GEN[kind](_normalise(kind, params))
+
+
+def build_mlp_kernel(kind: str, params: dict | None = None) -> _build.Kernel:
+    """Compile (or fetch from the in-memory / on-disk kernel caches) one sparse-MLP kernel."""
+    params = _normalise(kind, params or {})
+    source = mlp_source(kind, params)
+    tvm = _target.tvm()
+    target = _target.host_target()
+    key = "mlp-" + hashlib.sha256("\n".join([source, str(target.export() if hasattr(target, "export") else target),
+                                             tvm.__version__, _build._CACHE_VERSION]).encode()).hexdigest()[:32]
+    with _build._lock:
+        hit = _build._memory.get(key)
+        if hit is not None:
+            return hit
+        d = _build.cache_dir()
+        path, meta = d / f"{key}.so", d / f"{key}.json"
+        func = _build._load(path, meta) if path.exists() else None
+        if func is None:
+            lib = _build._compile(source)
+            func = _build._store(lib, path, meta)
+            if func is None:
+                func = lib.mod["main"] if hasattr(lib, "mod") else lib["main"]
+                path = None
+        k = _build.Kernel(fmt=f"mlp-{kind}", params=params, dtype="float32", source=source, key=key, func=func,
+                          path=str(path) if path else None)
+        _build._memory[key] = k
+        return k

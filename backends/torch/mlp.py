@@ -1,0 +1,601 @@
+"""Lowering `sparsecomp::sparse_mlp` for the torch backend: skip the inactive hidden neurons.
+
+Lowering table:
+
+    sparsecomp.sparse_mlp(x, ...)  ->  call_module SparseMLP (chosen strategy) | the op's dense reference
+
+A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
+
+- M = 1, exact mode: `tir-up` (the TIR up kernel computes the up-projection and activation and
+  compacts the active neurons per block of rows as it goes; in a gated MLP the up row of a
+  zero-gate neuron is never read) or `torch-up` (torch's `F.linear` + activation, then
+  `nonzero`), followed by the TIR down kernel that reads only the active rows of the transposed
+  down weight (neurons split over tasks, each adding full contiguous rows into a partial sum).
+- M = 1, threshold mode: the hidden activation and its keep-mask in torch, with the very calls of
+  the op's reference (so the mask agrees with verification's reference bit for bit: a neuron near
+  the threshold cannot flip), then the TIR down kernel on the kept neurons.
+- M = 1, predictor mode: the low-rank predictor and the keep-mask in torch (same calls as the
+  reference), then the TIR gather kernel computes the up (and gate) pre-activations of the kept
+  neurons only, and the TIR down kernel reads their down rows: both projections skip.
+- Each M = 1 strategy comes twice: with the down kernel on TVM's thread pool and on the calling
+  thread (`serial-down`): with few active rows, or on a busy machine, waking the pool's sleeping
+  workers (twice per call) can cost more than the work.
+- M > 1: the union of the active neurons of each chunk of 8 rows (`union-tir`: the TIR kernel
+  reads each active down row once per chunk; `union-torch`: `index_select` + GEMM over all rows),
+  or per-row work (`per-row-tir`: each row adds only its own active neurons' rows, for rows whose
+  union is dense while the down weight stays in cache). Above the measured crossover density the
+  down-projection runs dense instead: a path never runs where it was measured slower than dense.
+
+Per layer the backend measures every candidate that applies against `dense` on the layer's real
+input (interleaved medians, `sparsecomp.timing.compare`), checks each against the op's reference
+(max abs error <= 1e-4 x max|output|), keeps the fastest, measures the crossover density of the
+M > 1 path (dense down vs the union kernel at no and at all neurons active, linear in between),
+and caches the decision (`DecisionCache`, keyed by shapes, M, mode and activation density).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from sparsecomp.cache import DecisionCache
+from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_score
+from sparsecomp.errors import SparsecompError
+from sparsecomp.ir import compare_outputs, get_attr_value
+from sparsecomp.timing import compare
+
+from .kernels import tir_available
+from .lowering import _record_inputs
+
+__all__ = ["SPARSE_MLP", "MLPDecision", "SparseMLP", "lower_sparse_mlp"]
+
+SPARSE_MLP = "sparsecomp.sparse_mlp.default"
+CANDIDATE_SET_VERSION = 1  # bump when kernels or strategies change: cached decisions no longer apply
+EXACT_ACTIVATIONS = ("relu", "relu6", "relu2")  # the TIR up kernel's activations
+_ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activation", "mode", "threshold", "scale",
+         "pred_a", "pred_b")
+
+
+@dataclass
+class MLPDecision:
+    """One lowered MLP block (a row of the compile report)."""
+
+    layer: str
+    shape: list[int]  # [in, hidden, out]
+    m: int
+    density: float  # fraction of hidden neurons active (kept) on the example inputs (union over rows)
+    decision: str  # sparse | dense
+    kernel: str
+    dense_us: float
+    chosen_us: float
+    reason: str
+    pattern: str = ""  # e.g. "mlp relu exact"
+    cached: bool = False
+    measured: dict | None = None
+    crossover: dict = field(default_factory=dict)  # M -> union density above which the down runs dense
+    calibration: dict = field(default_factory=dict)  # lossy modes: calibrated sparsity, recall, cosine
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_us / self.chosen_us if self.chosen_us else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["speedup"] = self.speedup
+        return d
+
+
+class _Weights:
+    """The op's constant arguments, packed once for the kernels."""
+
+    def __init__(self, args: dict, cb: int):
+        self.act_name = args["activation"]
+        self.act = MLP_ACTIVATIONS[self.act_name]
+        self.mode = args["mode"]
+        self.w_up, self.b_up = args["w_up"], args["b_up"]
+        self.w_gate, self.b_gate = args["w_gate"], args["b_gate"]
+        self.threshold, self.scale = args["threshold"], args["scale"]
+        self.pred_a, self.pred_b = args["pred_a"], args["pred_b"]
+        wdt = args["w_down_t"].detach().float()
+        self.H, self.N = wdt.shape
+        self.K = self.w_up.shape[1]
+        self.NP = -(-self.N // cb) * cb
+        if self.NP != self.N:  # the TIR down kernels read whole column chunks: pad the rows
+            padded = torch.zeros(self.H, self.NP)
+            padded[:, : self.N] = wdt
+            self.wdt_p = padded
+        else:
+            self.wdt_p = wdt.contiguous()
+        self.wdt = self.wdt_p[:, : self.N]  # dense fallback reads the same storage (strided rows)
+        b = args["b_down"]
+        self.b_down = b.detach().float().contiguous() if b is not None else torch.zeros(self.N)
+        self.gated = self.w_gate is not None
+
+    # The hidden activation and keep-mask exactly as the op's reference computes them, on x as the
+    # op receives it (its leading dims included: `F.linear` on a 3-D input is not the same GEMM call
+    # as on the flattened 2-D one, and may round differently, which would let a neuron near the
+    # threshold flip between the reference and the kernel). Both return [M, H].
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.linear(x, self.w_up, self.b_up)
+        h = self.act(up) if not self.gated else self.act(F.linear(x, self.w_gate, self.b_gate)) * up
+        if self.mode == "threshold":
+            score = h.abs() if self.scale is None else h.abs() * self.scale
+            h = h * (score > self.threshold)
+        elif self.mode == "predictor":
+            h = h * self._keep(x)
+        return h.reshape(-1, self.H)
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        u_hat = F.linear(F.linear(x, self.pred_a), self.pred_b, self.b_up if not self.gated else self.b_gate)
+        score = predictor_score(u_hat, self.act_name)
+        score = score if self.scale is None else score * self.scale
+        return score > self.threshold
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        return self._keep(x).reshape(-1, self.H)
+
+    def dense_down(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_down, h, self.wdt)
+
+
+class _Strategy:
+    """A runner: `__call__(x [..., K]) -> y [M, N]`, M = the rows of x (leading dims flattened)."""
+
+    label = "dense"
+
+    def __init__(self, w: _Weights):
+        self.w = w
+
+    def __call__(self, x):
+        return self.w.dense_down(self.w.hidden(x))
+
+
+class _DownMV:
+    """TIR down kernel at M = 1 over a compact list of neurons (idx, values)."""
+
+    def __init__(self, w: _Weights, parts: int, rows: int, serial: bool = False):
+        from sparsecomp.backends.tir import _mlp
+
+        self.w = w
+        self.k = _mlp.build_mlp_kernel("down_mv", {"rows": rows, "cb": _CB, "serial": serial})
+        self.part = torch.empty(1 if serial else parts, w.NP)
+        self.tag = "serial-down" if serial else "tir-down"
+
+    def blocks(self, hc, idx, cnt) -> torch.Tensor:
+        y = torch.empty(self.w.N)
+        self.k(hc, idx, cnt, self.w.wdt_p, self.w.b_down, self.part, y)
+        return y
+
+    def flat(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        n = idx.numel()
+        if n == 0:
+            return self.w.b_down.clone()
+        return self.blocks(values.reshape(1, n), idx.reshape(1, n), torch.tensor([n], dtype=torch.int32))
+
+
+_CB = 64  # column chunk of the TIR down kernels (the padded width NP is a multiple of it)
+
+
+class _TorchUpMV(_Strategy):
+    """M = 1: hidden (and mask) in torch as the reference computes it, kept neurons via nonzero,
+    TIR down over them."""
+
+    def __init__(self, w, parts=4, rows=4, serial=False):
+        super().__init__(w)
+        self.down = _DownMV(w, parts, rows, serial)
+        self.label = f"torch-up+{self.down.tag}{{rows={rows}}}"
+
+    def __call__(self, x):
+        h = self.w.hidden(x)[0]
+        idx = h.nonzero().reshape(-1)
+        return self.down.flat(h[idx].contiguous(), idx.to(torch.int32)).reshape(1, -1)
+
+
+class _TirUpMV(_Strategy):
+    """M = 1, exact mode: the TIR up kernel (activation + per-block compaction), TIR down."""
+
+    def __init__(self, w, rows=4, unroll=1, parts=4, down_rows=4, bs=64, serial=False):
+        from sparsecomp.backends.tir import _mlp
+
+        super().__init__(w)
+        if w.act_name not in EXACT_ACTIVATIONS or w.mode != "exact":
+            raise SparsecompError(f"the TIR up kernel computes ReLU-family exact mode only, not {w.act_name} {w.mode}")
+        self.up = _mlp.build_mlp_kernel("up_mv", {"bs": bs, "rows": 1 if w.gated else rows, "unroll": unroll,
+                                                  "act": w.act_name, "gated": w.gated})
+        self.down = _DownMV(w, parts, down_rows, serial)
+        nb = -(-w.H // bs)
+        self.hc = torch.empty(nb, bs)
+        self.idx = torch.empty(nb, bs, dtype=torch.int32)
+        self.cnt = torch.empty(nb, dtype=torch.int32)
+        self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
+        self.w_up = w.w_up.detach().float().contiguous()
+        if w.gated:
+            self.w_gate = w.w_gate.detach().float().contiguous()
+            self.b_gate = w.b_gate.detach().float().contiguous() if w.b_gate is not None else torch.zeros(w.H)
+        d = self.down.tag
+        self.label = f"tir-up+{d}{{rows={rows},unroll={unroll}}}" if not w.gated else f"tir-gated-up+{d}{{unroll={unroll}}}"
+
+    def __call__(self, x):
+        x = x.reshape(-1).contiguous()
+        if self.w.gated:
+            self.up(x, self.w_up, self.b_up, self.w_gate, self.b_gate, self.hc, self.idx, self.cnt)
+        else:
+            self.up(x, self.w_up, self.b_up, self.hc, self.idx, self.cnt)
+        return self.down.blocks(self.hc, self.idx, self.cnt).reshape(1, -1)
+
+
+class _PredictorMV(_Strategy):
+    """M = 1, predictor mode: the keep-mask from the low-rank predictor (torch, as the reference),
+    then the up (and gate) pre-activations of the kept neurons only (TIR gather kernel), the
+    activation on that compact vector, and the TIR down kernel: both projections skip."""
+
+    def __init__(self, w, parts=4, rows=4, serial=False):
+        from sparsecomp.backends.tir import _mlp
+
+        super().__init__(w)
+        self.gather = _mlp.build_mlp_kernel("gather_up_mv", {"unroll": 4})
+        self.down = _DownMV(w, parts, rows, serial)
+        self.w_up = w.w_up.detach().float().contiguous()
+        self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
+        if w.gated:
+            self.w_gate = w.w_gate.detach().float().contiguous()
+            self.b_gate = w.b_gate.detach().float().contiguous() if w.b_gate is not None else torch.zeros(w.H)
+        self.label = f"predictor+tir-gather+{self.down.tag}{{rows={rows}}}"
+
+    def __call__(self, x):
+        idx = self.w.keep(x)[0].nonzero().reshape(-1).to(torch.int32)
+        x = x.reshape(-1).contiguous()
+        n = idx.numel()
+        if n == 0:
+            return self.w.b_down.clone().reshape(1, -1)
+        u = torch.empty(n)
+        self.gather(x, self.w_up, self.b_up, idx, u)
+        if self.w.gated:
+            g = torch.empty(n)
+            self.gather(x, self.w_gate, self.b_gate, idx, g)
+            h = self.w.act(g) * u
+        else:
+            h = self.w.act(u)
+        return self.down.flat(h, idx).reshape(1, -1)
+
+
+class _Union(_Strategy):
+    """M > 1: the union of the active neurons of each chunk of up to 8 rows (`tir`: the TIR
+    kernel, each down row read once per chunk) or of all rows (`torch`: index_select + GEMM).
+    When the union is denser than the measured crossover, the down-projection runs dense."""
+
+    CHUNK = 8
+
+    def __init__(self, w, kind: str = "tir", parts: int = 4, rows: int = 2):
+        super().__init__(w)
+        self.kind = kind
+        # measured by `calibrate_crossover` (us, on one chunk): dense down, union down with one
+        # neuron and with every neuron active. Until measured, the union path never runs.
+        self.cost = {"dense": 0.0, "one": 1.0, "all": 1.0}
+        if kind == "tir":
+            from sparsecomp.backends.tir import _mlp
+
+            self.kernels = {mt: _mlp.build_mlp_kernel("down_mm", {"mt": mt, "rows": rows, "cb": _CB}) for mt in (4, 8)}
+            self.parts = {mt: torch.empty(parts, mt, w.NP) for mt in (4, 8)}
+            self.label = f"union-tir{{rows={rows}}}"
+        else:
+            self.label = "union-torch"
+
+    def _chunk(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        m = h.shape[0]
+        if idx.numel() == 0:  # no neuron active in any row: only the bias is left
+            return w.b_down.expand(m, w.N).clone()
+        if self.kind == "torch":
+            return torch.addmm(w.b_down, h[:, idx], w.wdt.index_select(0, idx))
+        mt = 4 if m <= 4 else 8
+        hc = torch.zeros(mt, idx.numel())
+        hc[:m] = h[:, idx]
+        y = torch.empty(mt, w.N)
+        self.kernels[mt](hc, idx.to(torch.int32), w.wdt_p, w.b_down, self.parts[mt], y)
+        return y[:m]
+
+    def chunks(self, h: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        step = self.CHUNK if self.kind == "tir" else h.shape[0]
+        out = []
+        for i in range(0, h.shape[0], step):
+            c = h[i:i + step]
+            out.append((c, (c != 0).any(0).nonzero().reshape(-1)))
+        return out
+
+    def down(self, h: torch.Tensor, parts: list) -> torch.Tensor:
+        ys = [self._chunk(c, idx) for c, idx in parts]
+        return ys[0] if len(ys) == 1 else torch.cat(ys)
+
+    def crossover(self, n_chunks: int = 1) -> float:
+        """Mean union density per chunk above which the dense down is faster for n chunks. The
+        dense cost is taken as that of one chunk whatever the row count (a GEMM reads the weight
+        once; its compute grows, but on the memory-bound sizes this path serves that is the
+        smaller part), so for many chunks the bound is conservative: never slower than dense."""
+        c = self.cost
+        if c["all"] <= c["one"]:
+            return 1.0 if c["dense"] >= c["all"] * n_chunks else 0.0
+        return max(0.0, min(1.0, (c["dense"] / n_chunks - c["one"]) / (c["all"] - c["one"])))
+
+    def __call__(self, x):
+        h = self.w.hidden(x)
+        parts = self.chunks(h)
+        active = sum(idx.numel() for _, idx in parts) / (len(parts) * self.w.H)
+        if active > self.crossover(len(parts)):
+            return self.w.dense_down(h)
+        return self.down(h, parts)
+
+
+class _PerRow(_Strategy):
+    """M > 1: every row adds only its own active neurons' down rows (TIR `down_rows`), for rows
+    whose union is dense but whose own activations are sparse while the down weight stays in
+    cache (encoders, small MLPs). Above the measured crossover density (mean over rows) the
+    down-projection runs dense."""
+
+    def __init__(self, w, rows: int = 2):
+        from sparsecomp.backends.tir import _mlp
+
+        super().__init__(w)
+        self.kind = "per-row"
+        self.k = _mlp.build_mlp_kernel("down_rows", {"rows": rows, "cb": _CB})
+        self.bias_p = torch.zeros(w.NP)
+        self.bias_p[: w.N] = w.b_down
+        self.label = f"per-row-tir{{rows={rows}}}"
+        self.cost = {"dense": 0.0, "one": 1.0, "all": 1.0}  # measured by `_calibrate_crossover`
+
+    def crossover(self, n_chunks: int = 1) -> float:
+        c = self.cost  # both paths scale with the rows, so the crossover does not depend on them
+        if c["all"] <= c["one"]:
+            return 1.0 if c["dense"] >= c["all"] else 0.0
+        return max(0.0, min(1.0, (c["dense"] - c["one"]) / (c["all"] - c["one"])))
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        if not h.is_contiguous():
+            h = h.contiguous()
+        m = h.shape[0]
+        sidx = torch.empty(m, self.w.H, dtype=torch.int32)
+        y = torch.empty(m, self.w.NP)
+        self.k(h, sidx, self.w.wdt_p, self.bias_p, y)
+        return y[:, : self.w.N] if self.w.NP != self.w.N else y
+
+    def __call__(self, x):
+        h = self.w.hidden(x)
+        if float((h != 0).float().mean()) > self.crossover():
+            return self.w.dense_down(h)
+        return self.down(h)
+
+
+class SparseMLP(torch.nn.Module):
+    """A lowered sparse_mlp: the M = 1 strategy for one row, the union strategy for more rows."""
+
+    def __init__(self, layer: str, w: _Weights, mv: _Strategy | None, mm: _Strategy | None, kernel: str):
+        super().__init__()
+        self.layer, self.kernel = layer, kernel
+        self._w, self._mv, self._mm = w, mv, mm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise SparsecompError(
+                f"MLP {self.layer} was compiled for float32 CPU inputs, got {str(x.dtype).replace('torch.', '')} on {x.device}",
+                hint="cast the inputs to float32 on the CPU, or compile the model again for this dtype/device",
+            )
+        lead = x.shape[:-1]
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if m == 0:
+            return x.new_empty((*lead, self._w.N))
+        if m == 1 and self._mv is not None:
+            y = self._mv(x)
+        elif m > 1 and self._mm is not None:
+            y = self._mm(x)
+        else:
+            y = self._w.dense_down(self._w.hidden(x))
+        return y.reshape(*lead, self._w.N)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, kernel={self.kernel}"
+
+
+def _op_args(gm: fx.GraphModule, node: fx.Node) -> dict:
+    vals = {}
+    for name, a in zip(_ARGS, node.args):
+        if isinstance(a, fx.Node):
+            if a.op != "get_attr":
+                if name == "x":
+                    vals[name] = a
+                    continue
+                raise SparsecompError(f"sparse_mlp {node.name}: argument {name} is computed ({a.name}), expected a constant",
+                                      hint="run sparse-mlp on a captured graph (its weights are attributes)")
+            vals[name] = get_attr_value(gm, a.target).detach()
+        else:
+            vals[name] = a
+    return vals
+
+
+def _mv_candidates(w: _Weights, use_tir: bool) -> list:
+    if not use_tir:
+        return []
+    out = []
+    # each with the down kernel on the thread pool and on the calling thread (see `_down_mv`)
+    for serial in (False, True):
+        if w.mode == "exact" and w.act_name in EXACT_ACTIVATIONS:
+            variants = [(4, 1), (2, 2)] if not w.gated else [(1, 4), (1, 2)]
+            out += [lambda r=r, u=u, se=serial: _TirUpMV(w, rows=r, unroll=u, serial=se) for r, u in variants]
+        if w.mode == "predictor":
+            out.append(lambda se=serial: _PredictorMV(w, serial=se))
+        out.append(lambda se=serial: _TorchUpMV(w, serial=se))
+    return out
+
+
+def _mm_candidates(w: _Weights, use_tir: bool) -> list:
+    out = [lambda: _Union(w, "torch")]
+    if use_tir:
+        out += [lambda r=r: _Union(w, "tir", rows=r) for r in (2, 1)]
+        out += [lambda: _PerRow(w, rows=2)]
+    return out
+
+
+def _calibrate_crossover(strategy, x2: torch.Tensor, max_seconds: float) -> None:
+    """Measure, on one chunk of rows of x2 (all of them for `union-torch` and `per-row`, up to 8 for
+    `union-tir`), the dense down-projection against the strategy's down with a single neuron and
+    with every neuron active: its cost is linear in the active neurons between the two."""
+    w = strategy.w
+    if isinstance(strategy, _PerRow):
+        with torch.no_grad():
+            h = w.hidden(x2)
+        full, single = torch.ones_like(h), torch.zeros_like(h)
+        single[:, 0] = 1.0
+        t = compare({"dense": lambda: w.dense_down(h), "all": lambda: strategy.down(full), "one": lambda: strategy.down(single)},
+                    min_runs=10, max_seconds=max_seconds)
+        strategy.cost = {k: t[k].median * 1e6 for k in ("dense", "all", "one")}
+        return
+    rows = x2 if strategy.kind == "torch" else x2[: _Union.CHUNK]
+    with torch.no_grad():
+        h = w.hidden(rows)
+    full = [(h, torch.arange(w.H))]
+    single = [(h, torch.zeros(1, dtype=torch.long))]
+    t = compare({"dense": lambda: w.dense_down(h), "all": lambda: strategy.down(h, full),
+                 "one": lambda: strategy.down(h, single)}, min_runs=10, max_seconds=max_seconds)
+    strategy.cost = {k: t[k].median * 1e6 for k in ("dense", "all", "one")}
+
+
+def _rows_like(x2: torch.Tensor, m: int) -> torch.Tensor:
+    """m rows of inputs like x2's (its rows repeated, slightly perturbed), to measure another M."""
+    reps = x2[torch.arange(m) % x2.shape[0]]
+    return reps + 0.01 * reps.std() * torch.randn(reps.shape, generator=torch.Generator().manual_seed(0))
+
+
+def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: DecisionCache | None,
+                     max_seconds: float = 0.5, min_runs: int = 20, use_tir: bool = True, rtol: float = 1e-4,
+                     only: set[str] | None = None, progress=None) -> list[MLPDecision]:
+    """Replace every sparse_mlp node of `gm` by its measured strategy; returns the decisions."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_MLP]
+    if not nodes:
+        return []
+    use_tir = use_tir and tir_available()
+    inputs = _record_inputs(gm, nodes, example)
+    decisions = []
+    family_choice: dict[tuple, str] = {}
+    for i, node in enumerate(nodes):
+        info = node.meta.get("sparsecomp.sparse_mlp", {})
+        layer = info.get("layer", node.name)
+        args = _op_args(gm, node)
+        w = _Weights(args, _CB)
+        x = inputs[node].float()
+        x2 = x.reshape(-1, x.shape[-1])
+        m = x2.shape[0]
+        with torch.no_grad():
+            h = w.hidden(x)
+            reference = w.dense_down(h)
+        density = float((h != 0).any(0).float().mean())
+        notes: list[str] = []
+        makers = _mv_candidates(w, use_tir) if m == 1 else _mm_candidates(w, use_tir)
+        strategies = {"dense": _Strategy(w)}
+        for make in makers:
+            try:
+                s = make()
+            except Exception as err:  # noqa: BLE001 - a kernel that cannot build is dropped, with the reason
+                notes.append(f"candidate dropped: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
+                continue
+            strategies[s.label] = s
+        eligible = set(strategies)
+        if only is not None:  # forced candidates (debugging, tests): dense is still timed, chosen only when named
+            eligible = {k for k in strategies if k.split("{")[0] in only or k in only} or {"dense"}
+            strategies = {k: v for k, v in strategies.items() if k in eligible or k == "dense"}
+        if m > 1:  # each union candidate gets its crossover before it is timed (so it is timed as it will run)
+            for s in strategies.values():
+                if isinstance(s, (_Union, _PerRow)):
+                    _calibrate_crossover(s, x2 if m >= _Union.CHUNK or s.kind != "tir" else _rows_like(x2, _Union.CHUNK),
+                                         max_seconds / 4)
+        key, cached, entry = None, False, None
+        if cache is not None:
+            key = cache.key(op="sparse_mlp", shape=[w.K, w.H, w.N], m=m, mode=w.mode, activation=w.act_name, gated=w.gated,
+                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies))
+            labels = set(strategies)
+            entry = cache.get(key, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
+        checked = {}
+        for label, s in strategies.items():
+            if entry is not None and label not in (entry["kernel"], "dense"):
+                continue
+            try:
+                with torch.no_grad():
+                    out = s(x)
+                ok, err, allowed = compare_outputs(out, reference, rtol=rtol)
+                why = "" if ok else f"max abs error {err:.3g} > {allowed:.3g}"
+            except Exception as exc:  # noqa: BLE001
+                ok, why = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+            if ok:
+                checked[label] = s
+            else:
+                notes.append(f"{label} dropped: {why}")
+        if entry is not None and entry["kernel"] in checked:
+            best, cached = entry["kernel"], True
+            measured = dict(entry.get("measured", {}))
+            dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]
+            for s in checked.values():
+                if isinstance(s, (_Union, _PerRow)) and isinstance(entry.get("cost"), dict):
+                    s.cost = dict(entry["cost"])
+        else:
+            family = (w.K, w.H, w.N, m, w.mode, w.gated, round(density, 1))
+            trial = checked
+            if family in family_choice and family_choice[family] in checked:
+                trial = {k: v for k, v in checked.items() if k in (family_choice[family], "dense")}
+                notes.append("timed only the choice of an earlier layer of this shape and density against dense")
+            with torch.no_grad():
+                times = compare({k: (lambda s=s, x=x: s(x)) for k, s in trial.items()}, min_runs=min_runs, max_seconds=max_seconds)
+            measured = {k: v.median * 1e6 for k, v in times.items()}
+            best = min((k for k in measured if k in eligible), key=measured.get, default="dense")
+            family_choice.setdefault(family, best)
+            dense_us, chosen_us = measured["dense"], measured[best]
+            if cache is not None:
+                cs = checked[best]
+                cache.put(key, {"kernel": best, "dense_us": dense_us, "chosen_us": chosen_us, "measured": measured,
+                                **({"cost": cs.cost} if isinstance(cs, (_Union, _PerRow)) else {})})
+        chosen = checked[best]
+        mv, mm = (chosen, None) if m == 1 else (None, chosen)
+        if best == "dense":
+            mv = mm = None
+        elif m == 1 and use_tir:
+            # another M at run time: the TIR union path, its crossover measured on 8 rows
+            try:
+                mm = _Union(w, "tir")
+                _calibrate_crossover(mm, _rows_like(x2, _Union.CHUNK), max_seconds / 4)
+            except Exception as exc:  # noqa: BLE001
+                mm = None
+                notes.append(f"no M > 1 kernel ({type(exc).__name__}); more rows run dense")
+        crossover = {}
+        if mm is not None:
+            crossover = {"path": mm.label, "rows<=8": round(mm.crossover(1), 3), "rows=64": round(mm.crossover(8), 3),
+                         "cost_us": mm.cost}
+        pattern = f"mlp {info.get('pattern', '')} {w.act_name} {w.mode}".replace("  ", " ")
+        calib = {k: info[k] for k in ("target_sparsity", "calibrated_sparsity", "recall", "cosine", "score") if info.get(k) is not None}
+        if best == "dense":
+            reason = "; ".join(["dense is fastest (measured)", *notes])
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(node.target, tuple(node.args))  # the op's reference: plain aten ops
+        else:
+            reason = "; ".join([f"{dense_us / chosen_us:.2f}x faster than dense (measured), {density:.1%} of neurons active",
+                                *([(f"M > 1 ({crossover['path']}): dense down above {crossover['rows<=8']:.0%} active neurons "
+                                     f"(up to 8 rows), {crossover['rows=64']:.0%} at 64 rows (measured)")] if crossover else []), *notes])
+            name = f"sparse_mlp_{i}_{layer.replace('.', '_').replace('->', '__')}"
+            gm.add_submodule(name, SparseMLP(layer, w, mv, mm, best))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (node.args[0],))
+        new.meta.update(node.meta)
+        new.meta["sparsecomp.rule"] = f"sparse_mlp->{best}"
+        new.meta["sparsecomp.decision"] = {"kernel": best, "speedup": round(dense_us / chosen_us, 2) if chosen_us else None}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for a in node.args:  # constants the module now holds (packed) and the graph no longer reads
+            if isinstance(a, fx.Node) and a.op == "get_attr" and not a.users:
+                gm.graph.erase_node(a)
+        decisions.append(MLPDecision(layer, [w.K, w.H, w.N], m, density, "dense" if best == "dense" else "sparse", best,
+                                     dense_us, chosen_us, reason, pattern, cached, measured, crossover, calib))
+        if progress is not None:
+            progress(i + 1, len(nodes), layer)
+    gm.graph.lint()
+    gm.recompile()
+    return decisions
+

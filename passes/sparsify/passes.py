@@ -1,0 +1,103 @@
+"""The registered sparsify passes: `sparsify-magnitude`, `sparsify-wanda`, `sparsify-sparsegpt`.
+
+Each prunes the captured graph's matmul weights in place of the graph's own attributes (new
+Parameters are swapped in: the user's model, which shares the captured parameters, is untouched),
+using `ctx.calibration` for activations. They are lossy and run only when a pipeline names them;
+`sparsecomp.sparsify` / `compile(sparsify=...)` call the same engine on the model itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from sparsecomp.registry import PassResult, register_pass
+
+from .config import DEFAULT_SKIP, SparsifyConfig
+from .engine import commit, compute
+
+__all__ = ["META_KEY"]
+
+META_KEY = "sparsecomp.sparsify"
+
+Allocation = Literal["uniform", "owl", "sensitivity"]
+
+
+def _run(gm, ctx, method: str, pattern: str, allocation: str, skip: str, **extra) -> PassResult:
+    cfg = SparsifyConfig(method=method, pattern=pattern, allocation=allocation,
+                         skip=tuple(s for s in skip.split(",") if s), **extra)
+    tensors, result = compute(gm, cfg, list(ctx.calibration) or None, gm=gm, label=ctx.model_name)
+    commit(gm, tensors, replace=True)
+    by_name = {r.name: r for r in result.layers}
+    from sparsecomp.ir import linear_sites
+
+    for site in linear_sites(gm):
+        r = by_name.get(site.name)
+        if r is not None:
+            site.node.meta[META_KEY] = {"method": method, "status": r.status,
+                                        **({"sparsity": r.sparsity} if r.status == "pruned" else {"reason": r.reason})}
+    ctx.results[f"sparsify-{method}"] = result
+    return PassResult(bool(tensors), {"pruned": len(result.pruned), "skipped": len(result.skipped)})
+
+
+_SKIP = ",".join(DEFAULT_SKIP)
+
+
+@register_pass("sparsify-magnitude", kind="sparsify")
+def sparsify_magnitude(gm, ctx, *, pattern: str = "unstructured:0.5", allocation: Allocation = "uniform",
+                       skip: str = _SKIP) -> PassResult:
+    """Zero the smallest-magnitude weights of every matmul (lossy: only when asked).
+
+    Requires: an ATen-level graph (`sparsecomp.capture`); calibration batches in `ctx.calibration`
+      only for allocation owl / sensitivity.
+    Ensures: every linear / addmm / matmul weight not skipped holds exactly the asked zeros under
+      `pattern` (unstructured and block: the smallest |w| / tile L1 norms of the layer; N:M: per
+      group); skipped layers (skip globs, tied heads, convolutions, patterns that do not divide
+      the shape) are unchanged; `node.meta["sparsecomp.sparsify"]` says which; the report is
+      `ctx.results["sparsify-magnitude"]`. The graph's structure is unchanged.
+    Options:
+      pattern: unstructured:S | block:RxC:S | N:M.
+      allocation: per-layer sparsity: uniform | owl | sensitivity (global budget exact).
+      skip: comma-separated globs of layer names left dense (default: output heads).
+    """
+    return _run(gm, ctx, "magnitude", pattern, allocation, skip)
+
+
+@register_pass("sparsify-wanda", kind="sparsify")
+def sparsify_wanda(gm, ctx, *, pattern: str = "unstructured:0.5", allocation: Allocation = "uniform",
+                   skip: str = _SKIP) -> PassResult:
+    """Wanda: zero the weights with the smallest |w| x ||input||, per output row (lossy).
+
+    Requires: calibration batches in `ctx.calibration`; an ATen-level graph.
+    Ensures: as sparsify-magnitude, with scores |w_ij| x ||x_j|| measured layer by layer on the
+      already-pruned model's activations (unstructured quotas per output row); report in
+      `ctx.results["sparsify-wanda"]`.
+    Options:
+      pattern: unstructured:S | block:RxC:S | N:M.
+      allocation: per-layer sparsity: uniform | owl | sensitivity (global budget exact).
+      skip: comma-separated globs of layer names left dense (default: output heads).
+    """
+    return _run(gm, ctx, "wanda", pattern, allocation, skip)
+
+
+@register_pass("sparsify-sparsegpt", kind="sparsify")
+def sparsify_sparsegpt(gm, ctx, *, pattern: str = "unstructured:0.5", allocation: Allocation = "uniform",
+                       skip: str = _SKIP, damp: float = 0.01, blocksize: int = 128, correct: bool = False,
+                       update_bias: bool = False, refine: int = 0) -> PassResult:
+    """SparseGPT: prune with OBS updates of the remaining weights, layer by layer (lossy).
+
+    Requires: calibration batches in `ctx.calibration`; an ATen-level graph.
+    Ensures: as sparsify-magnitude, with masks and new values from SparseGPT on each layer's input
+      Hessian, measured on the already-pruned model's activations; report in
+      `ctx.results["sparsify-sparsegpt"]`.
+    Options:
+      pattern: unstructured:S | block:RxC:S | N:M.
+      allocation: per-layer sparsity: uniform | owl | sensitivity (global budget exact).
+      skip: comma-separated globs of layer names left dense (default: output heads).
+      damp: Hessian damping, fraction of its mean diagonal.
+      blocksize: lazy-update block width (columns).
+      correct: target the dense model's layer outputs (compensates earlier layers' errors).
+      update_bias: let the bias absorb the mean of the error.
+      refine: conjugate-gradient steps of the exact masked least squares after SparseGPT.
+    """
+    return _run(gm, ctx, "sparsegpt", pattern, allocation, skip, damp=damp, blocksize=blocksize,
+                correct=correct, update_bias=update_bias, refine=refine)

@@ -1,0 +1,204 @@
+"""compile(backend="ort"): equals eager, the exported graph's contents, cache, bad inputs, fallbacks.
+
+Decisions are measured, so tests that assert *which* lowering runs restrict the candidates
+(`kernels=`); the others assert invariants that hold whatever wins.
+"""
+
+import json
+
+import pytest
+import torch
+from sparsecomp.backends.ort import OrtModule, runner
+from torch import nn
+
+import sparsecomp as sc
+from sparsecomp import patterns
+from sparsecomp.api import CompiledModel
+from sparsecomp.errors import OnnxError, SparsecompError
+from sparsecomp.ir import compare_outputs
+from sparsecomp.ops import define_op
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(96, 160), nn.ReLU(), nn.Linear(160, 96), nn.ReLU(), nn.Linear(96, 24)).eval()
+    patterns.impose(m, "unstructured:0.9", "0")
+    patterns.impose(m, "block:16x1:0.9", "2")
+    with torch.no_grad():
+        m[0].weight[5].zero_()  # an all-zero row
+    return m
+
+
+def ops(cm):
+    counts = {}
+    for n in cm.gm.onnx_model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def lowered(cm):
+    """Always the ORT module, whatever the end-to-end check chose."""
+    return CompiledModel(cm.gm, cm.report, "ort")
+
+
+@pytest.mark.parametrize("batch", [1, 33])
+def test_forced_lowerings_match_eager(batch, tmp_path):
+    m = net()
+    x = torch.randn(batch, 96)
+    cm = sc.compile(m, (x,), backend="ort", kernels="sell4,bsr16x1-b4", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert isinstance(cm.gm, OrtModule) and cm.backend == "ort"
+    rows = {r["layer"]: r for r in cm.report.rows}
+    assert rows["0"]["decision"] == "sparse" and rows["0"]["kernel"] == "sell4"  # bsr16x1 does not fit 90% unstructured
+    assert rows["2"]["decision"] == "sparse" and rows["2"]["kernel"] in ("sell4", "bsr16x1-b4")
+    assert rows["4"]["decision"] == "dense" and "not rewritten" in rows["4"]["reason"]
+    assert cm.report.verify["ok"]
+    for xb in (x, torch.randn(7, 96), torch.zeros(1, 96)):  # other batch sizes after compile
+        for run in (cm, lowered(cm)):
+            ok, err, allowed = compare_outputs(run(xb), m(xb))
+            assert ok, (err, allowed)
+    with pytest.raises(SparsecompError, match="compiled for other input shapes"):
+        lowered(cm)(torch.randn(2, 3, 96))  # another rank: a clear error, not a wrong answer
+    with pytest.raises(SparsecompError, match="compiled for other input shapes"):
+        lowered(cm)(torch.randn(2, 95))
+    # graph: layer 0 as sell4 (4 buckets + the inverse row order), the dense layer 4 as the exporter wrote it
+    counts = ops(cm)
+    assert counts.get("GatherElements", 0) >= 5 and "ReduceSum" in counts
+    assert not any(n.domain for n in cm.gm.onnx_model.graph.node)  # standard ONNX only
+    assert cm.gm.onnx_model.opset_import[0].version == 20
+
+
+def test_measured_choice_is_always_correct(tmp_path):
+    m = net(1)
+    x = torch.randn(4, 96)
+    cm = sc.compile(m, (x,), backend="ort", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert cm.report.verify["ok"]
+    for r in cm.report.rows:
+        if r.get("measured"):
+            assert r["kernel"].split("-compact")[0] in r["measured"] or r["decision"] == "dense"
+            assert "dense" in r["measured"]  # dense is always a contender
+    for xb in (x, torch.randn(9, 96)):
+        ok, err, allowed = compare_outputs(lowered(cm)(xb), m(xb))
+        assert ok, (err, allowed)
+
+
+def test_cache_hit_and_corrupt_cache(tmp_path):
+    m, x = net(), torch.randn(2, 96)
+    sc.compile(m, (x,), backend="ort", kernels="dense,sell4", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    cm = sc.compile(m, (x,), backend="ort", kernels="dense,sell4", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert cm.report.cache["hit"] == 2 and all(r.get("cached") for r in cm.report.rows if r.get("measured"))
+    path = tmp_path / "decisions" / "ort.json"
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        entry["kernel"] = "no-such-kernel"  # a foreign / stale entry
+    path.write_text(json.dumps(data))
+    cm = sc.compile(m, (x,), backend="ort", kernels="dense,sell4", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert cm.report.cache["corrupt"] == 2 and cm.report.verify["ok"]  # ignored and measured again
+    assert all(r["kernel"] != "no-such-kernel" and not r.get("cached") for r in cm.report.rows if r.get("measured"))
+
+
+def test_dense_model_and_kwargs_and_tuple_outputs(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 48), nn.Linear(32, 48)
+
+        def forward(self, x, *, scale):
+            return self.a(x) * scale, {"b": self.b(x)}
+
+    m = Two().eval()
+    patterns.impose(m, "unstructured:0.8", "a")
+    ex = {"x": torch.randn(2, 5, 32), "scale": torch.tensor(2.0)}
+    cm = sc.compile(m, ex, backend="ort", kernels="ell", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    out = lowered(cm)(x=torch.randn(3, 4, 32), scale=torch.tensor(3.0))
+    assert isinstance(out, tuple) and set(out[1]) == {"b"} and out[0].shape == (3, 4, 48)
+    ref = m(x=torch.randn(1, 1, 32), scale=torch.tensor(1.0))
+    assert ref[0].shape == (1, 1, 48)
+
+
+def test_threads_leave_other_onnxruntime_users_alone(tmp_path):
+    """Compiling must not switch the process to a global pool: onnxruntime would then refuse every
+    plain InferenceSession a user (or another library) opens."""
+    import onnxruntime as ort
+
+    m, x = net(), torch.randn(2, 96)
+    cm = sc.compile(m, (x,), backend="ort", kernels="dense", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    plain = ort.InferenceSession(cm.gm.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert plain.run(None, {"input": x.numpy()})[0].shape == (2, 24)
+    assert not runner._POOL
+
+
+def test_opt_in_global_pool_in_a_fresh_process():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np, onnxruntime as ort
+        from onnx import helper
+        from sparsecomp.backends.ort import runner
+        g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", 1, [2])],
+                              [helper.make_tensor_value_info("y", 1, [2])])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+        assert runner.use_global_thread_pool(1) == 1
+        assert runner.session(model).run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0].tolist() == [0.0, 2.0]
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            raise SystemExit("a per-session pool was accepted beside the global one")
+        except RuntimeError as err:
+            assert runner._GLOBAL_POOL_REFUSED in str(err)
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+_double = None
+
+
+def test_sparsecomp_op_without_lowering_exports_its_reference(tmp_path):
+    """An op the ORT backend cannot lower is exported as its dense reference, and the report says so."""
+    global _double
+    if _double is None:
+        _double = define_op("_test_ort_double", "(Tensor x) -> Tensor", reference=lambda x: x * 2.0 + 1.0,
+                            fake=lambda x: torch.empty_like(x))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.ops.sparsecomp._test_ort_double(self.fc(x))
+
+    m = M().eval()
+    x = torch.randn(3, 16)
+    cm = sc.compile(m, (x,), backend="ort", cache_dir=str(tmp_path))
+    assert any("sparsecomp::_test_ort_double" in n and "dense reference" in n for n in cm.report.notes)
+    ok, err, allowed = compare_outputs(lowered(cm)(x), m(x))
+    assert ok, (err, allowed)
+
+
+_opaque = None
+
+
+def test_op_that_cannot_decompose_is_a_clear_error(tmp_path):
+    global _opaque
+    if _opaque is None:
+        _opaque = define_op("_test_ort_opaque", "(Tensor x) -> Tensor",
+                            reference=lambda x: torch.from_numpy(x.detach().numpy() * 3.0),
+                            fake=lambda x: torch.empty_like(x))
+
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.ops.sparsecomp._test_ort_opaque(x)
+
+    with pytest.raises(OnnxError, match="_test_ort_opaque.*no ONNX lowering"):
+        sc.compile(M().eval(), (torch.randn(2, 8),), backend="ort", cache_dir=str(tmp_path))
+
+
+def test_bad_opset_before_any_work(tmp_path, monkeypatch):
+    import sparsecomp.backends.ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "decide_layers", lambda *a, **k: pytest.fail("measured before checking the opset"))
+    with pytest.raises(OnnxError, match="minimum is opset 16"):
+        ort_backend.lower(None, None, opset=12)

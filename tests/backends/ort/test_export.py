@@ -1,0 +1,139 @@
+"""sparsecomp.export_onnx: the file (checker, dynamic axes, metadata, compact storage, external
+data), the round trips export -> analyze / bench, and every bad input answered before any work."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from sparsecomp.backends.ort import files, session
+from torch import nn
+
+import sparsecomp as sc
+from sparsecomp import api, patterns
+from sparsecomp.errors import OnnxError
+
+
+def mlp(seed=0, spec="unstructured:0.9"):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)).eval()
+    patterns.impose(m, spec)
+    return m
+
+
+def run_file(path, x, optimize=True):
+    s = session(str(path), optimize=optimize)
+    return torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+
+
+def close(out, ref):
+    return float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One export shared by the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("export")
+    m = mlp()
+    x = torch.randn(2, 7, 128)
+    info = sc.export_onnx(m, (x,), tmp / "m.onnx", kernels="sell4,dense", cache_dir=str(tmp / "cache"), max_seconds_per_layer=0.05)
+    return m, x, info, onnx.load(str(tmp / "m.onnx"))
+
+
+def test_file_checks_runs_and_keeps_batch_and_sequence_dynamic(exported):
+    m, x, info, model = exported
+    onnx.checker.check_model(info["path"], full_check=True)
+    assert info["external_data"] is None and info["opset"] == 20 and info["bytes"] == os.path.getsize(info["path"])
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence", 128]
+    for xb in (x, torch.randn(1, 1, 128), torch.randn(7, 3, 128)):  # batch 1 and 7, other sequence lengths
+        for optimize in (True, False):  # ORT graph optimizations on and ORT_DISABLE_ALL
+            assert close(run_file(info["path"], xb, optimize), m(xb))
+
+
+def test_metadata(exported):
+    _, _, _, model = exported
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["sparsecomp.version"] == sc.__version__ and meta["sparsecomp.backend"] == "ort"
+    assert meta["sparsecomp.pipeline"].startswith("analyze-weights") and "sparse-linear" in meta["sparsecomp.pipeline"]
+    decisions = json.loads(meta["sparsecomp.decisions"])
+    assert [d["layer"] for d in decisions] == ["0", "2"] and all("kernel" in d and "reason" in d for d in decisions)
+    layers = files.layers(model)
+    assert [r["layer"] for r in layers] == ["0", "2"] and all(r["shape"] and r["arrays"] for r in layers)
+    assert json.loads(meta["sparsecomp.inputs"])[0]["shape"] == [2, 7, 128]
+    assert model.producer_name == "sparsecomp"
+
+
+def test_storage_is_compact(exported):
+    """Values + narrow indices: a 90%-sparse layer takes ~1/5 of its dense bytes, whatever runs."""
+    _, _, info, model = exported
+    dense_bytes = 2 * 128 * 256 * 4
+    assert info["bytes"] < 0.3 * dense_bytes
+    idx = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.UINT16)]
+    assert idx  # stored narrow, Cast to int32 in the graph (folded by onnxruntime at load)
+    assert not [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT64 and np.prod(t.dims) > 16]
+
+
+def test_round_trip_export_analyze(exported):
+    m, x, info, _ = exported
+    from_file = {l.name: l for l in sc.analyze(info["path"]).layers}
+    from_torch = {l.name: l for l in sc.analyze(m, (x,)).layers}
+    assert set(from_file) == set(from_torch) == {"0", "2"}
+    for name, ref in from_torch.items():
+        got = from_file[name]
+        assert got.shape == ref.shape and got.density == ref.density and got.zero_rows == ref.zero_rows
+        assert got.nm_conformance == ref.nm_conformance and got.block_occupancy == ref.block_occupancy
+
+
+def test_dense_equivalent_is_the_same_function(exported):
+    m, x, _, model = exported
+    dense = files.dense_equivalent(model)
+    onnx.checker.check_model(dense, full_check=True)
+    assert {n.op_type for n in dense.graph.node} <= {"MatMul", "Add", "Relu"}
+    s = session(dense)
+    assert close(torch.from_numpy(s.run(None, {"input": x.numpy()})[0]), m(x))
+
+
+def test_export_of_compiled_model_does_not_recompile(tmp_path, monkeypatch):
+    m, x = mlp(1), torch.randn(3, 128)
+    cm = sc.compile(m, (x,), backend="ort", kernels="dense,sell4", cache_dir=str(tmp_path / "c"), max_seconds_per_layer=0.05)
+    monkeypatch.setattr(api, "compile", lambda *a, **k: pytest.fail("compiled again"))
+    info = sc.export_onnx(cm, (x,), tmp_path / "cm.onnx")
+    assert close(run_file(info["path"], x), m(x))
+    # another opset and static shapes: exported again from the same decisions, checked against the compiled model
+    info17 = sc.export_onnx(cm, (x,), tmp_path / "cm17.onnx", opset=17, dynamic_axes=None)
+    model17 = onnx.load(info17["path"])
+    assert info17["opset"] == 17 and [d.dim_value for d in model17.graph.input[0].type.tensor_type.shape.dim] == [3, 128]
+    assert close(run_file(info17["path"], x, optimize=False), m(x))
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "compile", lambda *a, **k: pytest.fail("worked before checking"))
+    m, x = mlp(), torch.randn(2, 128)
+    with pytest.raises(OnnxError, match="does not exist"):
+        sc.export_onnx(m, (x,), tmp_path / "missing" / "m.onnx")
+    with pytest.raises(OnnxError, match="is a directory"):
+        sc.export_onnx(m, (x,), tmp_path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(OnnxError, match="read-only"):  # (tests run as root, who may write anywhere: simulated)
+        sc.export_onnx(m, (x,), tmp_path / "m.onnx")
+    monkeypatch.setattr(os, "access", real_access)
+    with pytest.raises(OnnxError, match="opset 13 is too old.*minimum is opset 16"):
+        sc.export_onnx(m, (x,), tmp_path / "m.onnx", opset=13)
+    torch_cm = api.CompiledModel(m, api.CompileReport("m", "torch", "p"), "torch")
+    with pytest.raises(OnnxError, match="compiled for backend 'torch'"):
+        sc.export_onnx(torch_cm, (x,), tmp_path / "m.onnx")
+
+
+def test_external_data_above_the_protobuf_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "PROTOBUF_LIMIT", 1000)  # a 2 GiB model is too slow for a test: lower the limit
+    m, x = mlp(2), torch.randn(2, 128)
+    info = sc.export_onnx(m, (x,), tmp_path / "big.onnx", kernels="dense", cache_dir=str(tmp_path / "c"), max_seconds_per_layer=0.05)
+    assert info["external_data"] == str(tmp_path / "big.onnx.data") and os.path.getsize(info["external_data"]) > 1000
+    assert info["bytes"] == os.path.getsize(info["path"]) + os.path.getsize(info["external_data"])
+    assert os.path.getsize(info["path"]) < 50_000  # the graph only
+    assert close(run_file(info["path"], x), m(x))
+    assert {l.name for l in sc.analyze(str(tmp_path / "big.onnx")).layers} == {"0", "2"}

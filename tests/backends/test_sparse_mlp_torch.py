@@ -1,0 +1,249 @@
+"""sparse_mlp on the torch backend: the TIR kernels against plain torch, and compile end to end.
+
+Kernels on odd shapes (no block, chunk or row group divides them), with blocks that have no
+active neuron, all neurons active, none active. Compile: exact mode (forced onto the kernels
+with `kernels=`, so the test checks them whatever the timing) at batch 1, 3, 64 after compiling
+at batch 1, an MLP with no zeros and one whose activations are all zero, gated and non-gated;
+threshold and predictor modes against the rewritten graph on the reference op; the cache.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("tvm")
+
+import sparsecomp as sc  # noqa: E402
+from sparsecomp.api import CompiledModel  # noqa: E402
+from sparsecomp.backends.torch import SparseMLP  # noqa: E402
+from sparsecomp.ir import compare_outputs  # noqa: E402
+
+K, H, N = 37, 203, 29  # odd on purpose
+
+
+@pytest.fixture(scope="module")
+def mlp_kernels(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path_factory.mktemp("sccache")))
+    from sparsecomp.backends.tir import _mlp
+
+    yield _mlp
+    mp.undo()
+
+
+def _close(a, b):
+    ok, err, allowed = compare_outputs(a, b)
+    assert ok, (err, allowed)
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "relu2"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
+def test_up_kernel(mlp_kernels, act, gated, bias):
+    from sparsecomp.dialect import MLP_ACTIVATIONS
+
+    g = torch.Generator().manual_seed(0)
+    x, w, wg = torch.randn(K, generator=g), torch.randn(H, K, generator=g), torch.randn(H, K, generator=g)
+    b, bg = torch.randn(H, generator=g) + bias, torch.randn(H, generator=g) + bias
+    f = MLP_ACTIVATIONS[act]
+    want = f(wg @ x + bg) * (w @ x + b) if gated else f(w @ x + b)
+    for rows, unroll, bs in ((1, 4, 64), (4, 1, 64), (2, 2, 16)):
+        k = mlp_kernels.build_mlp_kernel("up_mv", {"act": act, "gated": gated, "rows": 1 if gated else rows, "unroll": unroll, "bs": bs})
+        nb = -(-H // bs)
+        hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
+        k(x, w, b, *((wg, bg) if gated else ()), hc, idx, cnt)
+        got = torch.zeros(H)
+        for i in range(nb):
+            got[idx[i, : cnt[i]].long()] = hc[i, : cnt[i]]
+            assert (idx[i, : cnt[i]] // bs == i).all()  # each block lists its own rows
+        assert int(cnt.sum()) == int((want != 0).sum())
+        _close(got, want)
+
+
+def test_gather_and_down_kernels(mlp_kernels):
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(K, generator=g), torch.randn(H, K, generator=g), torch.randn(H, generator=g)
+    cb = 64
+    np_ = -(-N // cb) * cb
+    wdt = torch.zeros(H, np_)
+    wdt[:, :N] = torch.randn(H, N, generator=g)
+    bd = torch.randn(N, generator=g)
+    for n in (0, 1, 7, H):  # no neuron, one, a few (a tail for every row unroll), all
+        idx = torch.randperm(H, generator=g)[:n].sort().values.to(torch.int32)
+        u = torch.empty(max(n, 1))
+        if n:
+            mlp_kernels.build_mlp_kernel("gather_up_mv")(x, w, b, idx, u[:n])
+            _close(u[:n], w[idx.long()] @ x + b[idx.long()])
+        vals = torch.randn(n, generator=g)
+        want = bd + vals @ wdt[idx.long(), :N]
+        for rows, serial in ((1, False), (2, False), (4, False), (2, True)):
+            k = mlp_kernels.build_mlp_kernel("down_mv", {"rows": rows, "cb": cb, "serial": serial})
+            for parts in (1, 3):
+                y = torch.empty(N)
+                # blocks of 4 entries (the last partly used), as the up kernel writes them
+                nb = max(1, -(-n // 4))
+                hc, ii, cnt = torch.zeros(nb, 4), torch.zeros(nb, 4, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
+                for t in range(n):
+                    hc[t // 4, t % 4], ii[t // 4, t % 4] = vals[t], idx[t]
+                    cnt[t // 4] += 1
+                k(hc, ii, cnt, wdt, bd, torch.empty(parts, np_), y)
+                _close(y, want)
+        for m, mt in ((1, 4), (3, 4), (8, 8)):
+            hm = torch.randn(mt, n, generator=g)
+            hm[m:] = 0
+            k = mlp_kernels.build_mlp_kernel("down_mm", {"mt": mt, "rows": 2, "cb": cb})
+            y = torch.empty(mt, N)
+            if n:
+                k(hm, idx, wdt, bd, torch.empty(3, mt, np_), y)
+                _close(y[:m], bd + hm[:m] @ wdt[idx.long(), :N])
+
+
+class Plain(nn.Module):
+    def __init__(self, bias=0.0, act="relu"):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(K, H), nn.Linear(H, N), act
+        with torch.no_grad():
+            self.fc1.bias += bias
+
+    def forward(self, x):
+        return self.fc2({"relu": F.relu, "gelu": F.gelu}[self.act](self.fc1(x)))
+
+
+class Gated(nn.Module):
+    def __init__(self, act="relu"):
+        super().__init__()
+        self.gate, self.up, self.down, self.act = nn.Linear(K, H), nn.Linear(K, H), nn.Linear(H, N), act
+
+    def forward(self, x):
+        g = F.relu(self.gate(x)) if self.act == "relu" else F.silu(self.gate(x))
+        return self.down(g * self.up(x))
+
+
+def _mlp_modules(cm):
+    return [m for m in cm.gm.modules() if isinstance(m, SparseMLP)]
+
+
+@pytest.mark.parametrize("make,kernels", [
+    (lambda: Plain(-0.5), "tir-up+tir-down"),
+    (lambda: Plain(-0.5), "torch-up+serial-down"),
+    (lambda: Plain(50.0), "tir-up+tir-down"),  # no zeros at all
+    (lambda: Plain(-50.0), "tir-up+serial-down"),  # every activation zero
+    (lambda: Gated(), "tir-gated-up+tir-down"),
+], ids=["plain-tir-up", "plain-torch-up", "no-zeros", "all-zero", "gated"])
+def test_exact_compile_any_batch(make, kernels, tmp_path):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(1, K)
+    cm = sc.compile(model, (x,), activation_sparsity="exact", kernels=kernels, cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    assert cm.report.verify["ok"]
+    (mod,) = _mlp_modules(cm)
+    assert mod.kernel.startswith(kernels)
+    row = next(r for r in cm.report.rows if r["layer"].endswith("->" + ("fc2" if isinstance(model, Plain) else "down")))
+    assert row["decision"] == "sparse" and row["pattern"].startswith("mlp") and row["m"] == 1
+    lowered = CompiledModel(cm.gm, cm.report, "torch")
+    for batch in (1, 3, 64):
+        xb = torch.randn(batch, K)
+        _close(lowered(xb), model(xb))
+
+
+def test_exact_union_path_and_crossover(tmp_path):
+    torch.manual_seed(0)
+    model = Plain(-0.5).eval()
+    x = torch.randn(5, K)
+    cm = sc.compile(model, (x,), activation_sparsity="exact", kernels="union-tir", cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    (mod,) = _mlp_modules(cm)
+    assert mod.kernel.startswith("union-tir")
+    # force the union kernel whatever was measured, then force dense: both agree with eager
+    for cost in ({"dense": 1e9, "one": 0.0, "all": 1.0}, {"dense": 0.0, "one": 1.0, "all": 2.0}):
+        mod._mm.cost = cost
+        for batch in (2, 5, 8, 19):
+            xb = torch.randn(batch, K)
+            _close(mod(xb), model(xb))
+    assert mod._mm.crossover(1) == 0.0
+
+
+def test_per_row_path_and_crossover(tmp_path):
+    torch.manual_seed(0)
+    model = Plain(-0.5).eval()
+    x = torch.randn(6, K)
+    cm = sc.compile(model, (x,), activation_sparsity="exact", kernels="per-row-tir", cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    (mod,) = _mlp_modules(cm)
+    assert mod.kernel.startswith("per-row-tir")
+    for cost in ({"dense": 1e9, "one": 0.0, "all": 1.0}, {"dense": 0.0, "one": 1.0, "all": 2.0}):  # kernel, then dense
+        mod._mm.cost = cost
+        for batch in (2, 6, 33):
+            xb = torch.randn(batch, K)
+            _close(mod(xb), model(xb))
+
+
+@pytest.mark.parametrize("mode", ["threshold", "predictor"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lossy_compile_matches_reference(mode, batch, tmp_path):
+    torch.manual_seed(0)
+    model = Gated("silu").eval() if mode == "predictor" else Plain(act="gelu").eval()
+    x = torch.randn(batch, K)
+    cal = [(torch.randn(8, K),) for _ in range(4)]
+    cm = sc.compile(model, (x,), activation_sparsity=f"{mode}:0.5", calibration=cal, cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    assert cm.report.verify["ok"] and cm.report.verify["reference"] == "rewritten graph on reference ops"
+    assert any(n.startswith("lossy (asked for): activation sparsity") for n in cm.report.notes)
+    row = next(r for r in cm.report.rows if r["pattern"].startswith("mlp"))
+    assert row["calibration"]["calibrated_sparsity"] >= 0.5
+    if mode == "predictor":
+        assert 0 <= row["calibration"]["recall"] <= 1
+    # every candidate the lowering could pick agrees with the reference op at other batches too
+    (mod,) = _mlp_modules(cm) or [None]
+    if mod is not None:
+        for xb in (torch.randn(1, K), torch.randn(4, K)):
+            want = mod._w.dense_down(mod._w.hidden(xb))
+            _close(mod(xb), want)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "predictor"])
+def test_lossy_3d_inputs_keep_the_reference_mask(mode, tmp_path):
+    # [batch, seq, K] inputs: the backend computes the keep-mask on x as the op receives it, so no
+    # neuron near the threshold can flip against the reference (a flip costs a whole neuron)
+    torch.manual_seed(0)
+    model = Plain(act="gelu").eval()
+    x = torch.randn(2, 7, K)
+    cal = [(torch.randn(2, 7, K),) for _ in range(8)]
+    cm = sc.compile(model, (x,), activation_sparsity=f"{mode}:0.5", calibration=cal, cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    assert cm.report.verify["ok"] and not any("fell back" in n for n in cm.report.notes)
+    assert any(r["pattern"].startswith("mlp") for r in cm.report.rows)
+
+
+def test_decision_is_cached(tmp_path):
+    model = Plain(-0.5).eval()
+    x = torch.randn(1, K)
+    first = sc.compile(model, (x,), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    second = sc.compile(model, (x,), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    r1 = next(r for r in first.report.rows if r["layer"] == "fc1->fc2")
+    r2 = next(r for r in second.report.rows if r["layer"] == "fc1->fc2")
+    assert not r1["cached"] and r2["cached"] and r1["kernel"] == r2["kernel"]
+
+
+def test_cli_activation_sparsity(tmp_path, capsys, monkeypatch):
+    from sparsecomp.cli import main
+
+    factory = tmp_path / "mlp.py"
+    factory.write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(32, 96), torch.nn.GELU(), torch.nn.Linear(96, 16)).eval()\n"
+        "    return m, (torch.randn(2, 32),)\n")
+    monkeypatch.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["compile", f"{factory}:make", "--activation-sparsity", "threshold:0.5", "--max-seconds", "0.05", "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    rows = [r for r in report["layers"] if r["pattern"].startswith("mlp")]
+    assert len(rows) == 1 and rows[0]["calibration"]["calibrated_sparsity"] >= 0.5
+    assert any("lossy (asked for): activation sparsity threshold:0.5" in n for n in report["notes"])
+    assert main(["compile", f"{factory}:make", "--activation-sparsity", "threshold:1.5"]) == 2
+    assert "in (0, 1)" in capsys.readouterr().err
