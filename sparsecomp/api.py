@@ -19,6 +19,7 @@ from sparsecomp.report import CompileReport, SparsityReport
 __all__ = ["analyze", "run_pipeline", "compile", "CompiledModel", "sparsify", "export_onnx", "set_num_threads", "BACKENDS"]
 
 DEFAULT_ANALYSIS = "analyze-weights,find-mlps"
+LOSSY_MIN_COSINE = 0.999  # whole-model agreement with the reference graph once a lossy pass was asked for
 
 # Backends the compile contract names, and where each stands. A name not in this table is a typo.
 BACKENDS: dict[str, str | None] = {
@@ -125,11 +126,6 @@ def run_pipeline(model: torch.nn.Module, example_inputs: Any, pipeline: str, *, 
     return gm, ctx
 
 
-def _not_yet(what: str) -> NotYetAvailableError:
-    return NotYetAvailableError(f"{what} is not yet available in this release",
-                                hint="`sparsecomp analyze` and `sparsecomp opt` work today; see the README's roadmap")
-
-
 class CompiledModel(torch.nn.Module):
     """What `compile` returns: call it like the model; `report` says what was done per layer.
 
@@ -206,7 +202,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
         raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}", hint=f"available backends: {available}")
     _load_passes()
     from sparsecomp.cache import DecisionCache
-    from sparsecomp.ir import compare_outputs, run_graph
+    from sparsecomp.ir import compare_outputs, output_cosine, run_graph
 
     label = name or type(model).__name__
     batches = _check_calibration(calibration, label) if calibration is not None else None
@@ -217,7 +213,8 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     act_passes, act_lossy = _activation_pipeline(activation_sparsity)
     if act_lossy:
         lossy.append(act_lossy)
-    pipeline = pipeline or ",".join(["analyze-weights", "sparse-linear", *act_passes])
+    # MLP regions are fused first, so their up/down Linears are not also taken by sparse-linear.
+    pipeline = pipeline or ",".join(["analyze-weights", *act_passes, "sparse-linear"])
     pm = PassManager(pipeline)
     example = normalize_inputs(example_inputs)
     gm = capture(model, example_inputs, name=label)
@@ -245,11 +242,23 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     report.notes.extend(lowered.notes)
     report.notes.extend(f"lossy (asked for): {what}" for what in lossy)
     report.rows = _report_rows(ctx, lowered.decisions)
+    quality = ctx.results.get("sparse-mlp-quality")
+    if quality:
+        report.notes.append("activation-sparsity quality vs dense on calibration batches: "
+                            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in quality.items()))
     if verify:
         out = run_graph(lowered.module, example)
         ok, err, allowed = compare_outputs(out, reference)
         report.verify = {"ok": ok, "max_abs_error": err, "allowed": allowed,
                          "reference": "rewritten graph on reference ops" if act_lossy else "eager"}
+        if not ok and act_lossy:
+            # With thresholds, a kernel's last-bit rounding in one layer can flip a neuron sitting at
+            # its threshold in a later one, so elementwise 1e-4 is the wrong test for the whole model.
+            # Every kernel was already checked against the reference op on its real input; the whole
+            # model must still agree with the reference graph in direction (cosine >= 0.999).
+            cos = output_cosine(out, reference)
+            ok = cos >= LOSSY_MIN_COSINE
+            report.verify.update(ok=ok, cosine=cos, rule=f"cosine >= {LOSSY_MIN_COSINE} (lossy modes)")
         if not ok:
             # Never return a model that disagrees: compile again with every layer dense, and say why.
             # (Sparsification already happened on `model`; it is what was asked and stays.)
@@ -351,7 +360,9 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
     """Run the lowered graph only if it is measured faster end to end than the original model."""
     from sparsecomp.timing import compare
 
-    if not any(r["decision"] == "sparse" for r in report.rows):
+    # torch: an all-dense lowered graph only adds call overhead. ORT: its dense path (MLAS) is often
+    # faster than eager torch, so it is measured like any lowered model.
+    if backend == "torch" and not any(r["decision"] == "sparse" for r in report.rows):
         report.end_to_end = {"runs": "eager", "why": "no layer runs sparse; the captured graph would only add call overhead"}
         report.notes.append("no layer runs sparse: calls go to the original model")
         return CompiledModel(gm, report, backend, eager=model)

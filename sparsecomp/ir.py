@@ -252,6 +252,24 @@ def _leaves(out: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
+def output_cosine(actual: Any, reference: Any) -> float:
+    """The smallest cosine similarity between corresponding output tensors (flattened); 0.0 when
+    the structures or shapes differ or a value is not finite."""
+    a_leaves, r_leaves = _leaves(actual), _leaves(reference)
+    if len(a_leaves) != len(r_leaves):
+        return 0.0
+    worst = 1.0
+    for a, r in zip(a_leaves, r_leaves):
+        if a.shape != r.shape:
+            return 0.0
+        a, r = a.detach().double().flatten(), r.detach().double().flatten()
+        if not (torch.isfinite(a).all() and torch.isfinite(r).all()):
+            return 0.0
+        if a.numel() and (a.norm() > 0 or r.norm() > 0):
+            worst = min(worst, float(torch.nn.functional.cosine_similarity(a, r, dim=0)))
+    return worst
+
+
 def compare_outputs(actual: Any, reference: Any, *, rtol: float = 1e-4) -> tuple[bool, float, float]:
     """(ok, max abs error, allowed) with allowed = rtol x max|reference| per output tensor.
 

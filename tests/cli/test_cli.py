@@ -233,7 +233,8 @@ def test_demo_prints_the_tables(capsys, tmp_path, monkeypatch):
     code, out, _ = run(capsys, "demo", "--model", f"{f}:make", "--impose", "unstructured:0.9")
     assert code == 0
     assert "dense vs unstructured:0.9 (weight storage)" in out and "compiled for torch" in out
-    assert "end to end on the example inputs" in out and "verify: ok" in out
+    # which layers run sparse is measured (a busy machine may keep them dense): both outcomes are reported
+    assert ("end to end on the example inputs" in out or "no layer runs sparse" in out) and "verify: ok" in out
 
 
 def test_tune_fills_the_cache_that_compile_reuses(capsys, tmp_path, monkeypatch):

@@ -36,3 +36,17 @@ def test_normalize_inputs():
     assert normalize_inputs(((t,), {"b": t})) == ((t,), {"b": t})
     with pytest.raises(TypeError, match="example inputs must be"):
         normalize_inputs(3)
+
+
+def test_output_cosine_judges_direction_and_refuses_mismatches():
+    import torch
+
+    from sparsecomp.ir import output_cosine
+
+    r = torch.randn(4, 8)
+    assert output_cosine((r * 1.0001,), (r,)) > 0.9999
+    assert output_cosine(r, -r) < -0.99  # opposite direction must NOT pass
+    assert output_cosine(r, r[:2]) == 0.0  # shapes differ
+    bad = r.clone()
+    bad[0, 0] = float("nan")
+    assert output_cosine(bad, r) == 0.0
