@@ -35,7 +35,7 @@ and caches the decision (`DecisionCache`, keyed by shapes, M, mode and activatio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from sparsecomp.cache import DecisionCache
 from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_score
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, get_attr_value
+from sparsecomp.lowering import LayerDecision
 from sparsecomp.timing import compare
 
 from .kernels import tir_available
@@ -60,32 +61,14 @@ _ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activat
 
 
 @dataclass
-class MLPDecision:
-    """One lowered MLP block (a row of the compile report)."""
+class MLPDecision(LayerDecision):
+    """One lowered MLP block (a row of the compile report): a `LayerDecision` whose shape is
+    `[in, hidden, out]` and whose density is the fraction of hidden neurons active on the example
+    inputs (union over rows)."""
 
-    layer: str
-    shape: list[int]  # [in, hidden, out]
-    m: int
-    density: float  # fraction of hidden neurons active (kept) on the example inputs (union over rows)
-    decision: str  # sparse | dense
-    kernel: str
-    dense_us: float
-    chosen_us: float
-    reason: str
     pattern: str = ""  # e.g. "mlp relu exact"
-    cached: bool = False
-    measured: dict | None = None
     crossover: dict = field(default_factory=dict)  # M -> union density above which the down runs dense
     calibration: dict = field(default_factory=dict)  # lossy modes: calibrated sparsity, recall, cosine
-
-    @property
-    def speedup(self) -> float:
-        return self.dense_us / self.chosen_us if self.chosen_us else float("nan")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["speedup"] = self.speedup
-        return d
 
 
 class _Weights:
@@ -592,7 +575,8 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
             if isinstance(a, fx.Node) and a.op == "get_attr" and not a.users:
                 gm.graph.erase_node(a)
         decisions.append(MLPDecision(layer, [w.K, w.H, w.N], m, density, "dense" if best == "dense" else "sparse", best,
-                                     dense_us, chosen_us, reason, pattern, cached, measured, crossover, calib))
+                                     dense_us, chosen_us, reason, cached=cached, measured=measured, pattern=pattern,
+                                     crossover=crossover, calibration=calib))
         if progress is not None:
             progress(i + 1, len(nodes), layer)
     gm.graph.lint()
