@@ -55,6 +55,7 @@ __all__ = [
     "zero_cols",
     "block_occupancy",
     "nm_conformance",
+    "smallest_k_mask",
 ]
 
 _SPELLINGS = "unstructured:S (e.g. unstructured:0.9), block:RxC:S (e.g. block:16x1:0.9), N:M (e.g. 2:4, 4:8), with S the fraction of zeros in [0, 1)"
@@ -195,7 +196,7 @@ def _rank_key(w: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(a, nan=math.inf)
 
 
-def _smallest_k_mask(key: torch.Tensor, k: int) -> torch.Tensor:
+def smallest_k_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k smallest entries of the 1-D `key`, ties broken by lower index.
 
     kthvalue + cumsum over the ties is O(n) and exactly reproduces a stable sort's choice,
@@ -247,7 +248,7 @@ def impose_pattern(weight: torch.Tensor, pattern: str | WeightPattern) -> torch.
 
     if p.kind == "unstructured":
         k = round(p.sparsity * w2.numel())  # type: ignore[operator]
-        zero = _smallest_k_mask(_rank_key(w2).reshape(-1), k).view(o, i)
+        zero = smallest_k_mask(_rank_key(w2).reshape(-1), k).view(o, i)
     elif p.kind == "block":
         r, c = p.block  # type: ignore[misc]
         a = _pad2d(_rank_key(w2), r, c)
@@ -255,7 +256,7 @@ def impose_pattern(weight: torch.Tensor, pattern: str | WeightPattern) -> torch.
         # sum of +inf stays +inf, so a tile holding a NaN ranks last
         norms = a.view(rb, r, cb, c).sum(dim=(1, 3))
         k = round(p.sparsity * norms.numel())  # type: ignore[operator]
-        zb = _smallest_k_mask(norms.reshape(-1), k).view(rb, 1, cb, 1)
+        zb = smallest_k_mask(norms.reshape(-1), k).view(rb, 1, cb, 1)
         zero = zb.expand(rb, r, cb, c).reshape(rb * r, cb * c)[:o, :i]
     else:
         n, m = p.n, p.m

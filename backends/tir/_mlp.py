@@ -31,7 +31,7 @@ import hashlib
 from sparsecomp.errors import SparsecompError
 
 from . import _build, _target
-from ._codegen import _ind
+from ._codegen import _header, _ind
 
 __all__ = ["ACTIVATIONS", "build_mlp_kernel", "mlp_source"]
 
@@ -41,21 +41,6 @@ ACTIVATIONS = {
     "relu6": "T.min(T.max({s}, T.float32(0)), T.float32(6))",
     "relu2": "T.max({s}, T.float32(0)) * T.max({s}, T.float32(0))",
 }
-
-_HEAD = '''@T.prim_func
-def main({args}):
-    T.func_attr({{"global_symbol": "main", "tir.noalias": True}})
-'''
-
-
-def _header(args: list[tuple[str, str, str]], sizes: list[str]) -> str:
-    s = _HEAD.format(args=", ".join(f"{a}_h: T.handle" for a, _, _ in args))
-    for v in sizes:
-        s += f"    {v} = T.int32()\n"
-    for a, shape, dt in args:
-        s += f'    {a} = T.match_buffer({a}_h, ({shape},), "{dt}")\n'
-    return s
-
 
 def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str) -> str:
     """acc[r*U*V:(r+1)*U*V] = partial sums of w[rows[r], :] . x for R rows at once (x loaded once
