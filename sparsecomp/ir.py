@@ -32,6 +32,8 @@ __all__ = [
     "run_graph",
     "flat_inputs",
     "compare_outputs",
+    "output_cosine",
+    "record_inputs",
     "iter_meta",
 ]
 
@@ -305,3 +307,23 @@ def iter_meta(gm: fx.GraphModule, key: str) -> Iterable[tuple[fx.Node, Any]]:
     for node in gm.graph.nodes:
         if key in node.meta:
             yield node, node.meta[key]
+
+
+class _InputRecorder(fx.Interpreter):
+    def __init__(self, gm, nodes):
+        super().__init__(gm)
+        self.nodes, self.inputs = set(nodes), {}
+
+    def run_node(self, n):
+        if n in self.nodes:
+            self.inputs[n] = self.env[n.args[0]].detach().clone()
+        return super().run_node(n)
+
+
+def record_inputs(gm: fx.GraphModule, nodes: list[fx.Node], example: tuple[tuple, dict]) -> dict[fx.Node, torch.Tensor]:
+    """The first input of each of `nodes` on the example inputs (one Interpreter run), so a backend
+    times and checks its candidates on a layer's real input."""
+    rec = _InputRecorder(gm, nodes)
+    with torch.no_grad():
+        rec.run(*flat_inputs(gm, *example))
+    return rec.inputs

@@ -30,7 +30,7 @@ from torch import fx
 
 from sparsecomp.cache import DecisionCache, pattern_hash
 from sparsecomp.errors import SparsecompError
-from sparsecomp.ir import compare_outputs, flat_inputs, get_attr_value
+from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
 from sparsecomp.lowering import LayerDecision
 from sparsecomp.timing import compare
 
@@ -43,24 +43,6 @@ __all__ = ["CANDIDATE_SET_VERSION", "decide_layers", "layer_model"]
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
 SHORTLIST = 2  # sparse kernels kept for later layers of the same shape, M and density
 SPARSE_MARGIN = 1.05  # a sparse lowering must beat dense by 5% (timing noise must not flip a layer)
-
-
-class _InputRecorder(fx.Interpreter):
-    def __init__(self, gm, nodes):
-        super().__init__(gm)
-        self.nodes, self.inputs = set(nodes), {}
-
-    def run_node(self, n):
-        if n in self.nodes:
-            self.inputs[n] = self.env[n.args[0]].detach().clone()
-        return super().run_node(n)
-
-
-def _record_inputs(gm, nodes, example):
-    rec = _InputRecorder(gm, nodes)
-    with torch.no_grad():
-        rec.run(*flat_inputs(gm, *example))
-    return rec.inputs
 
 
 def layer_model(cand: K.Candidate, x_shape: list[int], opset: int = 20, copies: int = 1):
@@ -135,7 +117,7 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR]
     if not nodes:
         return {}, []
-    inputs = _record_inputs(gm, nodes, example)
+    inputs = record_inputs(gm, nodes, example)
     # Time layers cold when the model's weights do not fit in the last-level cache (see copies_for).
     model_bytes = sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
     cold = model_bytes > l3_bytes()

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from sparsecomp.cache import DecisionCache, pattern_hash
 from sparsecomp.errors import SparsecompError
-from sparsecomp.ir import compare_outputs, flat_inputs, get_attr_value
+from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
 from sparsecomp.lowering import LayerDecision
 from sparsecomp.timing import compare
 
@@ -56,24 +56,6 @@ class SparseLinear(torch.nn.Module):
         return f"layer={self.layer}, kernel={self.kernel}"
 
 
-class _InputRecorder(fx.Interpreter):
-    def __init__(self, gm, nodes):
-        super().__init__(gm)
-        self.nodes, self.inputs = set(nodes), {}
-
-    def run_node(self, n):
-        if n in self.nodes:
-            self.inputs[n] = self.env[n.args[0]].detach().clone()
-        return super().run_node(n)
-
-
-def _record_inputs(gm: fx.GraphModule, nodes: list[fx.Node], example: tuple[tuple, dict]) -> dict[fx.Node, torch.Tensor]:
-    rec = _InputRecorder(gm, nodes)
-    with torch.no_grad():
-        rec.run(*flat_inputs(gm, *example))
-    return rec.inputs
-
-
 def _check(make, weight, bias, x, reference, rtol: float):
     """(runner or None, why): build the candidate and check it on the layer's real input."""
     try:
@@ -98,7 +80,7 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR]
     if not nodes:
         return []
-    inputs = _record_inputs(gm, nodes, example)
+    inputs = record_inputs(gm, nodes, example)
     decisions = []
     lowered_weights: set[str] = set()
     # Layers of one shape, rows per call and density (e.g. the 12 encoder blocks of a BERT) rank the

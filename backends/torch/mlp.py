@@ -44,12 +44,11 @@ from torch import fx
 from sparsecomp.cache import DecisionCache
 from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_score
 from sparsecomp.errors import SparsecompError
-from sparsecomp.ir import compare_outputs, get_attr_value
+from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
 from sparsecomp.lowering import LayerDecision
 from sparsecomp.timing import compare
 
 from .kernels import tir_available
-from .lowering import _record_inputs
 
 __all__ = ["SPARSE_MLP", "MLPDecision", "SparseMLP", "lower_sparse_mlp"]
 
@@ -464,7 +463,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
     if not nodes:
         return []
     use_tir = use_tir and tir_available()
-    inputs = _record_inputs(gm, nodes, example)
+    inputs = record_inputs(gm, nodes, example)
     decisions = []
     family_choice: dict[tuple, str] = {}
     for i, node in enumerate(nodes):
