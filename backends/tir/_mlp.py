@@ -20,6 +20,8 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
   row read once for all MT rows of x (`y[m] = b + sum_t hc[m, t] * wdt[idx[t], :]`).
 - `down_rows` (M > 1, per-row work): parallel over rows, each row compacting and adding only its
   own active neurons (for rows whose union would be dense).
+- `down_sparse_mv` (M = 1, pruned down weight): like `down_mv`, but each active neuron's row is
+  sparse (CSR per range of output columns, one task per range): only its nonzeros are read.
 
 Argument conventions: inputs, then weights, then outputs (like `_codegen`).
 """
@@ -262,7 +264,35 @@ for m in T.parallel(M):
     return s + _ind(body, 4)
 
 
-_GEN = {"up_mv": _up_mv, "gather_up_mv": _gather_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows}
+def _down_sparse_mv(p: dict) -> str:
+    """M = 1 with a pruned down weight (exact mode on a sparse MLP): `y = b + sum_t hc[t] *
+    W_down^T[idx[t], :]` where the rows of W_down^T are sparse. The output columns are cut into P
+    ranges, each a task; per range, each neuron's nonzeros form one CSR row (`rowptr[p, j]` ..
+    `rowptr[p, j + 1]` into `col` / `val`), so a task scatters into its own columns only (no
+    atomics) and a pruned neuron's zeros are never read. Scalar scatter: AVX2 has no scatter
+    instruction, and the few nonzeros left (active neurons x row density) make it cheap.
+    `serial=True`: the same loops on the calling thread."""
+    par = "range" if p.get("serial") else "T.parallel"
+    s = _header([("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32"),
+                 ("rowptr", "P, H1", "int32"), ("col", "NNZ", "int32"), ("val", "NNZ", "float32"),
+                 ("bias", "N", "float32"), ("y", "N", "float32")],
+                ["NB", "BS", "P", "H1", "NNZ", "N"])
+    body = f"""
+for pp in {par}(P):
+    for c in range(pp * N // P, (pp + 1) * N // P):
+        y[c] = bias[c]
+    for blk in range(NB):
+        for t in range(cnt[blk]):
+            j = T.Bind(idx[blk, t])
+            hv = T.Bind(hc[blk, t])
+            for k in range(rowptr[pp, j], rowptr[pp, j + 1]):
+                y[col[k]] = y[col[k]] + hv * val[k]
+"""
+    return s + _ind(body, 4)
+
+
+_GEN = {"up_mv": _up_mv, "gather_up_mv": _gather_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows,
+        "down_sparse_mv": _down_sparse_mv}
 
 
 def _normalise(kind: str, params: dict) -> dict:
@@ -277,7 +307,7 @@ def _normalise(kind: str, params: dict) -> dict:
     if kind in ("down_mv", "down_mm", "down_rows"):
         p.setdefault("cb", 64)
         p.setdefault("rows", 2)
-    if kind == "down_mv":
+    if kind in ("down_mv", "down_sparse_mv"):
         p.setdefault("serial", False)
     if kind == "down_mm":
         p.setdefault("mt", 4)
@@ -285,7 +315,7 @@ def _normalise(kind: str, params: dict) -> dict:
 
 
 def mlp_source(kind: str, params: dict) -> str:
-    """TVMScript text of one sparse-MLP kernel (`kind` in up_mv, gather_up_mv, down_mv, down_mm)."""
+    """TVMScript text of one sparse-MLP kernel (`kind`: one of `_GEN`'s keys)."""
     if kind not in _GEN:
         raise SparsecompError(f"no sparse-MLP kernel {kind!r}", hint=f"kinds: {', '.join(_GEN)}")
     return _GEN[kind](_normalise(kind, params))

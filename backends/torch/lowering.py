@@ -17,6 +17,8 @@ For every sparse_linear node the backend:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.fx as fx
 
@@ -28,7 +30,7 @@ from sparsecomp.timing import compare
 
 from .kernels import Candidate, candidates
 
-__all__ = ["LayerDecision", "SparseLinear", "lower_sparse_linear", "CANDIDATE_SET_VERSION"]
+__all__ = ["CANDIDATE_SET_VERSION", "KernelChoice", "LayerDecision", "SparseLinear", "choose_kernel", "lower_sparse_linear"]
 
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
 SHORTLIST = 3  # kernels kept for later layers of the same shape and density
@@ -68,6 +70,99 @@ def _check(make, weight, bias, x, reference, rtol: float):
     return (runner, "") if ok else (None, f"max abs error {err:.3g} > {allowed:.3g}")
 
 
+@dataclass
+class KernelChoice:
+    """The measured kernel for one weight at one input shape (what `choose_kernel` decided)."""
+
+    candidate: Candidate
+    runner: object  # x -> x @ W.T + b
+    dense_us: float
+    chosen_us: float
+    measured: dict = field(default_factory=dict)
+    cached: bool = False
+    notes: list = field(default_factory=list)
+
+
+def choose_kernel(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *, layer: str,
+                  cache: DecisionCache | None, max_seconds: float = 0.5, min_runs: int = 20, use_tir: bool = True,
+                  rtol: float = 1e-4, only: set[str] | None = None, tune: bool = False,
+                  shortlists: dict | None = None) -> KernelChoice:
+    """Check every candidate kernel for `x @ weight.T + bias` on the real input `x`, time the
+    survivors interleaved, keep the fastest (dense included) and cache the decision. Used for each
+    `sparse_linear` node, and by the sparse-MLP lowering for the projections of a pruned MLP.
+
+    `shortlists` (shared across calls) lets later weights of one shape, M and density time only
+    the fastest kernels of the first."""
+    shortlists = {} if shortlists is None else shortlists
+    m = x.numel() // x.shape[-1] if x.dim() else 1
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, weight, bias)
+    density = float((weight != 0).float().mean())
+    key = None
+    cands = candidates(weight, m, use_tir=use_tir, only=only, exhaustive=tune)
+    by_label = {c.label: c for c in cands}
+    chosen: Candidate | None = None
+    cached = False
+    measured: dict[str, float] = {}
+    notes = []
+    if cache is not None:
+        phash = pattern_hash(weight)
+
+        def key_for(labels):
+            return cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
+                             pattern=phash, version=CANDIDATE_SET_VERSION, candidates=sorted(labels))
+
+        key = key_for(by_label)
+        lookups = [(key, by_label)]
+        if not tune and only is None:  # a decision `tune` made for this layer beats the shortlist's
+            full = {c.label: c for c in candidates(weight, m, use_tir=use_tir, exhaustive=True)}
+            if set(full) != set(by_label) and cache.has(key_for(full)):
+                lookups.insert(0, (key_for(full), full))
+        for k, labels in lookups:
+            entry = cache.get(k, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
+            if entry is not None:
+                chosen, cached = labels[entry["kernel"]], True
+                measured = dict(entry.get("measured", {}))
+                if labels is not by_label:
+                    notes.append("tuned decision (sparsecomp tune)")
+                break
+    runners = {}
+    if chosen is not None:
+        runner, why = _check(chosen.make, weight, bias, x, reference, rtol)
+        if runner is not None:
+            runners[chosen.label] = runner
+            dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]
+        else:
+            notes.append(f"cached choice {chosen.label} failed verification ({why}); re-measured")
+            chosen, cached = None, False
+    family = (tuple(weight.shape), m, round(density, 2))
+    if chosen is None:
+        trial = cands
+        if family in shortlists and not tune:
+            trial = [c for c in cands if c.label in shortlists[family] or c.name == "dense"]
+            notes.append(f"searched the {len(trial) - 1} fastest kernels of an earlier layer of this shape and density")
+        for c in trial:
+            runner, why = _check(c.make, weight, bias, x, reference, rtol)
+            if runner is not None:
+                runners[c.label] = runner
+            else:
+                notes.append(f"{c.label} dropped: {why[:120]}")
+        xs = x
+        times = compare({k: (lambda r=r: r(xs)) for k, r in runners.items()}, min_runs=min_runs, max_seconds=max_seconds)
+        measured = {k: v.median * 1e6 for k, v in times.items()}
+        if not measured:
+            raise SparsecompError(f"layer {layer}: no candidate kernel could run it ({'; '.join(notes)})",
+                                  hint="include 'dense' among the kernels")
+        best = min(measured, key=measured.get)
+        chosen = by_label[best]
+        if family not in shortlists:
+            shortlists[family] = sorted((k for k in measured if k != "dense"), key=measured.get)[:SHORTLIST]
+        dense_us, chosen_us = measured.get("dense", float("nan")), measured[best]
+        if cache is not None:
+            cache.put(key, {"kernel": best, "dense_us": dense_us, "chosen_us": chosen_us, "measured": measured})
+    return KernelChoice(chosen, runners[chosen.label], dense_us, chosen_us, measured, cached, notes)
+
+
 def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: DecisionCache | None,
                         max_seconds: float = 0.5, min_runs: int = 20, use_tir: bool = True, rtol: float = 1e-4,
                         only: set[str] | None = None, progress=None, tune: bool = False) -> list[LayerDecision]:
@@ -94,71 +189,11 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
         bias = get_attr_value(gm, bias_node.target).detach() if isinstance(bias_node, fx.Node) else None
         x = inputs[node]
         m = x.numel() // x.shape[-1] if x.dim() else 1
-        with torch.no_grad():
-            reference = torch.nn.functional.linear(x, weight, bias)
         density = float((weight != 0).float().mean())
-        key = None
-        cands = candidates(weight, m, use_tir=use_tir, only=only, exhaustive=tune)
-        by_label = {c.label: c for c in cands}
-        chosen: Candidate | None = None
-        cached = False
-        measured: dict[str, float] = {}
-        notes = []
-        if cache is not None:
-            phash = pattern_hash(weight)
-
-            def key_for(labels):
-                return cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
-                                 pattern=phash, version=CANDIDATE_SET_VERSION, candidates=sorted(labels))
-
-            key = key_for(by_label)
-            lookups = [(key, by_label)]
-            if not tune and only is None:  # a decision `tune` made for this layer beats the shortlist's
-                full = {c.label: c for c in candidates(weight, m, use_tir=use_tir, exhaustive=True)}
-                if set(full) != set(by_label) and cache.has(key_for(full)):
-                    lookups.insert(0, (key_for(full), full))
-            for k, labels in lookups:
-                entry = cache.get(k, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
-                if entry is not None:
-                    chosen, cached = labels[entry["kernel"]], True
-                    measured = dict(entry.get("measured", {}))
-                    if labels is not by_label:
-                        notes.append("tuned decision (sparsecomp tune)")
-                    break
-        runners = {}
-        if chosen is not None:
-            runner, why = _check(chosen.make, weight, bias, x, reference, rtol)
-            if runner is not None:
-                runners[chosen.label] = runner
-                dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]
-            else:
-                notes.append(f"cached choice {chosen.label} failed verification ({why}); re-measured")
-                chosen, cached = None, False
-        family = (tuple(weight.shape), m, round(density, 2))
-        if chosen is None:
-            trial = cands
-            if family in shortlists and not tune:
-                trial = [c for c in cands if c.label in shortlists[family] or c.name == "dense"]
-                notes.append(f"searched the {len(trial) - 1} fastest kernels of an earlier layer of this shape and density")
-            for c in trial:
-                runner, why = _check(c.make, weight, bias, x, reference, rtol)
-                if runner is not None:
-                    runners[c.label] = runner
-                else:
-                    notes.append(f"{c.label} dropped: {why[:120]}")
-            xs = x
-            times = compare({k: (lambda r=r: r(xs)) for k, r in runners.items()}, min_runs=min_runs, max_seconds=max_seconds)
-            measured = {k: v.median * 1e6 for k, v in times.items()}
-            if not measured:
-                raise SparsecompError(f"layer {layer}: no candidate kernel could run it ({'; '.join(notes)})",
-                                      hint="include 'dense' among the kernels")
-            best = min(measured, key=measured.get)
-            chosen = by_label[best]
-            if family not in shortlists:
-                shortlists[family] = sorted((k for k in measured if k != "dense"), key=measured.get)[:SHORTLIST]
-            dense_us, chosen_us = measured.get("dense", float("nan")), measured[best]
-            if cache is not None:
-                cache.put(key, {"kernel": best, "dense_us": dense_us, "chosen_us": chosen_us, "measured": measured})
+        choice = choose_kernel(weight, bias, x, layer=layer, cache=cache, max_seconds=max_seconds, min_runs=min_runs,
+                               use_tir=use_tir, rtol=rtol, only=only, tune=tune, shortlists=shortlists)
+        chosen, notes, dense_us, chosen_us = choice.candidate, choice.notes, choice.dense_us, choice.chosen_us
+        measured, cached = choice.measured, choice.cached
         if chosen.fmt == "dense":
             reason = "dense is fastest (measured)" if len(measured) > 1 else "no sparse kernel could run it"
             reason = "; ".join([reason, *notes])
@@ -167,7 +202,7 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
         else:
             reason = "; ".join([f"{chosen_us and dense_us / chosen_us:.2f}x faster than dense (measured)", *notes])
             name = f"sparse_{i}_{layer.replace('.', '_')}"
-            gm.add_submodule(name, SparseLinear(layer, chosen.label, runners[chosen.label], weight.shape[0]))
+            gm.add_submodule(name, SparseLinear(layer, chosen.label, choice.runner, weight.shape[0]))
             lowered_weights.add(node.args[1].target)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_module(name, (node.args[0],))

@@ -20,6 +20,13 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
 - Each M = 1 strategy comes twice: with the down kernel on TVM's thread pool and on the calling
   thread (`serial-down`): with few active rows, or on a busy machine, waking the pool's sleeping
   workers (twice per call) can cost more than the work.
+- Pruned MLPs (exact mode, a weight at most `PRUNED_DENSITY` nonzero): both sparsities at once.
+  Each projection first gets its own measured sparse-linear kernel (`lowering.choose_kernel`,
+  cached like any sparse_linear decision); then `pruned-mv` (M = 1: up on its kernel, the active
+  neurons via nonzero, and only their down rows, read sparse by the TIR `down_sparse_mv` kernel
+  when W_down is pruned) and `pruned` (any M: up and down on their kernels, every neuron: what
+  compiling without activation sparsity would run, so the fusion never costs a pruned MLP its
+  weight sparsity) join the candidates.
 - M > 1: the union of the active neurons of each chunk of 8 rows (`union-tir`: the TIR kernel
   reads each active down row once per chunk; `union-torch`: `index_select` + GEMM over all rows),
   or per-row work (`per-row-tir`: each row adds only its own active neurons' rows, for rows whose
@@ -53,7 +60,7 @@ from .kernels import tir_available
 __all__ = ["SPARSE_MLP", "MLPDecision", "SparseMLP", "lower_sparse_mlp"]
 
 SPARSE_MLP = "sparsecomp.sparse_mlp.default"
-CANDIDATE_SET_VERSION = 2  # bump when kernels or strategies change: cached decisions no longer apply
+CANDIDATE_SET_VERSION = 3  # bump when kernels or strategies change: cached decisions no longer apply
 # The sparse down path at M > 1 runs only where its cost, interpolated linearly between one and
 # every neuron active, is predicted at most 85% of dense. Without the margin, the quiet bench_mlp
 # sweep ran the union at 56% density (crossover 59%) at M = 8 and measured 0.83x of dense.
@@ -386,6 +393,121 @@ class SparseMLP(torch.nn.Module):
         return f"layer={self.layer}, kernel={self.kernel}"
 
 
+
+# A pruned MLP (exact mode): below this weight density the projections are also given to the
+# sparse-linear kernels (measured against dense like any sparse_linear; see `_Pruned`).
+PRUNED_DENSITY = 0.7
+_DOWN_PARTS = 4  # column ranges of the sparse-row down kernel (tasks over TVM's pool)
+
+
+def _pruned(w: _Weights) -> bool:
+    ws = [w.w_up, w.wdt] + ([w.w_gate] if w.gated else [])
+    return any(float((t != 0).float().mean()) <= PRUNED_DENSITY for t in ws)
+
+
+class _Pruned:
+    """The measured sparse-linear kernels of a pruned MLP's projections (`choose_kernel`, cached
+    like any sparse_linear decision): up (and gate) on x, down on the hidden activation; and the
+    down weight's rows packed sparse for `down_sparse_mv` when they are sparse enough."""
+
+    def __init__(self, w: _Weights, x: torch.Tensor, h: torch.Tensor, layer: str, **choose):
+        from .lowering import choose_kernel
+
+        self.up = choose_kernel(w.w_up.detach(), w.b_up, x, layer=f"{layer} up", **choose)
+        self.gate = choose_kernel(w.w_gate.detach(), w.b_gate, x, layer=f"{layer} gate", **choose) if w.gated else None
+        self.down = choose_kernel(w.wdt.t().contiguous(), w.b_down, h, layer=f"{layer} down", **choose)
+        self.down_density = float((w.wdt != 0).float().mean())
+        self.rows = _pack_sparse_rows(w.wdt, _DOWN_PARTS) if self.down_density <= PRUNED_DENSITY else None
+
+    def hidden(self, w: _Weights, x: torch.Tensor) -> torch.Tensor:
+        up = self.up.runner(x)
+        return (w.act(up) if not w.gated else w.act(self.gate.runner(x)) * up).reshape(-1, w.H)
+
+    def labels(self) -> str:
+        gate = f",gate={self.gate.candidate.label}" if self.gate is not None else ""
+        return f"up={self.up.candidate.label}{gate}"
+
+    def note(self, w: _Weights) -> str:
+        dens = f"W_up {float((w.w_up != 0).float().mean()):.0%}" + (f", W_gate {float((w.w_gate != 0).float().mean()):.0%}" if w.gated else "")
+        return (f"pruned weights ({dens}, W_down {self.down_density:.0%} nonzero): up {self.up.candidate.label} "
+                f"({_speedup(self.up)}), down {self.down.candidate.label} ({_speedup(self.down)})")
+
+
+def _speedup(c) -> str:
+    return f"{c.dense_us / c.chosen_us:.2f}x vs dense" if c.chosen_us else "not timed"
+
+
+def _pack_sparse_rows(wdt: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W_down^T [H, N] as `down_sparse_mv` reads it: the N columns cut into `parts` ranges; per
+    range, a CSR over neurons (rowptr [parts, H + 1] into one col / val array, ranges one after
+    the other; columns absolute)."""
+    H, N = wdt.shape
+    ptr = torch.zeros(parts, H + 1, dtype=torch.int32)
+    cols, vals, off = [], [], 0
+    for p in range(parts):
+        lo, hi = p * N // parts, (p + 1) * N // parts
+        nz = wdt[:, lo:hi].nonzero()  # row-major: grouped by neuron, columns ascending
+        ptr[p, 0] = off
+        ptr[p, 1:] = off + torch.cumsum(torch.bincount(nz[:, 0], minlength=H), 0)
+        cols.append((nz[:, 1] + lo).to(torch.int32))
+        vals.append(wdt[nz[:, 0], nz[:, 1] + lo])
+        off += nz.shape[0]
+    col, val = torch.cat(cols), torch.cat(vals).float()
+    if col.numel() == 0:  # the kernel's buffers must not be empty
+        col, val = torch.zeros(1, dtype=torch.int32), torch.zeros(1)
+    return ptr, col.contiguous(), val.contiguous()
+
+
+class _PrunedLinear(_Strategy):
+    """Any M, pruned MLP: up (and gate) and down through their measured sparse-linear kernels,
+    every neuron computed: what compiling without activation sparsity would run (so a pruned MLP
+    never loses its weight sparsity to the fusion)."""
+
+    def __init__(self, w, pruned: _Pruned):
+        super().__init__(w)
+        self.p = pruned
+        self.label = f"pruned{{{pruned.labels()},down={pruned.down.candidate.label}}}"
+
+    def __call__(self, x):
+        return self.p.down.runner(self.p.hidden(self.w, x))
+
+
+class _PrunedMV(_Strategy):
+    """M = 1, pruned ReLU-family MLP (exact mode): up (and gate) through the measured sparse-linear
+    kernel, the active neurons via nonzero, then only their down rows: sparse rows
+    (`down_sparse_mv`, each active neuron's nonzeros only) when W_down is pruned, else the dense-row
+    TIR down kernel. Both sparsities at once: a pruned weight's zeros and an inactive neuron's row
+    are both skipped."""
+
+    def __init__(self, w, pruned: _Pruned, serial: bool = False):
+        from sparsecomp.backends.tir import _mlp
+
+        super().__init__(w)
+        self.p = pruned
+        if pruned.rows is not None:
+            self.k = _mlp.build_mlp_kernel("down_sparse_mv", {"serial": serial})
+            self.ptr, self.col, self.val = pruned.rows if not serial else _pack_sparse_rows(w.wdt, 1)
+            tag = "sparse-down" if not serial else "serial-sparse-down"
+            self.down = None
+        else:
+            self.down = _DownMV(w, 4, 4, serial)
+            tag = self.down.tag
+        self.label = f"pruned-mv{{{pruned.labels()},{tag}}}"
+
+    def __call__(self, x):
+        h = self.p.hidden(self.w, x)[0]
+        idx = h.nonzero().reshape(-1).to(torch.int32)
+        n = idx.numel()
+        if self.down is not None:
+            return self.down.flat(h[idx].contiguous(), idx).reshape(1, -1)
+        if n == 0:
+            return self.w.b_down.clone().reshape(1, -1)
+        y = torch.empty(self.w.N)
+        self.k(h[idx].reshape(1, n).contiguous(), idx.reshape(1, n), torch.tensor([n], dtype=torch.int32),
+               self.ptr, self.col, self.val, self.w.b_down, y)
+        return y.reshape(1, -1)
+
+
 def _op_args(gm: fx.GraphModule, node: fx.Node) -> dict:
     vals = {}
     for name, a in zip(_ARGS, node.args):
@@ -402,10 +524,10 @@ def _op_args(gm: fx.GraphModule, node: fx.Node) -> dict:
     return vals
 
 
-def _mv_candidates(w: _Weights, use_tir: bool) -> list:
+def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None) -> list:
+    out = [lambda: _PrunedLinear(w, pruned)] if pruned is not None else []
     if not use_tir:
-        return []
-    out = []
+        return out
     # each with the down kernel on the thread pool and on the calling thread (see `_down_mv`)
     for serial in (False, True):
         if w.mode == "exact" and w.act_name in EXACT_ACTIVATIONS:
@@ -414,11 +536,13 @@ def _mv_candidates(w: _Weights, use_tir: bool) -> list:
         if w.mode == "predictor":
             out.append(lambda se=serial: _PredictorMV(w, serial=se))
         out.append(lambda se=serial: _TorchUpMV(w, serial=se))
+        if pruned is not None:
+            out.append(lambda se=serial: _PrunedMV(w, pruned, serial=se))
     return out
 
 
-def _mm_candidates(w: _Weights, use_tir: bool) -> list:
-    out = [lambda: _Union(w, "torch")]
+def _mm_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None) -> list:
+    out = [lambda: _Union(w, "torch")] + ([lambda: _PrunedLinear(w, pruned)] if pruned is not None else [])
     if use_tir:
         out += [lambda r=r: _Union(w, "tir", rows=r) for r in (2, 1)]
         out += [lambda: _PerRow(w, rows=2)]
@@ -466,6 +590,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
     inputs = record_inputs(gm, nodes, example)
     decisions = []
     family_choice: dict[tuple, str] = {}
+    linear_shortlists: dict[tuple, list[str]] = {}  # pruned MLPs' projections, as in lower_sparse_linear
     for i, node in enumerate(nodes):
         info = node.meta.get("sparsecomp.sparse_mlp", {})
         layer = info.get("layer", node.name)
@@ -479,7 +604,12 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
             reference = w.dense_down(h)
         density = float((h != 0).any(0).float().mean())
         notes: list[str] = []
-        makers = _mv_candidates(w, use_tir) if m == 1 else _mm_candidates(w, use_tir)
+        pruned = None
+        if w.mode == "exact" and _pruned(w):  # both sparsities: the weights' zeros and the inactive neurons
+            pruned = _Pruned(w, x, h, layer, cache=cache, max_seconds=max_seconds / 2, min_runs=min_runs, use_tir=use_tir,
+                             rtol=rtol, shortlists=linear_shortlists)
+            notes.append(pruned.note(w))
+        makers = _mv_candidates(w, use_tir, pruned) if m == 1 else _mm_candidates(w, use_tir, pruned)
         strategies = {"dense": _Strategy(w)}
         for make in makers:
             try:
@@ -500,7 +630,8 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         key, cached, entry = None, False, None
         if cache is not None:
             key = cache.key(op="sparse_mlp", shape=[w.K, w.H, w.N], m=m, mode=w.mode, activation=w.act_name, gated=w.gated,
-                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies))
+                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies),
+                            weights=[round(float((t != 0).float().mean()), 2) for t in (w.w_up, w.wdt)] if pruned else None)
             labels = set(strategies)
             entry = cache.get(key, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
         checked = {}
@@ -526,7 +657,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                 if isinstance(s, (_Union, _PerRow)) and isinstance(entry.get("cost"), dict):
                     s.cost = dict(entry["cost"])
         else:
-            family = (w.K, w.H, w.N, m, w.mode, w.gated, round(density, 1))
+            family = (w.K, w.H, w.N, m, w.mode, w.gated, round(density, 1), pruned is not None)
             trial = checked
             if family in family_choice and family_choice[family] in checked:
                 trial = {k: v for k, v in checked.items() if k in (family_choice[family], "dense")}
@@ -545,6 +676,8 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         mv, mm = (chosen, None) if m == 1 else (None, chosen)
         if best == "dense":
             mv = mm = None
+        elif m == 1 and pruned is not None:  # another M at run time: every projection on its sparse kernel
+            mm = _PrunedLinear(w, pruned)
         elif m == 1 and use_tir:
             # another M at run time: the TIR union path, its crossover measured on 8 rows
             try:
@@ -554,7 +687,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                 mm = None
                 notes.append(f"no M > 1 kernel ({type(exc).__name__}); more rows run dense")
         crossover = {}
-        if mm is not None:
+        if mm is not None and not isinstance(mm, _PrunedLinear):
             crossover = {"path": mm.label, "rows<=8": round(mm.crossover(1), 3), "rows=64": round(mm.crossover(8), 3),
                          "cost_us": mm.cost}
         pattern = f"mlp {info.get('pattern', '')} {w.act_name} {w.mode}".replace("  ", " ")

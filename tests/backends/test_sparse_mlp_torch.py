@@ -132,6 +132,14 @@ def _mlp_modules(cm):
     (lambda: Gated(), "tir-gated-up+tir-down"),
 ], ids=["plain-tir-up", "plain-torch-up", "no-zeros", "all-zero", "gated"])
 def test_exact_compile_any_batch(make, kernels, tmp_path):
+    model, cm, mod, row = _compile_exact_at_batch_1(make, kernels, tmp_path)
+    assert mod.kernel.startswith(kernels)
+    assert row["decision"] == "sparse" and row["m"] == 1
+
+
+def _compile_exact_at_batch_1(make, kernels, tmp_path):
+    """Compile exact mode at batch 1 forced onto `kernels`; check the lowered graph (not the
+    end-to-end choice) against eager at batch 1, 3 and 64. Returns (model, cm, module, mlp row)."""
     torch.manual_seed(0)
     model = make().eval()
     x = torch.randn(1, K)
@@ -139,13 +147,13 @@ def test_exact_compile_any_batch(make, kernels, tmp_path):
                     max_seconds_per_layer=0.05)
     assert cm.report.verify["ok"]
     (mod,) = _mlp_modules(cm)
-    assert mod.kernel.startswith(kernels)
     row = next(r for r in cm.report.rows if r["layer"].endswith("->" + ("fc2" if isinstance(model, Plain) else "down")))
-    assert row["decision"] == "sparse" and row["pattern"].startswith("mlp") and row["m"] == 1
+    assert row["pattern"].startswith("mlp")
     lowered = CompiledModel(cm.gm, cm.report, "torch")
     for batch in (1, 3, 64):
         xb = torch.randn(batch, K)
         _close(lowered(xb), model(xb))
+    return model, cm, mod, row
 
 
 def test_exact_union_path_and_crossover(tmp_path):
@@ -247,3 +255,69 @@ def test_cli_activation_sparsity(tmp_path, capsys, monkeypatch):
     assert any("lossy (asked for): activation sparsity threshold:0.5" in n for n in report["notes"])
     assert main(["compile", f"{factory}:make", "--activation-sparsity", "threshold:1.5"]) == 2
     assert "in (0, 1)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- pruned AND activation-sparse MLPs
+
+
+def test_sparse_down_kernel(mlp_kernels):
+    """down_sparse_mv against dense rows: pruned rows, a neuron with no nonzero at all, every
+    neuron active, none; column ranges that do not divide N."""
+    from sparsecomp.backends.torch.mlp import _pack_sparse_rows
+
+    g = torch.Generator().manual_seed(2)
+    wdt = torch.randn(H, N, generator=g) * (torch.rand(H, N, generator=g) < 0.2)
+    wdt[5] = 0  # a neuron pruned away entirely
+    bd = torch.randn(N, generator=g)
+    for n in (0, 1, 7, H):
+        idx = torch.randperm(H, generator=g)[:n].sort().values.to(torch.int32)
+        if n:
+            idx[0] = 5
+        vals = torch.randn(n, generator=g)
+        want = bd + vals @ wdt[idx.long()]
+        for parts, serial in ((1, True), (3, False), (4, False)):
+            ptr, col, val = _pack_sparse_rows(wdt, parts)
+            assert int(ptr[-1, -1]) == int((wdt != 0).sum())
+            y = torch.empty(N)
+            k = mlp_kernels.build_mlp_kernel("down_sparse_mv", {"serial": serial})
+            k(vals.reshape(1, n), idx.reshape(1, n), torch.tensor([n], dtype=torch.int32), ptr, col, val, bd, y)
+            _close(y, want)
+
+
+def _prune(model, spec="unstructured:0.8"):
+    from sparsecomp.patterns import impose
+
+    impose(model, spec)
+    return model
+
+
+@pytest.mark.parametrize("make,kernels", [
+    (lambda: _prune(Plain(-0.2)), "pruned-mv"),
+    (lambda: _prune(Plain(-0.2)), "pruned"),
+    (lambda: _prune(Gated()), "pruned-mv"),
+    (lambda: _prune(Plain(-50.0)), "pruned-mv"),  # every activation zero
+], ids=["plain-mv", "plain-linear", "gated-mv", "all-zero"])
+def test_pruned_exact_compile_any_batch(make, kernels, tmp_path):
+    """Both sparsities at once: the projections on their sparse-linear kernels, only the active
+    neurons' (sparse) down rows read; right at batch 1, 3 and 64 after compiling at batch 1."""
+    model, cm, mod, row = _compile_exact_at_batch_1(make, kernels, tmp_path)
+    assert mod.kernel.split("{")[0] == kernels
+    assert "sparse-down" in mod.kernel or kernels == "pruned"  # W_down is 80% zeros: its rows are read sparse
+    assert "pruned weights (W_up 20%" in row["reason"]
+
+
+def test_dense_weights_get_no_pruned_strategy(tmp_path):
+    """Near miss: an MLP whose weights are dense (nothing pruned) is not offered the pruned
+    strategies, and forcing one leaves the MLP on the strategies that exist."""
+    torch.manual_seed(0)
+    model = Plain(-0.5).eval()
+    x = torch.randn(1, K)
+    cm = sc.compile(model, (x,), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    row = next(r for r in cm.report.rows if r["pattern"].startswith("mlp"))
+    assert "pruned" not in row["kernel"] and "pruned weights" not in row["reason"]
+    assert "dense" in row["measured"] and not any(k.startswith("pruned") for k in row["measured"])
+    cm = sc.compile(model, (x,), activation_sparsity="exact", kernels="pruned-mv", cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    row = next(r for r in cm.report.rows if r["pattern"].startswith("mlp"))
+    assert row["kernel"] == "dense"
+    _close(cm(x), model(x))
