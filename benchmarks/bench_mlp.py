@@ -18,6 +18,9 @@ Cases (`--cases`, comma-separated; default all):
     opt      zoo opt-125m-like (mlp_bias -0.7: ~90% of fc2's inputs zero), one token (M = 1, no KV
              cache), the decoder stack without an LM head: eager; compiled without activation
              sparsity; compiled with exact mode.
+    pruned   the ffn with its weights pruned (unstructured 50% and 90%) AND ~90% of its ReLU outputs
+             zero, M = 1: eager; compiled without activation sparsity (sparse-linear kernels); exact
+             mode (both sparsities: `pruned-mv` / `pruned` strategies).
     minilm   the real all-MiniLM-L6-v2 (GELU) in threshold mode at 40% and 50% and predictor mode at
              50%: quality = mean cosine of mean-pooled embeddings to dense on 128 evaluation
              sentences (disjoint from the 128 calibration sentences); the hidden sparsity those
@@ -59,7 +62,7 @@ from sparsecomp.ir import compare_outputs, flat_inputs
 
 THREADS = 2
 RESULTS = Path(__file__).parent / "results" / "mlp.json"
-ALL_CASES = ["ffn", "opt", "minilm"]
+ALL_CASES = ["ffn", "opt", "pruned", "minilm"]
 TARGETS = {  # issue #5, "Done when"
     "ffn_exact_vs_compiled_dense": 1.65, "ffn_exact_vs_eager": 1.65, "ffn_predictor_vs_dense": 5.0,
     "opt_exact_vs_compiled_dense": 1.25, "minilm_cosine_0.4": 0.985, "minilm_cosine_0.5": 0.97, "minilm_predictor_recall_0.5": 0.9,
@@ -89,12 +92,23 @@ def case_env() -> dict:
 # ---------------------------------------------------------------- ffn
 
 
-def case_ffn(args) -> dict:
+def ffn(prune: str | None = None):
+    """The zoo ReLU FFN at M = 1 with ~90% of its hidden outputs zero (weights pruned by `prune`):
+    (model, example inputs, x, fraction of hidden neurons active)."""
+    from sparsecomp.patterns import impose
+
     model, ex = models.get("mlp-relu", mlp_bias=-1.16)
+    if prune:
+        impose(model, prune)
     x = ex[0]
     with torch.no_grad():
         density = float((F.relu(model.fc1(x)) != 0).float().mean())
-    log(f"ffn: 2048 -> 8192 -> 2048, M = 1, {density:.1%} of hidden neurons active")
+    log(f"ffn: 2048 -> 8192 -> 2048{f' with {prune} weights' if prune else ''}, M = 1, {density:.1%} of hidden neurons active")
+    return model, ex, x, density
+
+
+def case_ffn(args) -> dict:
+    model, ex, x, density = ffn()
     dense_cm, t_dense = compile_timed(model, ex, name="ffn")
     exact_cm, t_exact = compile_timed(model, ex, activation_sparsity="exact", name="ffn")
     # 4096 rows: the predictor (rank 256 over 2048 inputs) needs many more rows than inputs
@@ -172,6 +186,36 @@ def case_opt(args) -> dict:
     log(f"  eager {t['eager']['median_ms']:.2f} ms, compiled dense {t['compiled_dense']['median_ms']:.2f} ms ({dense_cm.runs}), "
         f"exact {t['exact']['median_ms']:.2f} ms: {out['vs_compiled_dense']:.2f}x vs compiled dense; MLPs {out['mlp_layer_speedup']:.2f}x "
         f"(active {min(out['mlp_active_fraction']):.0%}-{max(out['mlp_active_fraction']):.0%})")
+    return out
+
+
+# ---------------------------------------------------------------- pruned
+
+
+def case_pruned(args) -> dict:
+    """Both sparsities at once: the ffn above with its weights pruned (magnitude, exact count per
+    layer) AND ~90% of its ReLU outputs zero, at M = 1."""
+    out = {}
+    for spec in ("unstructured:0.5", "unstructured:0.9"):
+        model, ex, x, density = ffn(spec)
+        weights_cm, t_w = compile_timed(model, ex, name="ffn")
+        both_cm, t_b = compile_timed(model, ex, activation_sparsity="exact", name="ffn")
+        weights, both = lowered(weights_cm), lowered(both_cm)
+        with torch.no_grad():
+            ok, err, allowed = compare_outputs(both(x), model(x))
+        env = case_env()
+        fns = {"eager": model, "sparse_weights": weights, "both": both}
+        t = bm.timed({k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, args.runs, 3)
+        row = mlp_rows(both_cm)[0]
+        out[spec] = {**env, "active_fraction": density, "times": t, "compile_s": {"sparse_weights": t_w, "both": t_b},
+                     "max_abs_error": err, "allowed": allowed, "ok": ok,
+                     "weights_kernels": [r["kernel"] for r in weights_cm.report.rows], "both_kernel": row["kernel"],
+                     "both_reason": row["reason"],
+                     "both_vs_sparse_weights": t["sparse_weights"]["median_ms"] / t["both"]["median_ms"],
+                     "both_vs_eager": t["eager"]["median_ms"] / t["both"]["median_ms"]}
+        log(f"  eager {t['eager']['median_ms']:.2f} ms, sparse weights only {t['sparse_weights']['median_ms']:.2f} ms, "
+            f"both {t['both']['median_ms']:.2f} ms: {out[spec]['both_vs_sparse_weights']:.2f}x vs sparse weights only, "
+            f"{out[spec]['both_vs_eager']:.2f}x vs eager ({row['kernel']})")
     return out
 
 
@@ -332,7 +376,7 @@ def main(argv=None) -> int:
                "versions": bm.versions(), "background_cpu_start": bm.background_cpu(), "cases": {}}
     log(f"bench_mlp: {results['machine']['cpu']}, {THREADS} threads, load {os.getloadavg()[0]:.2f}, "
         f"other processes' CPU {results['background_cpu_start']:.0%}")
-    runners = {"ffn": case_ffn, "opt": case_opt, "minilm": case_minilm}
+    runners = {"ffn": case_ffn, "opt": case_opt, "pruned": case_pruned, "minilm": case_minilm}
     for case in args.case_list:
         t0 = time.perf_counter()
         results["cases"][case] = runners[case](args)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LayerDecision", "Lowered"]
+__all__ = ["LayerDecision", "Lowered", "MLPDecision"]
 
 
 @dataclass
@@ -46,6 +46,17 @@ class LayerDecision:
         d = asdict(self)
         d["speedup"] = self.speedup
         return d
+
+
+@dataclass
+class MLPDecision(LayerDecision):
+    """One lowered MLP block (`sparse_mlp`), in any backend: a `LayerDecision` whose shape is
+    `[in, hidden, out]` and whose density is the fraction of hidden neurons active on the example
+    inputs (union over rows)."""
+
+    pattern: str = ""  # e.g. "mlp plain relu exact"
+    crossover: dict = field(default_factory=dict)  # torch backend: M -> union density above which the down runs dense
+    calibration: dict = field(default_factory=dict)  # lossy modes: calibrated sparsity, recall, cosine
 
 
 @dataclass

@@ -7,7 +7,14 @@ Lowering table (which sparsecomp op becomes what; `kernels.py` has the ONNX of e
         liveRxC      Gather(live cols) -> smaller MatMul -> Gather(row map) + b    (dead rows / cols)
         ell, sellK   GatherElements(x, cols) * values -> ReduceSum             (constant fan-in, M ~ 1)
         bsrRxC[-bK]  Gather(x^T blocks) -> batched MatMul(values) -> Transpose   (R x C blocks)
-    any other sparsecomp op (e.g. a future sparsecomp.sparse_mlp)
+    sparsecomp.sparse_mlp(x, ...) -> one of, measured per MLP in onnxruntime (`mlp.py`):
+        dense        Gemm(up) -> act [* act(gate)] [* keep-mask] -> Gemm(down)   (the op's reference)
+        active       h as dense -> NonZero(union of active neurons) -> Gather(h's active neurons,
+                     W_down^T rows) -> Gemm                                 (skips inactive down rows)
+        predictor    low-rank predictor's keep-mask -> union -> Gather(W_up / W_gate rows) -> Gemm
+                     -> act -> * keep -> Gather(W_down^T rows) -> Gemm      (skips both projections)
+        (weights not constants: its reference, exported dense, with a note)
+    any other sparsecomp op
                  -> its reference implementation, decomposed to ATen and exported dense, with a
                     note naming the op and node in the report (`export._reference_decompositions`,
                     the spot a real lowering replaces); if it does not decompose: OnnxError naming them.
@@ -16,7 +23,7 @@ Shape of the package (the same as every backend):
 - `kernels.py`: the candidate decompositions and their compact storage (values + narrow indices,
   Cast at run time, folded by onnxruntime at load);
 - `lowering.py`: per-layer decisions timed in onnxruntime on one-layer models, cached in
-  `DecisionCache("ort")`;
+  `DecisionCache("ort")`; `mlp.py`: the sparse_mlp candidates and their per-MLP decisions (same rules);
 - `export.py`: FX -> ONNX (torch's exporter with a placeholder per sparse layer, replaced by the
   chosen nodes), metadata, checker;
 - `runner.py`: sessions with sparsecomp's thread setting (own pools, or one process-wide pool on
@@ -31,8 +38,9 @@ from typing import Any
 
 from sparsecomp.lowering import Lowered
 
-from .export import DEFAULT_OPSET, MIN_OPSET, export_graph
+from .export import DEFAULT_OPSET, MIN_OPSET, SPARSE_LINEAR, SPARSE_MLP, export_graph
 from .lowering import decide_layers
+from .mlp import decide_mlps
 from .runner import OrtModule, pool_note, session, threads, use_global_thread_pool
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "NAME", "OrtModule", "lower", "session", "threads", "use_global_thread_pool"]
@@ -42,7 +50,7 @@ NAME = "ort"
 
 def lower(gm, example, *, cache=None, max_seconds: float = 0.5, only=None, progress=None, opset: int | None = None,
           dynamic_axes: Any = "auto", **_other_backends_options) -> Lowered:
-    """Choose every sparse layer's lowering by timing in onnxruntime, export, and open a session.
+    """Choose every sparse layer's (and MLP's) lowering by timing in onnxruntime, export, and open a session.
 
     `**_other_backends_options` (e.g. the torch backend's `use_tir`) are accepted and ignored, so
     `compile()` can pass one set of options to every backend.
@@ -51,8 +59,18 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, only=None, progr
 
     opset = check_opset(opset)  # a bad opset fails before any measuring
     label = gm.meta.get("sparsecomp.model_name", "model")
+    n_mlps = sum(1 for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_MLP)
+    n_linears = sum(1 for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR)
+
+    def step(offset):  # one progress count over both kinds
+        return None if progress is None else (lambda i, _n, layer: progress(offset + i, n_linears + n_mlps, layer))
+
     placements, decisions = decide_layers(gm, example, cache=cache, max_seconds=max_seconds, only=only,
-                                          progress=progress, opset=opset)
+                                          progress=step(0), opset=opset)
+    mlp_placements, mlp_decisions = decide_mlps(gm, example, cache=cache, max_seconds=max_seconds, only=only,
+                                                progress=step(n_linears), opset=opset)
+    placements.update(mlp_placements)
+    decisions = [*decisions, *mlp_decisions]
     notes: list[str] = []
 
     def exporter(*, opset=opset, dynamic_axes=dynamic_axes):

@@ -1,15 +1,18 @@
 """FX graph with sparsecomp ops -> one ONNX model for stock onnxruntime.
 
 How (why not a custom translation per layer): torch's ONNX exporter translates an op with ONE
-function, but every `sparse_linear` node gets its own measured lowering and its own compact
-arrays. So the graph is exported with each `sparse_linear` as an opaque placeholder node
-`sparsecomp::SparseLinear(x, tag)` (a `custom_translation_table` entry), and the placeholders are
-then replaced in the ModelProto by the chosen candidate's standard-ONNX nodes and initializers
-(`kernels.py`). This also keeps the narrow index storage exactly as written: the exporter's
-optimizer constant-folds a Cast applied to an initializer (DESIGN.md section 3), but it never sees
-ours. The placeholder's second input is a tiny `[out, 1]` tag tensor holding the layer's index
-(unique by value, so initializer de-duplication cannot confuse two layers, and the dense sparse
-weights are never serialised at all); the bias is passed as None (the lowering adds its own).
+function, but every `sparse_linear` (and `sparse_mlp`) node gets its own measured lowering and its
+own arrays. So the graph is exported with each as an opaque placeholder node
+`sparsecomp::SparseLinear(x, tag)` / `sparsecomp::SparseMLP(x, tag)` (`custom_translation_table`
+entries), and the placeholders are then replaced in the ModelProto by the chosen candidate's
+standard-ONNX nodes and initializers (`kernels.py`, `mlp.py`). This also keeps the narrow index
+storage exactly as written: the exporter's optimizer constant-folds a Cast applied to an
+initializer (DESIGN.md section 3), but it never sees ours. The placeholder's second input is a tiny
+tag tensor holding the layer's index (`[out, 1]`; an MLP's `[1, out]` stands for its w_down_t, whose
+columns give the op's output size), unique by value, so initializer de-duplication cannot confuse
+two layers, and the weights are never serialised by the exporter at all; the other tensor
+arguments are passed as None (the lowering adds its own). A sparse_mlp node with no placement (its
+weights are not constants) is exported as its reference implementation, with a note.
 
 Steps: (1) a shallow copy of the graph with tags instead of weights; (2) `torch.export` with the
 batch / sequence dims recorded dynamic at capture (size-1 dims traced at size 2, as capture does);
@@ -43,19 +46,28 @@ __all__ = ["DEFAULT_OPSET", "METADATA_KEYS", "MIN_OPSET", "Placement", "check_op
 
 DEFAULT_OPSET = 20  # what torch 2.13's exporter writes by default
 SPARSE_LINEAR = "sparsecomp.sparse_linear.default"
+SPARSE_MLP = "sparsecomp.sparse_mlp.default"
+LOWERED = (SPARSE_LINEAR, SPARSE_MLP)  # sparsecomp ops with an ONNX lowering here (placeholders)
 DOMAIN = "sparsecomp.placeholder"
 METADATA_KEYS = ("sparsecomp.version", "sparsecomp.backend", "sparsecomp.layers", "sparsecomp.inputs")
+# the decision facts a `sparsecomp.layers` record keeps; an MLP's record has op="sparse_mlp", its
+# shape is [in, hidden, out] and `linears` names its up / gate / down Linears
+RECORD_KEYS = ("input", "output", "density", "m", "dense_us", "chosen_us", "op", "mode", "activation", "linears")
 
 
 @dataclass
 class Placement:
-    """One sparse_linear node and how it is lowered."""
+    """One sparse_linear (or sparse_mlp) node and how it is lowered."""
 
     node: str  # FX node name
     layer: str
     candidate: Candidate
-    shape: list[int]  # [out, in]
-    extra: dict = field(default_factory=dict)  # decision facts for the metadata
+    shape: list[int]  # [out, in]; an MLP's [in, hidden, out]
+    extra: dict = field(default_factory=dict)  # decision facts for the metadata ({"op": "sparse_mlp", ...} for MLPs)
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[-1] if self.extra.get("op") == "sparse_mlp" else self.shape[0]
 
 
 def check_opset(opset: int | None) -> int:
@@ -72,34 +84,57 @@ def check_opset(opset: int | None) -> int:
     return opset
 
 
-def _placeholder_fn():
+def _placeholder(name: str):
     import onnxscript
     from onnx.defs import OpSchema
 
     P = OpSchema.FormalParameter
-    schema = OpSchema("SparseLinear", DOMAIN, 1, inputs=[P("x", "T"), P("tag", "T")], outputs=[P("y", "T")],
+    schema = OpSchema(name, DOMAIN, 1, inputs=[P("x", "T"), P("tag", "T")], outputs=[P("y", "T")],
                       type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"], "")])
-    op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "SparseLinear", schema)
+    return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), name, schema)
+
+
+def _placeholder_table() -> dict:
+    """The exporter's translations of the lowered ops: opaque placeholders (x, tag)."""
+    linear, mlp = _placeholder("SparseLinear"), _placeholder("SparseMLP")
 
     def sparse_linear(x, weight, bias=None):  # names as the op's schema; weight is the tag here
-        return op(x, weight)
+        return linear(x, weight)
 
-    return sparse_linear
+    def sparse_mlp(x, w_up, b_up=None, w_gate=None, b_gate=None, w_down_t=None, b_down=None, activation="relu",
+                   mode="exact", threshold=None, scale=None, pred_a=None, pred_b=None):  # w_down_t is the tag
+        return mlp(x, w_down_t)
+
+    return {torch.ops.sparsecomp.sparse_linear.default: sparse_linear, torch.ops.sparsecomp.sparse_mlp.default: sparse_mlp}
 
 
-def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement]) -> fx.GraphModule:
-    """A GraphModule sharing gm's parameters whose sparse_linear nodes read tags instead of weights."""
+def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement], notes: list[str]) -> fx.GraphModule:
+    """A GraphModule sharing gm's parameters whose lowered nodes read tags instead of weights."""
     import copy
+
+    from sparsecomp.ops import op_def
 
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     graph = new.graph
-    for i, node in enumerate([n for n in graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR]):
-        p = placements[node.name]
+    for i, node in enumerate([n for n in graph.nodes if n.op == "call_function" and str(n.target) in LOWERED]):
+        p = placements.get(node.name)
+        if p is None and str(node.target) == SPARSE_MLP:  # not lowered: its reference, traced to aten by export
+            node.target = op_def(node.target).reference
+            notes.append(f"sparsecomp.sparse_mlp (node {node.name}) has no ONNX lowering here: exported as its dense "
+                         "reference decomposition")
+            continue
+        p = placements[node.name]  # every sparse_linear has one
+        linear = str(node.target) == SPARSE_LINEAR
         attr = f"_sparsecomp_tag_{i}"
-        new.register_buffer(attr, torch.full((p.shape[0], 1), float(i)))
+        new.register_buffer(attr, torch.full((p.out_features, 1) if linear else (1, p.out_features), float(i)))
         with graph.inserting_before(node):
             tag = graph.get_attr(attr)
-        node.args = (node.args[0], tag, None)
+        if linear:
+            node.args = (node.args[0], tag, None)
+        else:
+            strs = dict(zip(("activation", "mode"), node.args[7:9])) | {k: v for k, v in node.kwargs.items() if k in ("activation", "mode")}
+            node.args = (node.args[0], tag, None, None, None, tag, None, strs["activation"], strs["mode"], None, None, None, None)
+            node.kwargs = {}
         p.extra["tag"] = i
     # the dense weights of sparse layers are no longer read (unless something else reads them)
     for node in list(graph.nodes):
@@ -189,14 +224,13 @@ def _export_program(gm: fx.GraphModule, args: tuple, kwargs: dict, dyn: dict[str
 
 
 def _reference_decompositions(ep, notes: list[str]):
-    """sparsecomp ops other than sparse_linear have no ONNX lowering here yet: export their
-    reference implementation (dense), and say so. This is the spot a future lowering replaces
-    (e.g. `sparsecomp::sparse_mlp` as Gather + MatMul kernels)."""
+    """sparsecomp ops with no ONNX lowering here (all but `LOWERED`): export their reference
+    implementation (dense), and say so. This is the spot a new op's lowering replaces."""
     from sparsecomp.ops import is_sparsecomp_op, op_def
 
     table = {}
     for node in ep.graph.nodes:
-        if node.op == "call_function" and is_sparsecomp_op(node.target) and str(node.target) != SPARSE_LINEAR:
+        if node.op == "call_function" and is_sparsecomp_op(node.target) and str(node.target) not in LOWERED:
             d = op_def(node.target)
             table[node.target] = d.reference
             notes.append(f"{d.qualname} (node {node.name}) has no ONNX lowering in the ort backend: exported as its dense "
@@ -243,7 +277,7 @@ def _rename_dims(model: onnx.ModelProto, dyn: dict[str, list[int]]) -> None:
 
 def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: dict[str, Placement], *, opset: int | None,
                  dynamic_axes: Any = "auto", label: str = "model", notes: list[str] | None = None) -> tuple[onnx.ModelProto, dict]:
-    """The ONNX model of `gm` with every sparse_linear lowered as `placements` say.
+    """The ONNX model of `gm` with every sparse_linear / sparse_mlp lowered as `placements` say.
 
     Returns (model, info) with info = {"dynamic": {input name: dims kept dynamic}}.
     """
@@ -253,7 +287,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: di
     opset = check_opset(opset)
     args, kwargs = example
     dyn = _dynamic(gm, args, kwargs, dynamic_axes)
-    tagged = _tagged_copy(gm, placements)
+    tagged = _tagged_copy(gm, placements, notes)
     try:
         ep, kept = _export_program(tagged, args, kwargs, dyn, label)
     except OnnxError:
@@ -266,7 +300,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: di
         notes.append("the exported model has static input shapes (the graph does not allow the recorded dynamic dims)")
         dyn = {}
     ep = _reference_decompositions(ep, notes)
-    table = {torch.ops.sparsecomp.sparse_linear.default: _placeholder_fn()}
+    table = _placeholder_table()
     try:
         with _quiet():
             prog = torch.onnx.export(ep, (), kwargs={}, dynamo=True, custom_translation_table=table, opset_version=opset,
@@ -276,16 +310,16 @@ def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: di
         raise OnnxError(f"torch.onnx.export failed on {label} at opset {opset}: {first}",
                         hint="try the default opset; --debug shows the trace") from err
     model = prog.model_proto
-    by_tag = {p.extra["tag"]: p for p in placements.values()}
+    by_tag = {p.extra["tag"]: p for p in placements.values() if "tag" in p.extra}
     _lower_placeholders(model, by_tag)
     if dyn:
         _rename_dims(model, dyn)
     layers = []
-    for p in sorted(placements.values(), key=lambda p: p.extra["tag"]):
+    for p in sorted(by_tag.values(), key=lambda p: p.extra["tag"]):
         layers.append({"layer": p.layer, "node": p.node, "shape": p.shape, "kernel": p.candidate.label,
                        "family": p.candidate.family, "decision": p.candidate.decision, "arrays": p.extra.get("arrays", {}),
                        "block": p.extra.get("block"), "stored_bytes": p.candidate.stored_bytes,
-                       **{k: v for k, v in p.extra.items() if k in ("input", "output", "density", "m", "dense_us", "chosen_us")}})
+                       **{k: v for k, v in p.extra.items() if k in RECORD_KEYS}})
     meta = {
         "sparsecomp.version": sparsecomp.__version__,
         "sparsecomp.backend": "ort",

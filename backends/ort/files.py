@@ -9,9 +9,11 @@
   layer its name, shape, kernel, input / output value names and which initializers hold which
   arrays).
 - `stored_weights(model)`: each lowered layer's dense `[out, in]` weight rebuilt from its compact
-  arrays, so `sparsecomp analyze model.onnx` reports the same density and patterns as the torch model.
+  arrays, so `sparsecomp analyze model.onnx` reports the same density and patterns as the torch model
+  (a lowered MLP gives its up / gate / down weights, under the names of its Linears).
 - `dense_equivalent(model)`: the same model with every lowered layer as a plain dense
-  MatMul + Add (what a plain export of the pruned model runs): the baseline `bench` times against.
+  MatMul + Add, and every lowered MLP as the plain dense MLP, no neuron skipped (what a plain
+  export of the pruned model runs): the baseline `bench` times against.
 - `example_feeds(model)`: random inputs shaped like the recorded example inputs.
 """
 
@@ -143,8 +145,32 @@ def _arrays(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
 
 
+def _is_mlp(rec: dict) -> bool:
+    return rec.get("op") == "sparse_mlp"
+
+
+def _mlp_weights(rec: dict, arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """An MLP record's (Linear name, [out, in] weight): up, gate (gated MLPs), down."""
+    roles = rec["arrays"]
+    names = rec.get("linears") or {}
+    out = [(names.get("up", f"{rec['layer']}.up"), arrays[roles["w_up"]])]
+    if "w_gate" in roles:
+        out.append((names.get("gate", f"{rec['layer']}.gate"), arrays[roles["w_gate"]]))
+    out.append((names.get("down", f"{rec['layer']}.down"), arrays[roles["w_down_t"]].T))
+    return out
+
+
+def _mlp_arrays(rec: dict, arrays: dict[str, np.ndarray]):
+    from .mlp import MLPArrays
+
+    roles = rec["arrays"]
+    return MLPArrays.from_values({"activation": rec["activation"], "mode": rec["mode"],
+                                  **{role: arrays[name] for role, name in roles.items()}})
+
+
 def stored_weights(model: onnx.ModelProto) -> list[tuple[str, torch.Tensor, int]]:
-    """(layer, dense [out, in] weight, index of the layer's first node) per lowered layer; [] if none."""
+    """(layer, dense [out, in] weight, index of the layer's first node) per lowered layer (per
+    Linear of a lowered MLP); [] if none."""
     recs = layers(model)
     if not recs:
         return []
@@ -158,8 +184,12 @@ def stored_weights(model: onnx.ModelProto) -> list[tuple[str, torch.Tensor, int]
         missing = [n for n in r["arrays"].values() if n not in arrays]
         if missing:
             raise OnnxError(f"layer {r['layer']}: stored arrays {missing[:3]} are missing from the model", hint="export the model again")
+        at = first.get(r["layer"], len(model.graph.node))
+        if _is_mlp(r):
+            out += [(name, torch.from_numpy(np.ascontiguousarray(w)), at) for name, w in _mlp_weights(r, arrays)]
+            continue
         w = decode_weight(r, {n: arrays[n] for n in r["arrays"].values()})
-        out.append((r["layer"], torch.from_numpy(np.ascontiguousarray(w)), first.get(r["layer"], len(model.graph.node))))
+        out.append((r["layer"], torch.from_numpy(np.ascontiguousarray(w)), at))
     return out
 
 
@@ -170,10 +200,16 @@ def owns(model: onnx.ModelProto, node_name: str) -> bool:
 
 
 def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every lowered layer as MatMul(x, W^T) (+ bias): a plain dense export."""
+    """The model with every lowered layer as MatMul(x, W^T) (+ bias), every lowered MLP as the plain
+    dense MLP: a plain dense export."""
+    from .kernels import Emitter
+    from .mlp import plain_dense
+
     recs = layers(model)
     weights = {name: w for name, w, _ in stored_weights(model)}
-    arrays = _arrays(model, [r["arrays"]["bias"] for r in recs if "bias" in r["arrays"]])
+    arrays = _arrays(model, [r["arrays"]["bias"] for r in recs if "bias" in r["arrays"]]
+                     + [n for r in recs if _is_mlp(r) for n in r["arrays"].values()])
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 20)
     by_layer = {r["layer"]: r for r in recs}
     g = model.graph
     nodes, inits = [], []
@@ -187,6 +223,12 @@ def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         done.add(prefix)
         r = by_layer[prefix]
+        if _is_mlp(r):
+            e = Emitter(prefix)
+            plain_dense(_mlp_arrays(r, arrays), opset).emit(e, r["input"], r["output"])
+            nodes += e.nodes
+            inits += e.initializers
+            continue
         wt = f"{prefix}.dense_weight_t"
         inits.append(numpy_helper.from_array(np.ascontiguousarray(weights[prefix].numpy().T), wt))
         if "bias" in r["arrays"]:

@@ -38,7 +38,7 @@ from . import kernels as K
 from .export import SPARSE_LINEAR, Placement
 from .runner import session, threads
 
-__all__ = ["CANDIDATE_SET_VERSION", "decide_layers", "layer_model"]
+__all__ = ["CANDIDATE_SET_VERSION", "decide_layers", "layer_model", "model_is_cold", "time_candidates"]
 
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
 SHORTLIST = 2  # sparse kernels kept for later layers of the same shape, M and density
@@ -108,6 +108,38 @@ def _run_candidate(cand: K.Candidate, x: torch.Tensor, reference: torch.Tensor, 
     return (lambda: sess.run(None, feed)), ""
 
 
+def model_is_cold(gm: fx.GraphModule) -> bool:
+    """Whether the model's weights exceed the last-level cache: then layers are timed cold (copies_for)."""
+    return sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()]) > l3_bytes()
+
+
+def time_candidates(trial: list[K.Candidate], x: torch.Tensor, reference: torch.Tensor, *, opset: int, cold: bool, m: int,
+                    max_seconds: float, min_runs: int, notes: list[str]) -> tuple[dict[str, float], str | None]:
+    """Check each candidate on the layer's real input (dropped, with the reason in `notes`, if it
+    disagrees or cannot run), time the survivors interleaved and return (measured us per
+    candidate, the fastest label; None if none runs). A sparse candidate must beat dense by
+    `SPARSE_MARGIN` (shared by every op this backend lowers)."""
+    copies, runners = {}, {}
+    for c in trial:
+        copies[c.label] = copies_for(c, cold, m)
+        fn, why = _run_candidate(c, x, reference, opset, copies[c.label])
+        if fn is not None:
+            runners[c.label] = fn
+        else:
+            notes.append(f"{c.label} dropped: {why}")
+    if not runners:
+        return {}, None
+    times = compare(runners, min_runs=min_runs, max_seconds=max_seconds)
+    # The low decile, not the median: on a machine shared with other work, contention only
+    # ever adds time, and the 10th percentile of interleaved runs is what the kernel costs.
+    measured = {k: v.p10 * 1e6 / copies[k] for k, v in times.items()}
+    best = min(measured, key=measured.get)
+    if best != "dense" and "dense" in measured and measured[best] > measured["dense"] / SPARSE_MARGIN:
+        notes.append(f"{best} was within {SPARSE_MARGIN - 1:.0%} of dense: kept dense")
+        best = "dense"
+    return measured, best
+
+
 def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max_seconds: float = 0.5,
                   min_runs: int = 20, only: set[str] | None = None, progress=None, opset: int = 20
                   ) -> tuple[dict[str, Placement], list[LayerDecision]]:
@@ -118,9 +150,7 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
     if not nodes:
         return {}, []
     inputs = record_inputs(gm, nodes, example)
-    # Time layers cold when the model's weights do not fit in the last-level cache (see copies_for).
-    model_bytes = sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
-    cold = model_bytes > l3_bytes()
+    cold = model_is_cold(gm)
     placements: dict[str, Placement] = {}
     decisions: list[LayerDecision] = []
     shortlists: dict[tuple, list[str]] = {}
@@ -152,7 +182,6 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
                             pattern=pattern_hash(weight), version=CANDIDATE_SET_VERSION, candidates=sorted(by_label),
                             ort=onnxruntime.__version__, threads=threads(), bias=bias is not None, cold=cold)
             entry = cache.get(key, validate=lambda e, labels=by_label: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
-        runners = {}
         if entry is not None:
             chosen = by_label[entry["kernel"]]
             fn, why = _run_candidate(chosen, x, reference, opset)
@@ -175,25 +204,11 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
             if family in shortlists:
                 trial = [c for c in cands if c.label in shortlists[family] or c.family == "dense"]
                 notes.append(f"timed the {len(trial) - 1} fastest kernels of an earlier layer of this shape and density")
-            copies = {}
-            for c in trial:
-                copies[c.label] = copies_for(c, cold, m)
-                fn, why = _run_candidate(c, x, reference, opset, copies[c.label])
-                if fn is not None:
-                    runners[c.label] = fn
-                else:
-                    notes.append(f"{c.label} dropped: {why}")
-            if not runners:
+            measured, best = time_candidates(trial, x, reference, opset=opset, cold=cold, m=m, max_seconds=max_seconds,
+                                             min_runs=min_runs, notes=notes)
+            if best is None:
                 raise SparsecompError(f"layer {layer}: no candidate lowering runs in onnxruntime ({'; '.join(notes)})",
                                       hint="please report it; --debug shows the trace")
-            times = compare(runners, min_runs=min_runs, max_seconds=max_seconds)
-            # The low decile, not the median: on a machine shared with other work, contention only
-            # ever adds time, and the 10th percentile of interleaved runs is what the kernel costs.
-            measured = {k: v.p10 * 1e6 / copies[k] for k, v in times.items()}
-            best = min(measured, key=measured.get)
-            if best != "dense" and "dense" in measured and measured[best] > measured["dense"] / SPARSE_MARGIN:
-                notes.append(f"{best} was within {SPARSE_MARGIN - 1:.0%} of dense: kept dense")
-                best = "dense"
             chosen = by_label[best]
             if family not in shortlists:
                 shortlists[family] = sorted((k for k in measured if by_label[k].family != "dense"), key=measured.get)[:SHORTLIST]

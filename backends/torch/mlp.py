@@ -42,8 +42,6 @@ and caches the decision (`DecisionCache`, keyed by shapes, M, mode and activatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -52,7 +50,7 @@ from sparsecomp.cache import DecisionCache
 from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_score
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
-from sparsecomp.lowering import LayerDecision
+from sparsecomp.lowering import MLPDecision
 from sparsecomp.timing import compare
 
 from .kernels import tir_available
@@ -68,17 +66,6 @@ CROSSOVER_MARGIN = 0.85
 EXACT_ACTIVATIONS = ("relu", "relu6", "relu2")  # the TIR up kernel's activations
 _ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activation", "mode", "threshold", "scale",
          "pred_a", "pred_b")
-
-
-@dataclass
-class MLPDecision(LayerDecision):
-    """One lowered MLP block (a row of the compile report): a `LayerDecision` whose shape is
-    `[in, hidden, out]` and whose density is the fraction of hidden neurons active on the example
-    inputs (union over rows)."""
-
-    pattern: str = ""  # e.g. "mlp relu exact"
-    crossover: dict = field(default_factory=dict)  # M -> union density above which the down runs dense
-    calibration: dict = field(default_factory=dict)  # lossy modes: calibrated sparsity, recall, cosine
 
 
 class _Weights:
