@@ -1,4 +1,4 @@
-"""Activation sparsity (issue #5): the fused sparse-MLP rewrite on the torch backend.
+"""Activation sparsity (issue #5): the fused sparse-MLP rewrite on the torch and ORT backends.
 
 Conventions as `bench_models.py`: one process, 2 threads everywhere (torch and TVM through
 `sparsecomp.set_num_threads(2)`, OpenBLAS 1), contenders timed interleaved round-robin with a
@@ -21,6 +21,8 @@ Cases (`--cases`, comma-separated; default all):
     pruned   the ffn with its weights pruned (unstructured 50% and 90%) AND ~90% of its ReLU outputs
              zero, M = 1: eager; compiled without activation sparsity (sparse-linear kernels); exact
              mode (both sparsities: `pruned-mv` / `pruned` strategies).
+    ort      the opt case in stock onnxruntime: ORT on the plain dense export vs ORT on sparsecomp's
+             export with exact mode (`export_onnx(..., activation_sparsity="exact")`).
     minilm   the real all-MiniLM-L6-v2 (GELU) in threshold mode at 40% and 50% and predictor mode at
              50%: quality = mean cosine of mean-pooled embeddings to dense on 128 evaluation
              sentences (disjoint from the 128 calibration sentences); the hidden sparsity those
@@ -57,12 +59,12 @@ import bench_models as bm
 import sparsecomp
 from sparsecomp import api, models
 from sparsecomp.api import CompiledModel
-from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_score
+from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_scores
 from sparsecomp.ir import compare_outputs, flat_inputs
 
 THREADS = 2
 RESULTS = Path(__file__).parent / "results" / "mlp.json"
-ALL_CASES = ["ffn", "opt", "pruned", "minilm"]
+ALL_CASES = ["ffn", "opt", "pruned", "ort", "minilm"]
 TARGETS = {  # issue #5, "Done when"
     "ffn_exact_vs_compiled_dense": 1.65, "ffn_exact_vs_eager": 1.65, "ffn_predictor_vs_dense": 5.0,
     "opt_exact_vs_compiled_dense": 1.25, "minilm_cosine_0.4": 0.985, "minilm_cosine_0.5": 0.97, "minilm_predictor_recall_0.5": 0.9,
@@ -219,6 +221,45 @@ def case_pruned(args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- ort
+
+
+def case_ort(args) -> dict:
+    """The opt case in stock onnxruntime: the plain dense export vs sparsecomp's export with exact
+    mode (each MLP lowered to the standard-ONNX `active` / `dense` candidate measured in ORT)."""
+    import bench_onnx as bo
+    from sparsecomp.backends.ort import files, session
+
+    kw = {"seq": 1, "batch": 1, "mlp_bias": -0.7, **({"layers": 4} if args.quick else {})}
+    model, ex = models.get("opt-125m-like", **kw)
+    log(f"ort: opt-125m-like one-token forward in onnxruntime, {kw}")
+    work = Path(tempfile.mkdtemp(prefix="bench_mlp_ort_"))
+    dense_path, sparse_path = work / "dense.onnx", work / "exact.onnx"
+    bo.dense_export(model, ex, dense_path)
+    t0 = time.perf_counter()
+    sparsecomp.export_onnx(model, ex, sparse_path, activation_sparsity="exact", name="opt-125m-like")
+    export_s = time.perf_counter() - t0
+    import onnx
+
+    layers = [r for r in files.layers(onnx.load(str(sparse_path))) if r.get("op") == "sparse_mlp"]
+    s_dense, s_exact = session(str(dense_path)), session(str(sparse_path))
+    f_dense, f_exact = bo.feeds_for(s_dense, ex), bo.feeds_for(s_exact, ex)
+    with torch.no_grad():
+        ref = model(*ex)
+    errs = {"dense": bo.max_rel_err(s_dense.run(None, f_dense)[0], ref), "exact": bo.max_rel_err(s_exact.run(None, f_exact)[0], ref)}
+    env = case_env()
+    t = bm.timed({"ort_dense": lambda: s_dense.run(None, f_dense), "ort_exact": lambda: s_exact.run(None, f_exact)}, args.runs, 3)
+    kinds: dict = {}
+    for r in layers:
+        kinds[r["kernel"]] = kinds.get(r["kernel"], 0) + 1
+    out = {**env, "config": kw, "times": t, "export_s": export_s, "max_rel_error_vs_eager": errs,
+           "ok": all(v <= 1e-4 for v in errs.values()), "mlp_kernels": kinds,
+           "vs_ort_dense": t["ort_dense"]["median_ms"] / t["ort_exact"]["median_ms"]}
+    log(f"  ORT dense {t['ort_dense']['median_ms']:.2f} ms, ORT exact {t['ort_exact']['median_ms']:.2f} ms: "
+        f"{out['vs_ort_dense']:.2f}x; MLP lowerings {kinds}; errors {errs}")
+    return out
+
+
 # ---------------------------------------------------------------- minilm
 
 
@@ -240,8 +281,7 @@ class _KeepRecorder(fx.Interpreter):
             if mode == "threshold":
                 s = true
             else:
-                s = predictor_score(F.linear(F.linear(x, pa), pb, bu if wg is None else bg), act)
-                s = s * scale if scale is not None else s
+                s = predictor_scores(x, pa, pb, bu if wg is None else bg, act, scale)
             self.masks.append(s > thr)
             self.true_scores.append(true)
         return super().call_function(target, args, kwargs)
@@ -376,7 +416,7 @@ def main(argv=None) -> int:
                "versions": bm.versions(), "background_cpu_start": bm.background_cpu(), "cases": {}}
     log(f"bench_mlp: {results['machine']['cpu']}, {THREADS} threads, load {os.getloadavg()[0]:.2f}, "
         f"other processes' CPU {results['background_cpu_start']:.0%}")
-    runners = {"ffn": case_ffn, "opt": case_opt, "pruned": case_pruned, "minilm": case_minilm}
+    runners = {"ffn": case_ffn, "opt": case_opt, "pruned": case_pruned, "ort": case_ort, "minilm": case_minilm}
     for case in args.case_list:
         t0 = time.perf_counter()
         results["cases"][case] = runners[case](args)

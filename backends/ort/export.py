@@ -102,7 +102,7 @@ def _placeholder_table() -> dict:
         return linear(x, weight)
 
     def sparse_mlp(x, w_up, b_up=None, w_gate=None, b_gate=None, w_down_t=None, b_down=None, activation="relu",
-                   mode="exact", threshold=None, scale=None, pred_a=None, pred_b=None):  # w_down_t is the tag
+                   mode="exact", threshold=None, scale=None, pred_a=None, pred_bt=None):  # w_down_t is the tag
         return mlp(x, w_down_t)
 
     return {torch.ops.sparsecomp.sparse_linear.default: sparse_linear, torch.ops.sparsecomp.sparse_mlp.default: sparse_mlp}

@@ -9,7 +9,7 @@ h is the hidden activation `[M, H]`, after the mode's keep-mask in the lossy mod
                idx = NonZero(ReduceSum(|h|, rows)); h's selected columns and
                Gather(W_down^T, idx) [nact, N] (whole contiguous rows: memcpy speed) ->
                Gemm + b_down. Skips the down-projection's inactive rows.
-    predictor  (predictor mode) keep = score(u_hat) * scale > t, u_hat = (x A^T) B^T + b (the
+    predictor  (predictor mode) keep = score(u_hat) * scale > t, u_hat = (x A^T) Bt + b (the
                reference's calls, so the masks agree); idx = the union of the kept neurons;
                Gather the kept ROWS of W_up (and W_gate) [nact, K] -> Gemm(., transB) + bias
                (no transposed copy) -> act [* up] -> * keep (gathered: a neuron kept for another
@@ -40,12 +40,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto
 from torch import fx
 
 from sparsecomp.cache import DecisionCache
-from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_score
+from sparsecomp.dialect import MLP_ACTIVATIONS, mlp_hidden
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import get_attr_value, output_cosine, record_inputs
 from sparsecomp.lowering import MLPDecision
@@ -65,8 +64,8 @@ LOSSY_MIN_COSINE = 0.999  # as compile()'s whole-model check in the lossy modes
 # Gather along the hidden axis stays small. More rows: [nact, M], whole rows gathered.
 FEW_ROWS = 4
 _ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activation", "mode", "threshold", "scale",
-         "pred_a", "pred_b")
-_TENSORS = ("w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "threshold", "scale", "pred_a", "pred_b")
+         "pred_a", "pred_bt")
+_TENSORS = ("w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "threshold", "scale", "pred_a", "pred_bt")
 RELU_FAMILY = ("relu", "relu6", "relu2")
 
 
@@ -85,7 +84,7 @@ class MLPArrays:
     threshold: np.ndarray | None = None
     scale: np.ndarray | None = None
     pred_a: np.ndarray | None = None  # [r, K]
-    pred_b: np.ndarray | None = None  # [H, r]
+    pred_bt: np.ndarray | None = None  # [r, H]
 
     @property
     def shape(self) -> list[int]:
@@ -173,10 +172,10 @@ class _Build:
         return self.e.node("Greater", [score, self.w("threshold")])
 
     def predictor_keep(self, x2: str) -> str:
-        """The predictor's keep-mask [M, H]: u_hat = (x A^T) B^T + bias, the reference's calls."""
+        """The predictor's keep-mask [M, H]: u_hat = (x A^T) Bt + bias, the reference's calls."""
         e, a = self.e, self.a
         low = self.gemm(x2, self.w("pred_a"), None, transB=1)
-        u_hat = self.gemm(low, self.w("pred_b"), self.w("b_gate" if a.gated else "b_up"), transB=1)
+        u_hat = self.gemm(low, self.w("pred_bt"), self.w("b_gate" if a.gated else "b_up"))
         score = u_hat if a.activation in RELU_FAMILY else e.node("Abs", [self.act(u_hat)])
         return self.keep(score)
 
@@ -300,16 +299,8 @@ def _op_values(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, str | None]:
 
 def _active_fraction(v: dict, x: torch.Tensor) -> float:
     """The fraction of hidden neurons active in any row (the report's density), in plain torch."""
-    act = MLP_ACTIVATIONS[v["activation"]]
-    up = F.linear(x, v["w_up"], v["b_up"])
-    h = act(up) if v["w_gate"] is None else act(F.linear(x, v["w_gate"], v["b_gate"])) * up
-    if v["mode"] != "exact":
-        if v["mode"] == "threshold":
-            score = h.abs()
-        else:
-            bias = v["b_up"] if v["w_gate"] is None else v["b_gate"]
-            score = predictor_score(F.linear(F.linear(x, v["pred_a"]), v["pred_b"], bias), v["activation"])
-        h = h * ((score if v["scale"] is None else score * v["scale"]) > v["threshold"])
+    h = mlp_hidden(x, *(v[k] for k in ("w_up", "b_up", "w_gate", "b_gate", "activation", "mode", "threshold", "scale",
+                                       "pred_a", "pred_bt")))
     return float((h.reshape(-1, h.shape[-1]) != 0).any(0).float().mean()) if h.numel() else 0.0
 
 

@@ -43,11 +43,10 @@ and caches the decision (`DecisionCache`, keyed by shapes, M, mode and activatio
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from sparsecomp.cache import DecisionCache
-from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_score
+from sparsecomp.dialect import MLP_ACTIVATIONS, mlp_hidden, predictor_keep
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
 from sparsecomp.lowering import MLPDecision
@@ -58,14 +57,14 @@ from .kernels import tir_available
 __all__ = ["SPARSE_MLP", "MLPDecision", "SparseMLP", "lower_sparse_mlp"]
 
 SPARSE_MLP = "sparsecomp.sparse_mlp.default"
-CANDIDATE_SET_VERSION = 3  # bump when kernels or strategies change: cached decisions no longer apply
+CANDIDATE_SET_VERSION = 4  # bump when kernels or strategies change: cached decisions no longer apply
 # The sparse down path at M > 1 runs only where its cost, interpolated linearly between one and
 # every neuron active, is predicted at most 85% of dense. Without the margin, the quiet bench_mlp
 # sweep ran the union at 56% density (crossover 59%) at M = 8 and measured 0.83x of dense.
 CROSSOVER_MARGIN = 0.85
 EXACT_ACTIVATIONS = ("relu", "relu6", "relu2")  # the TIR up kernel's activations
 _ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activation", "mode", "threshold", "scale",
-         "pred_a", "pred_b")
+         "pred_a", "pred_bt")
 
 
 class _Weights:
@@ -78,7 +77,7 @@ class _Weights:
         self.w_up, self.b_up = args["w_up"], args["b_up"]
         self.w_gate, self.b_gate = args["w_gate"], args["b_gate"]
         self.threshold, self.scale = args["threshold"], args["scale"]
-        self.pred_a, self.pred_b = args["pred_a"], args["pred_b"]
+        self.pred_a, self.pred_bt = args["pred_a"], args["pred_bt"]
         wdt = args["w_down_t"].detach().float()
         self.H, self.N = wdt.shape
         self.K = self.w_up.shape[1]
@@ -99,20 +98,12 @@ class _Weights:
     # as on the flattened 2-D one, and may round differently, which would let a neuron near the
     # threshold flip between the reference and the kernel). Both return [M, H].
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        up = F.linear(x, self.w_up, self.b_up)
-        h = self.act(up) if not self.gated else self.act(F.linear(x, self.w_gate, self.b_gate)) * up
-        if self.mode == "threshold":
-            score = h.abs() if self.scale is None else h.abs() * self.scale
-            h = h * (score > self.threshold)
-        elif self.mode == "predictor":
-            h = h * self._keep(x)
-        return h.reshape(-1, self.H)
+        return mlp_hidden(x, self.w_up, self.b_up, self.w_gate, self.b_gate, self.act_name, self.mode, self.threshold,
+                          self.scale, self.pred_a, self.pred_bt).reshape(-1, self.H)
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
-        u_hat = F.linear(F.linear(x, self.pred_a), self.pred_b, self.b_up if not self.gated else self.b_gate)
-        score = predictor_score(u_hat, self.act_name)
-        score = score if self.scale is None else score * self.scale
-        return score > self.threshold
+        return predictor_keep(x, self.pred_a, self.pred_bt, self.b_up if not self.gated else self.b_gate, self.act_name,
+                              self.threshold, self.scale)
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         return self._keep(x).reshape(-1, self.H)

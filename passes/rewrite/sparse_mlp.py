@@ -37,13 +37,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from sparsecomp.passes.analysis.find_mlps import META_KEY as MLP_KEY
+from sparsecomp.passes.analysis.find_mlps import MLPRegion, activation_kind
 from torch import fx
 
 from sparsecomp import dialect
 from sparsecomp.errors import PipelineError, SparsecompError
 from sparsecomp.ir import flat_inputs, get_attr_value, linear_sites
-from sparsecomp.passes.analysis.find_mlps import META_KEY as MLP_KEY
-from sparsecomp.passes.analysis.find_mlps import MLPRegion, activation_kind
 from sparsecomp.registry import PassResult, register_pass
 
 __all__ = ["META_KEY", "MLPRewrite", "parse_activation_sparsity"]
@@ -267,20 +267,19 @@ def _calibrate(region: MLPRegion, rec: dict, mode: str, sparsity: float, score: 
         hold = (torch.arange(rows) % 5 == 4) if rows >= 10 else torch.ones(rows, dtype=torch.bool)
         fit = ~hold if rows >= 10 else hold
         a, b = _fit_predictor(x[fit], w_sel.float(), rank)
+        bt = b.t().contiguous()  # stored [rank, H]: see dialect.predictor_scores
         with torch.no_grad():
-            u_hat = F.linear(F.linear(x, a), b, b_sel)
-            pred_score = dialect.predictor_score(u_hat, region.activation)
-            if scale is not None:
-                pred_score = pred_score * scale
+            pred_score = dialect.predictor_scores(x, a, bt, b_sel, region.activation, scale)
         basis = pred_score[hold] if int(hold.sum()) >= 256 else pred_score
         t_pred = _quantile(basis, min(sparsity + margin, 0.999), dim=0 if per_channel else None)
         keep = pred_score > t_pred
-        out.update(threshold=t_pred.contiguous(), pred_a=a, pred_b=b)
+        out.update(threshold=t_pred.contiguous(), pred_a=a, pred_bt=bt)
         kept = keep_true[hold].sum().item()
         out["recall"] = float((keep[hold] & keep_true[hold]).sum().item() / kept) if kept else 1.0
         with torch.no_grad():
             u_true = F.linear(x[hold], w_sel, b_sel)
-            ss_res = (u_true - u_hat[hold]).pow(2).sum().item()
+            u_hat = torch.matmul(F.linear(x[hold], a), bt) + (b_sel if b_sel is not None else 0.0)
+            ss_res = (u_true - u_hat).pow(2).sum().item()
             ss_tot = (u_true - u_true.mean(0)).pow(2).sum().item()
         out["explained_variance"] = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
         out["fit_rows"], out["held_out_rows"] = int(fit.sum()), int(hold.sum())
@@ -380,7 +379,7 @@ def sparse_mlp(gm, ctx, *, mode: Literal["exact", "threshold", "predictor"] = "e
     Ensures: every region with constant fp32 up/gate/down weights and hidden size >= min_hidden
       (and, in exact mode, a ReLU-family activation) is replaced by one
       `sparse_mlp(x, W_up, b_up, W_gate, b_gate, W_down^T, b_down, act, mode, threshold, scale,
-      pred_a, pred_b)` node computing the same values (exact) or the calibrated lossy ones;
+      pred_a, pred_bt)` node computing the same values (exact) or the calibrated lossy ones;
       the transposed down weight is a new buffer `<down>_sparsecomp_wdt` and the original down
       weight is freed when nothing else reads it. The node carries `sparsecomp.sparse_mlp` (layer,
       mode, activation, calibrated sparsity, recall, cosine). `ctx.results["sparse-mlp"]` lists an
@@ -475,7 +474,7 @@ def sparse_mlp(gm, ctx, *, mode: Literal["exact", "threshold", "predictor"] = "e
                     scale = _const(gm, prefix + "_sparsecomp_scale", cal["scale"])
                 if mode == "predictor":
                     pa = _const(gm, prefix + "_sparsecomp_pred_a", cal["pred_a"])
-                    pb = _const(gm, prefix + "_sparsecomp_pred_b", cal["pred_b"])
+                    pb = _const(gm, prefix + "_sparsecomp_pred_bt", cal["pred_bt"])
                     verdict.recall = cal["recall"]
                     verdict.extra["rank"] = int(cal["pred_a"].shape[0])
                     verdict.extra["explained_variance"] = cal["explained_variance"]

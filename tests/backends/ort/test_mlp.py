@@ -36,7 +36,7 @@ def _arrays(mode="exact", gated=False, act="relu", bias=-0.3, seed=0, per_channe
     v = {"w_up": torch.randn(H, K, generator=g) / K**0.5, "b_up": torch.randn(H, generator=g) * 0.1 + bias,
          "w_gate": None, "b_gate": None, "w_down_t": torch.randn(H, N, generator=g) / H**0.5,
          "b_down": torch.randn(N, generator=g), "activation": act, "mode": mode, "threshold": None, "scale": None,
-         "pred_a": None, "pred_b": None}
+         "pred_a": None, "pred_bt": None}
     if gated:
         v["w_gate"], v["b_gate"] = torch.randn(H, K, generator=g) / K**0.5, torch.randn(H, generator=g) * 0.1 + bias
     xs = torch.randn(256, K, generator=g)
@@ -47,10 +47,10 @@ def _arrays(mode="exact", gated=False, act="relu", bias=-0.3, seed=0, per_channe
     elif mode == "predictor":
         w_sel, b_sel = (v["w_gate"], v["b_gate"]) if gated else (v["w_up"], v["b_up"])
         u, s, vt = torch.linalg.svd(w_sel, full_matrices=False)
-        v["pred_a"], v["pred_b"] = vt[:8].contiguous(), (u[:, :8] * s[:8]).contiguous()  # rank 8
-        from sparsecomp.dialect import predictor_score
+        v["pred_a"], v["pred_bt"] = vt[:8].contiguous(), (u[:, :8] * s[:8]).t().contiguous()  # rank 8
+        from sparsecomp.dialect import predictor_scores
 
-        v["threshold"] = predictor_score(F.linear(F.linear(xs, v["pred_a"]), v["pred_b"], b_sel), act).quantile(0.7)
+        v["threshold"] = predictor_scores(xs, v["pred_a"], v["pred_bt"], b_sel, act, None).quantile(0.7)
     return v
 
 
