@@ -38,7 +38,7 @@ from . import kernels as K
 from .export import SPARSE_LINEAR, Placement
 from .runner import session, threads
 
-__all__ = ["CANDIDATE_SET_VERSION", "decide_layers", "layer_model", "model_is_cold", "time_candidates"]
+__all__ = ["CANDIDATE_SET_VERSION", "decide_layers", "layer_model", "model_is_cold", "run_candidate", "time_candidates"]
 
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
 SHORTLIST = 2  # sparse kernels kept for later layers of the same shape, M and density
@@ -92,7 +92,7 @@ MAX_COPIES = 32
 COLD_MAX_M = 16
 
 
-def _run_candidate(cand: K.Candidate, x: torch.Tensor, reference: torch.Tensor, opset: int, copies: int = 1):
+def run_candidate(cand: K.Candidate, x: torch.Tensor, reference: torch.Tensor, opset: int, copies: int = 1):
     """(callable, why): a session running the candidate (`copies` times per call), checked on the
     layer's real input."""
     try:
@@ -122,7 +122,7 @@ def time_candidates(trial: list[K.Candidate], x: torch.Tensor, reference: torch.
     copies, runners = {}, {}
     for c in trial:
         copies[c.label] = copies_for(c, cold, m)
-        fn, why = _run_candidate(c, x, reference, opset, copies[c.label])
+        fn, why = run_candidate(c, x, reference, opset, copies[c.label])
         if fn is not None:
             runners[c.label] = fn
         else:
@@ -184,7 +184,7 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
             entry = cache.get(key, validate=lambda e, labels=by_label: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
         if entry is not None:
             chosen = by_label[entry["kernel"]]
-            fn, why = _run_candidate(chosen, x, reference, opset)
+            fn, why = run_candidate(chosen, x, reference, opset)
             if fn is not None:
                 cached, measured = True, dict(entry.get("measured", {}))
                 dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]
@@ -193,7 +193,7 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
                 chosen = None
         family = (tuple(weight.shape), m, round(density, 2))
         if chosen is None and len(cands) == 1:  # nothing to choose between: check it, time nothing
-            fn, why = _run_candidate(cands[0], x, reference, opset)
+            fn, why = run_candidate(cands[0], x, reference, opset)
             if fn is None:
                 raise SparsecompError(f"layer {layer}: lowering {cands[0].label} does not run in onnxruntime ({why})",
                                       hint="please report it; --debug shows the trace")

@@ -51,7 +51,7 @@ from sparsecomp.lowering import MLPDecision
 
 from .export import SPARSE_MLP, Placement
 from .kernels import Candidate, Emitter
-from .lowering import _run_candidate, model_is_cold, time_candidates
+from .lowering import model_is_cold, run_candidate, time_candidates
 from .runner import threads
 
 __all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "plain_dense"]
@@ -347,7 +347,7 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
                             ort=onnxruntime.__version__, threads=threads(), opset=opset, cold=cold)
             entry = cache.get(key, validate=lambda e, labels=by_label: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
         if entry is not None:
-            fn, why = _run_candidate(by_label[entry["kernel"]], x, reference, opset)
+            fn, why = run_candidate(by_label[entry["kernel"]], x, reference, opset)
             if fn is not None:
                 chosen, cached, measured = by_label[entry["kernel"]], True, dict(entry.get("measured", {}))
                 dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]

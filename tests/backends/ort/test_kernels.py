@@ -140,16 +140,16 @@ def test_storage_is_compact_and_decodes_exactly():
 
 def test_damaged_storage_does_not_match():
     """The check that guards every candidate catches wrong arrays (a must-not-match input)."""
-    from sparsecomp.backends.ort.lowering import _run_candidate
+    from sparsecomp.backends.ort.lowering import run_candidate
 
     w, b = weight(64, 96, "unstructured:0.9")
     x = torch.randn(3, 96)
     ref = torch.nn.functional.linear(x, w, b)
     good = K._ell(w.numpy(), b.numpy(), 1)
-    assert _run_candidate(good, x, ref, 20)[0] is not None
+    assert run_candidate(good, x, ref, 20)[0] is not None
     wrong = w.clone()
     wrong[0, wrong[0].nonzero()[0, 0]] += 1.0  # one stored value off
-    fn, why = _run_candidate(K._ell(wrong.numpy(), b.numpy(), 1), x, ref, 20)
+    fn, why = run_candidate(K._ell(wrong.numpy(), b.numpy(), 1), x, ref, 20)
     assert fn is None and "max abs error" in why
 
 
