@@ -186,7 +186,7 @@ def stored_weights(model: onnx.ModelProto) -> list[tuple[str, torch.Tensor, int]
             raise OnnxError(f"layer {r['layer']}: stored arrays {missing[:3]} are missing from the model", hint="export the model again")
         at = first.get(r["layer"], len(model.graph.node))
         if _is_mlp(r):
-            out += [(name, torch.from_numpy(np.ascontiguousarray(w)), at) for name, w in _mlp_weights(r, arrays)]
+            out += [(name, torch.from_numpy(np.require(w, requirements=["C", "W"])), at) for name, w in _mlp_weights(r, arrays)]
             continue
         w = decode_weight(r, {n: arrays[n] for n in r["arrays"].values()})
         out.append((r["layer"], torch.from_numpy(np.ascontiguousarray(w)), at))

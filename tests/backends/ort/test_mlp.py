@@ -8,6 +8,8 @@ reference fallback of an MLP with no placement, and a lossy lowering that must d
 plain dense MLP.
 """
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -231,7 +233,9 @@ def test_files_read_back_an_export_with_mlps(tmp_path):
     (rec,) = files.layers(proto)
     assert rec["op"] == "sparse_mlp" and rec["kernel"] == "active" and rec["shape"] == [K, H, N]
     assert rec["linears"] == {"up": "up", "gate": "gate", "down": "down"} and rec["mode"] == "exact"
-    weights = {name: w for name, w, _ in files.stored_weights(proto)}
+    with warnings.catch_warnings():  # onnx's arrays are read-only: torch would warn on a plain from_numpy
+        warnings.simplefilter("error", UserWarning)
+        weights = {name: w for name, w, _ in files.stored_weights(proto)}
     assert set(weights) == {"up", "gate", "down"}
     for name, w in weights.items():
         assert torch.equal(w, getattr(model, name).weight.detach())
