@@ -9,7 +9,8 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
   `idx[blk, :cnt[blk]]` and their values into `hc[blk, :]` as it goes, so there is no serial
   compaction pass. In a gated MLP, the up row of a neuron whose gate is zero is never read.
 - `gather_up_mv` (M = 1, predictor mode): the pre-activations of the selected neurons only,
-  `u[t] = w[idx[t]] . x + b[idx[t]]` (rows of the up weight are contiguous), parallel over t.
+  `u[t] = w[idx[t]] . x + b[idx[t]]` (rows of the up weight are contiguous), parallel over
+  groups of `rows` selected neurons.
 - `down_mv` (M = 1): `y = b + sum_t hc[t] * wdt[idx[t], :]`. The active neurons are split over P
   tasks; each task streams its neurons' whole rows (R at a time) into a partial sum part[p, :]
   (L1/L2 resident), then a parallel pass adds the partials and the bias. Measured (2048x8192,
@@ -126,14 +127,28 @@ for blk in T.parallel(NB):
 
 
 def _gather_up_mv(p: dict) -> str:
-    V, U = p["vec"], p["unroll"]
+    """`u[t] = w[idx[t]] . x + b[idx[t]]`, parallel over groups of R selected rows: R rows read at
+    once keep R streams in flight per thread (the rows are scattered through a weight that is cold
+    in a real model, so one stream at a time leaves the memory system idle between rows)."""
+    V, U, R = p["vec"], p["unroll"], p.get("rows", 1)
     s = _header([("x", "K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"), ("idx", "L", "int32"),
                  ("u", "L", "float32")], ["K", "H", "L"])
+    UV = U * V
+    rows = [f"j{r}" for r in range(R)]
     body = f"""
-for t in T.parallel(L):
-    acc = T.alloc_buffer(({U * V},), "float32")
-    j = T.Bind(idx[t])
-""" + _ind(_dot(V, U, "j", "w", "x", "acc"), 4) + f"    u[t] = {_sum(V, 'acc')} + b[j]\n"
+for tb in T.parallel((L + {R - 1}) // {R}):
+    acc = T.alloc_buffer(({R * UV},), "float32")
+    if tb * {R} + {R} <= L:
+"""
+    for r in range(R):
+        body += f"        j{r} = T.Bind(idx[tb * {R} + {r}])\n"
+    inner = _dot_rows(V, U, R, rows, "w", "x", "acc")
+    for r in range(R):
+        inner += f"u[tb * {R} + {r}] = {_sum(V, 'acc', r * UV)} + b[j{r}]\n"
+    body += _ind(inner, 8)
+    if R > 1:
+        tail = _dot(V, U, "jt", "w", "x", "acc") + f"u[t] = {_sum(V, 'acc')} + b[jt]\n"
+        body += (f"    else:\n        for t in range(tb * {R}, L):\n            jt = T.Bind(idx[t])\n" + _ind(tail, 12))
     return s + _ind(body, 4)
 
 
@@ -299,6 +314,8 @@ def _normalise(kind: str, params: dict) -> dict:
     p = dict(params)
     p.setdefault("vec", _target.vector_width())
     p.setdefault("unroll", 4 if kind in ("up_mv", "gather_up_mv") else 1)
+    if kind == "gather_up_mv":
+        p.setdefault("rows", 1)
     if kind == "up_mv":
         p.setdefault("bs", 64)
         p.setdefault("gated", False)

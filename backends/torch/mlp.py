@@ -57,7 +57,7 @@ from .kernels import tir_available
 __all__ = ["SPARSE_MLP", "MLPDecision", "SparseMLP", "lower_sparse_mlp"]
 
 SPARSE_MLP = "sparsecomp.sparse_mlp.default"
-CANDIDATE_SET_VERSION = 4  # bump when kernels or strategies change: cached decisions no longer apply
+CANDIDATE_SET_VERSION = 5  # bump when kernels or strategies change: cached decisions no longer apply
 # The sparse down path at M > 1 runs only where its cost, interpolated linearly between one and
 # every neuron active, is predicted at most 85% of dense. Without the margin, the quiet bench_mlp
 # sweep ran the union at 56% density (crossover 59%) at M = 8 and measured 0.83x of dense.
@@ -203,18 +203,18 @@ class _PredictorMV(_Strategy):
     then the up (and gate) pre-activations of the kept neurons only (TIR gather kernel), the
     activation on that compact vector, and the TIR down kernel: both projections skip."""
 
-    def __init__(self, w, parts=4, rows=4, serial=False):
+    def __init__(self, w, parts=4, rows=4, serial=False, gather_rows=1):
         from sparsecomp.backends.tir import _mlp
 
         super().__init__(w)
-        self.gather = _mlp.build_mlp_kernel("gather_up_mv", {"unroll": 4})
+        self.gather = _mlp.build_mlp_kernel("gather_up_mv", {"unroll": 4 if gather_rows == 1 else 1, "rows": gather_rows})
         self.down = _DownMV(w, parts, rows, serial)
         self.w_up = w.w_up.detach().float().contiguous()
         self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
         if w.gated:
             self.w_gate = w.w_gate.detach().float().contiguous()
             self.b_gate = w.b_gate.detach().float().contiguous() if w.b_gate is not None else torch.zeros(w.H)
-        self.label = f"predictor+tir-gather+{self.down.tag}{{rows={rows}}}"
+        self.label = f"predictor+tir-gather+{self.down.tag}{{rows={rows}" + (f",gather_rows={gather_rows}}}" if gather_rows > 1 else "}")
 
     def __call__(self, x):
         idx = self.w.keep(x)[0].nonzero().reshape(-1).to(torch.int32)
@@ -511,8 +511,8 @@ def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None) ->
         if w.mode == "exact" and w.act_name in EXACT_ACTIVATIONS:
             variants = [(4, 1), (2, 2)] if not w.gated else [(1, 4), (1, 2)]
             out += [lambda r=r, u=u, se=serial: _TirUpMV(w, rows=r, unroll=u, serial=se) for r, u in variants]
-        if w.mode == "predictor":
-            out.append(lambda se=serial: _PredictorMV(w, serial=se))
+        if w.mode == "predictor":  # the gather one selected row at a time, or 4 (more streams in flight)
+            out += [lambda se=serial, g=g: _PredictorMV(w, serial=se, gather_rows=g) for g in (1, 4)]
         out.append(lambda se=serial: _TorchUpMV(w, serial=se))
         if pruned is not None:
             out.append(lambda se=serial: _PrunedMV(w, pruned, serial=se))

@@ -73,8 +73,10 @@ def test_gather_and_down_kernels(mlp_kernels):
         idx = torch.randperm(H, generator=g)[:n].sort().values.to(torch.int32)
         u = torch.empty(max(n, 1))
         if n:
-            mlp_kernels.build_mlp_kernel("gather_up_mv")(x, w, b, idx, u[:n])
-            _close(u[:n], w[idx.long()] @ x + b[idx.long()])
+            for rows, unroll in ((1, 4), (4, 1), (3, 2)):  # tails: n not a multiple of rows
+                u.zero_()
+                mlp_kernels.build_mlp_kernel("gather_up_mv", {"rows": rows, "unroll": unroll})(x, w, b, idx, u[:n])
+                _close(u[:n], w[idx.long()] @ x + b[idx.long()])
         vals = torch.randn(n, generator=g)
         want = bd + vals @ wdt[idx.long(), :N]
         for rows, serial in ((1, False), (2, False), (4, False), (2, True)):
