@@ -134,7 +134,7 @@ def _mlp_modules(cm):
     (lambda: Gated(), "tir-gated-up+tir-down"),
 ], ids=["plain-tir-up", "plain-torch-up", "no-zeros", "all-zero", "gated"])
 def test_exact_compile_any_batch(make, kernels, tmp_path):
-    model, cm, mod, row = _compile_exact_at_batch_1(make, kernels, tmp_path)
+    _model, _cm, mod, row = _compile_exact_at_batch_1(make, kernels, tmp_path)
     assert mod.kernel.startswith(kernels)
     assert row["decision"] == "sparse" and row["m"] == 1
 
@@ -302,7 +302,7 @@ def _prune(model, spec="unstructured:0.8"):
 def test_pruned_exact_compile_any_batch(make, kernels, tmp_path):
     """Both sparsities at once: the projections on their sparse-linear kernels, only the active
     neurons' (sparse) down rows read; right at batch 1, 3 and 64 after compiling at batch 1."""
-    model, cm, mod, row = _compile_exact_at_batch_1(make, kernels, tmp_path)
+    _model, _cm, mod, row = _compile_exact_at_batch_1(make, kernels, tmp_path)
     assert mod.kernel.split("{")[0] == kernels
     assert "sparse-down" in mod.kernel or kernels == "pruned"  # W_down is 80% zeros: its rows are read sparse
     assert "pruned weights (W_up 20%" in row["reason"]
