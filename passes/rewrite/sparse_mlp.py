@@ -22,7 +22,7 @@ Modes (what counts as an inactive neuron):
   (40%) / 0.965 (50%); with the bias correction 0.990 / 0.982 (WINA scores 0.983 at 50%);
   per-channel thresholds were worse (0.968 / 0.946 without correction).
 - `predictor` (lossy, Deja Vu style): a rank-r linear predictor of the gate's (plain: the up's)
-  pre-activation, `u_hat = (x A^T) B^T + b`, fitted on calibration inputs by reduced-rank
+  pre-activation, `u_hat = (x A^T) B^T + b` (B^T stored as `pred_bt [rank, H]`), fitted on calibration inputs by reduced-rank
   regression (the best rank-r approximation of W in the calibration inputs' metric, closed form);
   keep `score(u_hat_j) * s_j > t` (score: u_hat itself for the ReLU family, which ranks even the
   neurons predicted negative, else |act(u_hat)|), t calibrated like threshold mode. A kernel can
