@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 import sparsecomp  # noqa: E402
 from sparsecomp import models  # noqa: E402
-from sparsecomp.timing import compare, read_bandwidth  # noqa: E402
+from sparsecomp.timing import OthersCpu, compare, read_bandwidth  # noqa: E402
 
 THREADS = 2
 RESULTS = Path(__file__).parent / "results" / "bench_models.json"
@@ -231,33 +231,6 @@ def background_cpu(seconds: float = 1.0) -> float:
         return round(max(0.0, (b1 - b0) - (s1 - s0)) / max(t1 - t0, 1), 3)
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-class OthersCpu:
-    """Share of the machine's CPU time used by other processes inside the `with` block (this
-    process's threads and its finished children, e.g. the DeepSparse subprocess, are not "others")."""
-
-    @staticmethod
-    def _snap():
-        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        own = os.times()
-        mine = own.user + own.system + own.children_user + own.children_system
-        return sum(v), sum(v) - v[3] - v[4], mine * os.sysconf("SC_CLK_TCK")
-
-    def __enter__(self):
-        try:
-            self.t0 = self._snap()
-        except (OSError, ValueError, IndexError):
-            self.t0 = None
-        self.share = float("nan")
-        return self
-
-    def __exit__(self, *exc):
-        if self.t0 is not None:
-            t1 = self._snap()
-            total, busy, own = (b - a for a, b in zip(self.t0, t1))
-            self.share = round(max(0.0, busy - own) / max(total, 1), 3)
-        return False
 
 
 def wait_quiet(max_wait_s: float, threshold: float = 0.1) -> float:

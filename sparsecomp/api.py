@@ -15,8 +15,13 @@ from sparsecomp.errors import NotYetAvailableError, SparsecompError
 from sparsecomp.pass_manager import Instrument, PassContext, PassManager
 from sparsecomp.ir import normalize_inputs
 from sparsecomp.report import CompileReport, SparsityReport
+from sparsecomp.timing import OthersCpu
 
 __all__ = ["analyze", "run_pipeline", "compile", "CompiledModel", "sparsify", "export_onnx", "set_num_threads", "BACKENDS"]
+
+# Above this share of the CPUs taken by other processes while layers are timed, the report says the
+# decisions measured contention (on this 2-core VM one busy core made a parallel kernel 13x slower).
+BUSY_CPU_SHARE = 0.25
 
 DEFAULT_ANALYSIS = "analyze-weights,find-mlps"
 LOSSY_MIN_COSINE = 0.999  # whole-model agreement with the reference graph once a lossy pass was asked for
@@ -232,14 +237,21 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
         only = {k.strip() for k in kernels.split(",") if k.strip()} if kernels else None
         # tune: the whole kernel-variant grid, with 4x the time per layer (cached like any decision)
         extra = {"tune": True} if tune else {}
-        lowered = backend_mod.lower(gm, ctx.example_inputs, cache=cache,
-                                    max_seconds=max_seconds_per_layer * (4 if tune else 1),
-                                    use_tir=use_tir, only=only, progress=update, **extra)
+        with OthersCpu() as others:
+            lowered = backend_mod.lower(gm, ctx.example_inputs, cache=cache,
+                                        max_seconds=max_seconds_per_layer * (4 if tune else 1),
+                                        use_tir=use_tir, only=only, progress=update, **extra)
     finally:
         if bar:
             bar.stop()
     report = CompileReport(label, backend, str(pm.pipeline), cache=dict(cache.stats))
     report.notes.extend(lowered.notes)
+    measured = any(not getattr(d, "cached", True) and getattr(d, "dense_us", 0) for d in lowered.decisions)
+    if measured and others.share > BUSY_CPU_SHARE:
+        report.notes.append(
+            f"other processes used {others.share:.0%} of the CPUs while layers were timed: the measured choices "
+            "(now cached) reflect that contention and may not hold on a quiet machine; to measure again, compile "
+            "with an empty cache_dir (or clear the cache) when the machine is quiet")
     report.notes.extend(f"lossy (asked for): {what}" for what in lossy)
     report.rows = _report_rows(ctx, lowered.decisions)
     quality = ctx.results.get("sparse-mlp-quality")

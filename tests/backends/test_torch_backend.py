@@ -229,3 +229,29 @@ def test_tune_searches_the_whole_grid_and_later_compiles_reuse_it(tmp_path):
     assert [r["kernel"] for r in again.report.rows] == [r["kernel"] for r in tuned.report.rows]
     assert all("tuned decision" in r["reason"] for r in again.report.rows)
     assert compare_outputs(CompiledModel(again.gm, again.report, "torch")(x), m(x))[0]
+
+
+@pytest.mark.parametrize("others", [0.6, 0.0])
+def test_timing_under_contention_is_reported(others, tmp_path, monkeypatch):
+    """Layers timed while other processes take the CPUs: the report says the cached choices measured
+    contention (and says nothing on a quiet machine, or when every decision came from the cache)."""
+    from sparsecomp.timing import OthersCpu
+
+    snaps = iter([(0, 0, 0.0), (1000, 100 + int(1000 * others), 100.0)] * 2)  # (total, busy, own) ticks
+    monkeypatch.setattr(OthersCpu, "_snap", staticmethod(lambda: next(snaps)))
+    m, x = net(2), torch.randn(2, 96)
+    cm = sc.compile(m, (x,), cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    busy = [n for n in cm.report.notes if "other processes used" in n]
+    assert busy == ([f"other processes used {others:.0%} of the CPUs while layers were timed: the measured choices "
+                     "(now cached) reflect that contention and may not hold on a quiet machine; to measure again, "
+                     "compile with an empty cache_dir (or clear the cache) when the machine is quiet"] if others else [])
+    again = sc.compile(m, (x,), cache_dir=str(tmp_path), max_seconds_per_layer=0.02)  # every decision cached
+    assert not [n for n in again.report.notes if "other processes used" in n]
+
+
+def test_others_cpu_reads_the_machine():
+    from sparsecomp.timing import OthersCpu
+
+    with OthersCpu() as mon:
+        sum(range(10**5))
+    assert mon.share != mon.share or 0.0 <= mon.share <= 1.0  # NaN where /proc/stat is unreadable
