@@ -13,6 +13,8 @@ Lowering table (which sparsecomp op becomes what; `kernels.py` has the ONNX of e
                      W_down^T rows) -> Gemm                                 (skips inactive down rows)
         predictor    low-rank predictor's keep-mask -> union -> Gather(W_up / W_gate rows) -> Gemm
                      -> act -> * keep -> Gather(W_down^T rows) -> Gemm      (skips both projections)
+        pruned       (exact mode, a weight <= 70% nonzero) each projection on its own measured
+                     sparse_linear lowering above, every neuron computed   (keeps the weight sparsity)
         (weights not constants: its reference, exported dense, with a note)
     any other sparsecomp op
                  -> its reference implementation, decomposed to ATen and exported dense, with a

@@ -52,7 +52,7 @@ DOMAIN = "sparsecomp.placeholder"
 METADATA_KEYS = ("sparsecomp.version", "sparsecomp.backend", "sparsecomp.layers", "sparsecomp.inputs")
 # the decision facts a `sparsecomp.layers` record keeps; an MLP's record has op="sparse_mlp", its
 # shape is [in, hidden, out] and `linears` names its up / gate / down Linears
-RECORD_KEYS = ("input", "output", "density", "m", "dense_us", "chosen_us", "op", "mode", "activation", "linears")
+RECORD_KEYS = ("input", "output", "density", "m", "dense_us", "chosen_us", "op", "mode", "activation", "linears", "parts")
 
 
 @dataclass

@@ -149,10 +149,29 @@ def _is_mlp(rec: dict) -> bool:
     return rec.get("op") == "sparse_mlp"
 
 
+def _part(rec: dict, role: str) -> dict:
+    """A pruned MLP's projection (`role`: up, gate, down) as a sparse_linear Layout: its record in
+    `parts`, and the MLP's arrays whose role starts with `<role>.`."""
+    prefix = role + "."
+    return {**rec["parts"][role], "arrays": {k[len(prefix):]: v for k, v in rec["arrays"].items() if k.startswith(prefix)}}
+
+
+def _part_weights(rec: dict, arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """role -> ([out, in] weight, bias or None) of each projection of a pruned MLP record."""
+    out = {}
+    for role in rec["parts"]:
+        layout = _part(rec, role)
+        bias = layout["arrays"].get("bias")
+        out[role] = (decode_weight(layout, arrays), arrays[bias] if bias else None)
+    return out
+
+
 def _mlp_weights(rec: dict, arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """An MLP record's (Linear name, [out, in] weight): up, gate (gated MLPs), down."""
     roles = rec["arrays"]
     names = rec.get("linears") or {}
+    if rec.get("parts"):
+        return [(names.get(r, f"{rec['layer']}.{r}"), w) for r, (w, _b) in _part_weights(rec, arrays).items()]
     out = [(names.get("up", f"{rec['layer']}.up"), arrays[roles["w_up"]])]
     if "w_gate" in roles:
         out.append((names.get("gate", f"{rec['layer']}.gate"), arrays[roles["w_gate"]]))
@@ -164,6 +183,12 @@ def _mlp_arrays(rec: dict, arrays: dict[str, np.ndarray]):
     from .mlp import MLPArrays
 
     roles = rec["arrays"]
+    if rec.get("parts"):
+        w = _part_weights(rec, arrays)
+        gate = w.get("gate", (None, None))
+        return MLPArrays.from_values({"activation": rec["activation"], "mode": rec["mode"], "w_up": w["up"][0],
+                                      "b_up": w["up"][1], "w_gate": gate[0], "b_gate": gate[1],
+                                      "w_down_t": w["down"][0].T, "b_down": w["down"][1]})
     return MLPArrays.from_values({"activation": rec["activation"], "mode": rec["mode"],
                                   **{role: arrays[name] for role, name in roles.items()}})
 

@@ -24,6 +24,8 @@ same run time, onnxruntime rebuilds W^T once at load).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import fx
@@ -38,7 +40,7 @@ from . import kernels as K
 from .export import SPARSE_LINEAR, Placement
 from .runner import session, threads
 
-__all__ = ["CANDIDATE_SET_VERSION", "decide_layers", "layer_model", "model_is_cold", "run_candidate", "time_candidates"]
+__all__ = ["CANDIDATE_SET_VERSION", "LinearChoice", "choose_linear", "decide_layers", "layer_model", "model_is_cold", "run_candidate", "time_candidates"]
 
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
 SHORTLIST = 2  # sparse kernels kept for later layers of the same shape, M and density
@@ -140,12 +142,102 @@ def time_candidates(trial: list[K.Candidate], x: torch.Tensor, reference: torch.
     return measured, best
 
 
+@dataclass
+class LinearChoice:
+    """The measured ONNX lowering of one weight at one input shape (`choose_linear`)."""
+
+    candidate: K.Candidate  # for a layer that runs dense: its storage choice (plain or compact)
+    m: int
+    density: float
+    dense_us: float
+    chosen_us: float
+    measured: dict
+    cached: bool
+    reason: str
+
+
+def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *, layer: str,
+                  cache: DecisionCache | None, cold: bool, opset: int, max_seconds: float = 0.5, min_runs: int = 20,
+                  only: set[str] | None = None, shortlists: dict | None = None) -> LinearChoice:
+    """Build, check and time every candidate lowering of `x @ weight.T + bias` on the real input
+    `x` in onnxruntime, keep the fastest (a sparse one must beat dense by `SPARSE_MARGIN`), cache
+    it. Used for each `sparse_linear` node and for the projections of a pruned MLP (`mlp.py`).
+    `shortlists` (shared across calls): later weights of one shape, M and density time only the
+    fastest candidates of the first."""
+    import onnxruntime
+
+    shortlists = {} if shortlists is None else shortlists
+    if weight.dtype != torch.float32 or x.dtype != torch.float32:
+        raise SparsecompError(f"layer {layer}: the ort backend lowers float32 layers only, got {weight.dtype}",
+                              hint="the sparse-linear rewrite keeps other dtypes dense; check the pipeline")
+    m = x.numel() // x.shape[-1] if x.dim() else 1
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, weight, bias)
+    density = float((weight != 0).float().mean()) if weight.numel() else 0.0
+    notes: list[str] = []
+    pruned: list[str] = []
+    cands = K.candidates(weight, bias, only=only, m=m, pruned=pruned)
+    if pruned:
+        notes.append(f"not timed (gathers > {K.MAX_GATHER_BYTES >> 20} MB per call at M={m}): " + ", ".join(pruned))
+    if not cands:  # `only` allowed nothing that runs this layer: dense, and say why
+        cands = [K.by_label(weight, bias, "dense")]
+        notes.append(f"no allowed kernel ({', '.join(sorted(only or []))}) fits this layer")
+    by_label = {c.label: c for c in cands}
+    key, entry, chosen, cached, measured = None, None, None, False, {}
+    if cache is not None:
+        key = cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
+                        pattern=pattern_hash(weight), version=CANDIDATE_SET_VERSION, candidates=sorted(by_label),
+                        ort=onnxruntime.__version__, threads=threads(), bias=bias is not None, cold=cold)
+        entry = cache.get(key, validate=lambda e, labels=by_label: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
+    if entry is not None:
+        chosen = by_label[entry["kernel"]]
+        fn, why = run_candidate(chosen, x, reference, opset)
+        if fn is not None:
+            cached, measured = True, dict(entry.get("measured", {}))
+            dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]
+        else:
+            notes.append(f"cached choice {chosen.label} failed verification ({why}); re-measured")
+            chosen = None
+    family = (tuple(weight.shape), m, round(density, 2))
+    if chosen is None and len(cands) == 1:  # nothing to choose between: check it, time nothing
+        fn, why = run_candidate(cands[0], x, reference, opset)
+        if fn is None:
+            raise SparsecompError(f"layer {layer}: lowering {cands[0].label} does not run in onnxruntime ({why})",
+                                  hint="please report it; --debug shows the trace")
+        chosen, dense_us, chosen_us = cands[0], 0.0, 0.0  # 0: not measured (shown as "-")
+        notes.append("the only candidate left: not timed")
+    if chosen is None:
+        trial = cands
+        if family in shortlists:
+            trial = [c for c in cands if c.label in shortlists[family] or c.family == "dense"]
+            notes.append(f"timed the {len(trial) - 1} fastest kernels of an earlier layer of this shape and density")
+        measured, best = time_candidates(trial, x, reference, opset=opset, cold=cold, m=m, max_seconds=max_seconds,
+                                         min_runs=min_runs, notes=notes)
+        if best is None:
+            raise SparsecompError(f"layer {layer}: no candidate lowering runs in onnxruntime ({'; '.join(notes)})",
+                                  hint="please report it; --debug shows the trace")
+        chosen = by_label[best]
+        if family not in shortlists:
+            shortlists[family] = sorted((k for k in measured if by_label[k].family != "dense"), key=measured.get)[:SHORTLIST]
+        dense_us, chosen_us = measured.get("dense", float("nan")), measured[best]
+        if cache is not None:
+            cache.put(key, {"kernel": best, "dense_us": dense_us, "chosen_us": chosen_us, "measured": measured})
+    if chosen.decision == "dense":
+        stored = K.storage_choice(weight, bias)
+        reason = "dense is fastest in onnxruntime (measured)" if len(measured) > 1 else "dense: no sparse lowering left to try"
+        if stored.label != chosen.label:
+            reason += f"; stored compactly ({stored.stored_bytes / 2**20:.2f} MiB instead of {chosen.stored_bytes / 2**20:.2f})"
+        chosen = stored
+    else:
+        reason = f"{dense_us / chosen_us:.2f}x faster than dense in onnxruntime (measured)" if chosen_us else "measured fastest"
+    reason = "; ".join([reason, *notes])
+    return LinearChoice(chosen, m, density, dense_us, chosen_us, measured, cached, reason)
+
+
 def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max_seconds: float = 0.5,
                   min_runs: int = 20, only: set[str] | None = None, progress=None, opset: int = 20
                   ) -> tuple[dict[str, Placement], list[LayerDecision]]:
     """Measure and choose every sparse_linear node's lowering (the graph is not modified)."""
-    import onnxruntime
-
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR]
     if not nodes:
         return {}, []
@@ -160,70 +252,10 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
         bias_node = node.args[2]
         bias = get_attr_value(gm, bias_node.target).detach() if isinstance(bias_node, fx.Node) else None
         x = inputs[node]
-        if weight.dtype != torch.float32 or x.dtype != torch.float32:
-            raise SparsecompError(f"layer {layer}: the ort backend lowers float32 layers only, got {weight.dtype}",
-                                  hint="the sparse-linear rewrite keeps other dtypes dense; check the pipeline")
-        m = x.numel() // x.shape[-1] if x.dim() else 1
-        with torch.no_grad():
-            reference = torch.nn.functional.linear(x, weight, bias)
-        density = float((weight != 0).float().mean()) if weight.numel() else 0.0
-        notes: list[str] = []
-        pruned: list[str] = []
-        cands = K.candidates(weight, bias, only=only, m=m, pruned=pruned)
-        if pruned:
-            notes.append(f"not timed (gathers > {K.MAX_GATHER_BYTES >> 20} MB per call at M={m}): " + ", ".join(pruned))
-        if not cands:  # `only` allowed nothing that runs this layer: dense, and say why
-            cands = [K.by_label(weight, bias, "dense")]
-            notes.append(f"no allowed kernel ({', '.join(sorted(only or []))}) fits this layer")
-        by_label = {c.label: c for c in cands}
-        key, entry, chosen, cached, measured = None, None, None, False, {}
-        if cache is not None:
-            key = cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
-                            pattern=pattern_hash(weight), version=CANDIDATE_SET_VERSION, candidates=sorted(by_label),
-                            ort=onnxruntime.__version__, threads=threads(), bias=bias is not None, cold=cold)
-            entry = cache.get(key, validate=lambda e, labels=by_label: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
-        if entry is not None:
-            chosen = by_label[entry["kernel"]]
-            fn, why = run_candidate(chosen, x, reference, opset)
-            if fn is not None:
-                cached, measured = True, dict(entry.get("measured", {}))
-                dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]
-            else:
-                notes.append(f"cached choice {chosen.label} failed verification ({why}); re-measured")
-                chosen = None
-        family = (tuple(weight.shape), m, round(density, 2))
-        if chosen is None and len(cands) == 1:  # nothing to choose between: check it, time nothing
-            fn, why = run_candidate(cands[0], x, reference, opset)
-            if fn is None:
-                raise SparsecompError(f"layer {layer}: lowering {cands[0].label} does not run in onnxruntime ({why})",
-                                      hint="please report it; --debug shows the trace")
-            chosen, dense_us, chosen_us = cands[0], 0.0, 0.0  # 0: not measured (shown as "-")
-            notes.append("the only candidate left: not timed")
-        if chosen is None:
-            trial = cands
-            if family in shortlists:
-                trial = [c for c in cands if c.label in shortlists[family] or c.family == "dense"]
-                notes.append(f"timed the {len(trial) - 1} fastest kernels of an earlier layer of this shape and density")
-            measured, best = time_candidates(trial, x, reference, opset=opset, cold=cold, m=m, max_seconds=max_seconds,
-                                             min_runs=min_runs, notes=notes)
-            if best is None:
-                raise SparsecompError(f"layer {layer}: no candidate lowering runs in onnxruntime ({'; '.join(notes)})",
-                                      hint="please report it; --debug shows the trace")
-            chosen = by_label[best]
-            if family not in shortlists:
-                shortlists[family] = sorted((k for k in measured if by_label[k].family != "dense"), key=measured.get)[:SHORTLIST]
-            dense_us, chosen_us = measured.get("dense", float("nan")), measured[best]
-            if cache is not None:
-                cache.put(key, {"kernel": best, "dense_us": dense_us, "chosen_us": chosen_us, "measured": measured})
-        if chosen.decision == "dense":
-            stored = K.storage_choice(weight, bias)
-            reason = "dense is fastest in onnxruntime (measured)" if len(measured) > 1 else "dense: no sparse lowering left to try"
-            if stored.label != chosen.label:
-                reason += f"; stored compactly ({stored.stored_bytes / 2**20:.2f} MiB instead of {chosen.stored_bytes / 2**20:.2f})"
-            chosen = stored
-        else:
-            reason = f"{dense_us / chosen_us:.2f}x faster than dense in onnxruntime (measured)" if chosen_us else "measured fastest"
-        reason = "; ".join([reason, *notes])
+        c = choose_linear(weight, bias, x, layer=layer, cache=cache, cold=cold, opset=opset, max_seconds=max_seconds,
+                          min_runs=min_runs, only=only, shortlists=shortlists)
+        chosen, m, density, dense_us, chosen_us = c.candidate, c.m, c.density, c.dense_us, c.chosen_us
+        measured, cached, reason = c.measured, c.cached, c.reason
         decision = LayerDecision(layer, list(weight.shape), m, density, chosen.decision, chosen.label, dense_us, chosen_us,
                                  reason, cached, measured)
         placements[node.name] = Placement(node.name, layer, chosen, list(weight.shape),

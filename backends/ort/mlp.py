@@ -15,6 +15,12 @@ h is the hidden activation `[M, H]`, after the mode's keep-mask in the lossy mod
                (no transposed copy) -> act [* up] -> * keep (gathered: a neuron kept for another
                row is zero in this one, as in the reference) -> Gather rows of W_down^T -> Gemm
                + b_down. Skips both projections' unselected rows.
+    pruned     (exact mode, weights pruned: one at most `PRUNED_DENSITY` nonzero) up, gate and down
+               each on its own measured sparse-linear lowering (`lowering.choose_linear`, cached
+               like any sparse_linear; arrays under the roles `up.*`, `gate.*`, `down.*`, described
+               by the record's `parts`), every neuron computed: what a compile without activation
+               sparsity runs, so fusing never costs a pruned MLP its weight sparsity or its compact
+               storage.
 
 Layout of the selected neurons, fixed per candidate by the rows per call M at the example inputs:
 up to `FEW_ROWS` rows `[M, nact]` (Gather along h's last axis, element by element, ~6 ns each in
@@ -54,9 +60,9 @@ from .kernels import Candidate, Emitter
 from .lowering import model_is_cold, run_candidate, time_candidates
 from .runner import threads
 
-__all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "plain_dense"]
+__all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "part_records", "plain_dense", "pruned_candidate"]
 
-CANDIDATE_SET_VERSION = 1  # bump when the candidates change: cached decisions no longer apply
+CANDIDATE_SET_VERSION = 2  # bump when the candidates change: cached decisions no longer apply
 LOSSY_MIN_COSINE = 0.999  # as compile()'s whole-model check in the lossy modes
 # Up to this many rows per call (at the example inputs) the selected neurons are laid out [M, nact]:
 # the down Gemm then takes onnxruntime's GEMV path at M = 1 (MLAS has one for an untransposed A
@@ -254,6 +260,57 @@ def _predictor(b: _Build, x: str, out: str) -> None:
 _KERNELS = {"dense": (_dense, "dense"), "active": (_active, "sparse"), "predictor": (_predictor, "sparse")}
 
 
+class _Part:
+    """An Emitter view for one projection of a pruned MLP: its arrays get the role prefix
+    (`up.values0`, `down.weight_t`, ...), its nodes keep the MLP's name prefix (so `files.py`
+    recognises them as the MLP's), and nodes / initializers land in the MLP's emitter."""
+
+    def __init__(self, parent: Emitter, role: str):
+        self.parent, self.role = parent, role
+        self.nodes = parent.nodes
+
+    def const(self, role: str, array: np.ndarray, *, stored: bool = True) -> str:
+        return self.parent.const(f"{self.role}.{role}", array, stored=stored)
+
+    def ints(self, role: str, values) -> str:
+        return self.parent.ints(f"{self.role}.{role}", values)
+
+    def node(self, *args, **kwargs) -> str:
+        return self.parent.node(*args, **kwargs)
+
+    index = Emitter.index
+
+
+def pruned_candidate(a: MLPArrays, parts: dict[str, Candidate], opset: int) -> Candidate:
+    """A pruned MLP (exact mode) with each projection on its own measured sparse-linear lowering
+    (`parts`: up, gate for gated MLPs, down; `lowering.choose_linear`): every neuron computed, as a
+    compile without activation sparsity would run it, so fusing never costs the MLP its weight
+    sparsity in onnxruntime (nor its compact storage in the file)."""
+    k, _h, n = a.shape
+
+    def emit(e: Emitter, x: str, out: str):
+        b = _Build(e, a, opset, few_rows=True)
+        u = f"{e.prefix}/up_out"
+        parts["up"].emit(_Part(e, "up"), x, u)
+        if a.gated:
+            g = f"{e.prefix}/gate_out"
+            parts["gate"].emit(_Part(e, "gate"), x, g)
+            h = e.node("Mul", [b.act(g), u])
+        else:
+            h = b.act(u)
+        parts["down"].emit(_Part(e, "down"), h, out)
+
+    stored = sum(c.stored_bytes for c in parts.values())
+    return Candidate("pruned", "pruned", "sparse", emit, stored, shape=(n, k))
+
+
+def part_records(parts: dict[str, Candidate]) -> dict:
+    """What `files.py` needs to decode each projection's stored weight (its arrays are those of the
+    MLP's record whose role starts with `<part>.`)."""
+    return {r: {"kernel": c.label, "family": c.family, "shape": list(c.shape), "block": list(c.block) if c.block else None}
+            for r, c in parts.items()}
+
+
 def _candidate(a: MLPArrays, label: str, opset: int, m: int = 1) -> Candidate:
     fn, decision = _KERNELS[label]
     k, _h, n = a.shape
@@ -317,6 +374,7 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
     cold = model_is_cold(gm)
     placements: dict[str, Placement] = {}
     decisions: list[MLPDecision] = []
+    linear_shortlists: dict = {}  # pruned MLPs' projections, as decide_layers shares them
     for i, node in enumerate(nodes):
         info = node.meta.get("sparsecomp.sparse_mlp", {})
         layer = info.get("layer", node.name)
@@ -336,6 +394,12 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
             density = _active_fraction(values, x)
         notes: list[str] = []
         cands = candidates(a, opset, m=m, only=only)
+        parts = None
+        if a.mode == "exact" and _pruned(a) and (not only or "pruned" in only):  # both sparsities
+            parts, note = _choose_parts(values, x, layer, cache=cache, cold=cold, opset=opset, max_seconds=max_seconds / 2,
+                                        min_runs=min_runs, shortlists=linear_shortlists)
+            cands.append(pruned_candidate(a, parts, opset))
+            notes.append(note)
         if not cands:
             cands = [_candidate(a, "dense", opset, m)]
             notes.append(f"no allowed kernel ({', '.join(sorted(only or []))}) fits this MLP")
@@ -344,7 +408,8 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
         if cache is not None:
             key = cache.key(op="sparse_mlp", shape=a.shape, m=m, mode=a.mode, activation=a.activation, gated=a.gated,
                             density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(by_label),
-                            ort=onnxruntime.__version__, threads=threads(), opset=opset, cold=cold)
+                            ort=onnxruntime.__version__, threads=threads(), opset=opset, cold=cold,
+                            parts={r: c.label for r, c in parts.items()} if parts else None)
             entry = cache.get(key, validate=lambda e, labels=by_label: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
         if entry is not None:
             fn, why = run_candidate(by_label[entry["kernel"]], x, reference, opset)
@@ -372,10 +437,39 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
         placements[node.name] = Placement(node.name, layer, chosen, a.shape, {
             "op": "sparse_mlp", "mode": a.mode, "activation": a.activation, "density": density, "m": m,
             "dense_us": dense_us, "chosen_us": chosen_us,
-            "linears": {r: info.get(r) for r in ("up", "gate", "down") if info.get(r)}})
+            "linears": {r: info.get(r) for r in ("up", "gate", "down") if info.get(r)},
+            **({"parts": part_records(parts)} if chosen.label == "pruned" else {})})
         if progress is not None:
             progress(i + 1, len(nodes), layer)
     return placements, decisions
+
+
+# A pruned MLP (exact mode): below this weight density its projections also get their own measured
+# sparse-linear lowerings (`pruned_candidate`), as in the torch backend.
+PRUNED_DENSITY = 0.7
+
+
+def _pruned(a: MLPArrays) -> bool:
+    return any(float((w != 0).mean()) <= PRUNED_DENSITY for w in (a.w_up, a.w_down_t, a.w_gate) if w is not None)
+
+
+def _choose_parts(values: dict, x: torch.Tensor, layer: str, **choose) -> tuple[dict[str, Candidate], str]:
+    """Each projection's measured lowering (`choose_linear`, cached like any sparse_linear), and a
+    note for the report."""
+    from .lowering import choose_linear
+
+    ch = {"up": choose_linear(values["w_up"], values["b_up"], x, layer=f"{layer} up", **choose)}
+    if values["w_gate"] is not None:
+        ch["gate"] = choose_linear(values["w_gate"], values["b_gate"], x, layer=f"{layer} gate", **choose)
+    with torch.no_grad():
+        h = mlp_hidden(x, *(values[k] for k in ("w_up", "b_up", "w_gate", "b_gate", "activation", "mode", "threshold",
+                                                "scale", "pred_a", "pred_bt")))
+    ch["down"] = choose_linear(values["w_down_t"].t().contiguous(), values["b_down"], h, layer=f"{layer} down", **choose)
+    note = "pruned weights: " + ", ".join(
+        f"{r} {c.density:.0%} nonzero -> {c.candidate.label}"
+        + (f" ({c.dense_us / c.chosen_us:.2f}x vs dense)" if c.chosen_us and c.candidate.decision == "sparse" else "")
+        for r, c in ch.items())
+    return {r: c.candidate for r, c in ch.items()}, note
 
 
 def _lossy_fallback(a: MLPArrays, layer: str, x: torch.Tensor, reference: torch.Tensor, opset: int, notes: list[str]) -> str:

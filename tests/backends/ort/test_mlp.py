@@ -296,3 +296,49 @@ def test_layout_follows_rows_per_call():
         trans_a = [[a.i for a in n.attribute if a.name == "transA"] for n in many.graph.node if n.op_type == "Gemm"]
         assert "Transpose" not in _ops(few) and "Transpose" in _ops(many) and [1] in trans_a
         assert not any(a.name == "transA" for n in few.graph.node for a in n.attribute)
+
+
+@pytest.mark.parametrize("make,spec", [(lambda: plain(-0.3), "unstructured:0.9"), (lambda: Gated(), "unstructured:0.8"),
+                                       (lambda: plain(-0.3), "block:16x1:0.9")], ids=["plain-u90", "gated-u80", "plain-16x1"])
+def test_pruned_mlp_keeps_its_weight_sparsity(make, spec, tmp_path):
+    """A pruned AND ReLU-sparse MLP: the `pruned` lowering runs each projection on its own measured
+    sparse-linear lowering (stored compactly), and matches eager at any batch, optimizations on
+    and off; its weights read back exactly; the plain dense equivalent still runs."""
+    from sparsecomp.patterns import impose
+
+    torch.manual_seed(0)
+    model = make().eval()
+    impose(model, spec)
+    cm = sc.compile(model, (torch.randn(1, K),), backend="ort", activation_sparsity="exact", kernels="pruned",
+                    cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    assert cm.report.verify["ok"]
+    row = _mlp_row(cm)
+    assert row["kernel"] == "pruned" and row["decision"] == "sparse" and "pruned weights: up " in row["reason"]
+    proto = cm.gm.onnx_model
+    (rec,) = files.layers(proto)
+    assert set(rec["parts"]) == ({"up", "gate", "down"} if isinstance(model, Gated) else {"up", "down"})
+    assert all(k.split(".", 1)[0] in rec["parts"] for k in rec["arrays"])
+    assert rec["stored_bytes"] < 0.6 * 4 * (K * H + H * N) * (2 if isinstance(model, Gated) else 1)  # stored compactly
+    for opt in (True, False):
+        sess = runner.session(proto, optimize=opt)
+        for batch in (1, 3, 64):
+            xb = torch.randn(batch, K)
+            _close(sess.run(None, {proto.graph.input[0].name: xb.numpy()})[0], model(xb))
+    linears = ("up", "gate", "down") if isinstance(model, Gated) else ("0", "2")
+    weights = {name: w for name, w, _ in files.stored_weights(proto)}
+    for name in linears:
+        mod = getattr(model, name) if isinstance(model, Gated) else model[int(name)]
+        assert torch.equal(weights[name], mod.weight.detach())
+    x = torch.randn(4, K)
+    dense = files.dense_equivalent(proto)
+    _close(runner.session(dense).run(None, {proto.graph.input[0].name: x.numpy()})[0], model(x))
+
+
+def test_dense_weights_get_no_pruned_lowering(tmp_path):
+    """Near miss: an MLP whose weights are dense is never offered the pruned lowering."""
+    torch.manual_seed(0)
+    model = plain(-0.5).eval()
+    cm = sc.compile(model, (torch.randn(1, K),), backend="ort", activation_sparsity="exact", cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.02)
+    row = _mlp_row(cm)
+    assert "pruned" not in row["measured"] and row["kernel"] in ("dense", "active") and "pruned weights" not in row["reason"]
