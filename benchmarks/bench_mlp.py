@@ -20,7 +20,8 @@ Cases (`--cases`, comma-separated; default all):
              sparsity; compiled with exact mode.
     pruned   the ffn with its weights pruned (unstructured 50% and 90%) AND ~90% of its ReLU outputs
              zero, M = 1: eager; compiled without activation sparsity (sparse-linear kernels); exact
-             mode (both sparsities: `pruned-mv` / `pruned` strategies).
+             mode (both sparsities: `pruned-mv` / `pruned` strategies). The same in onnxruntime:
+             the plain dense export; sparsecomp's export without and with exact mode.
     ort      the opt case in stock onnxruntime: ORT on the plain dense export vs ORT on sparsecomp's
              export with exact mode (`export_onnx(..., activation_sparsity="exact")`).
     minilm   the real all-MiniLM-L6-v2 (GELU) in threshold mode at 40% and 50% and predictor mode at
@@ -209,7 +210,8 @@ def case_pruned(args) -> dict:
         fns = {"eager": model, "sparse_weights": weights, "both": both}
         t = bm.timed({k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, args.runs, 3)
         row = mlp_rows(both_cm)[0]
-        out[spec] = {**env, "active_fraction": density, "times": t, "compile_s": {"sparse_weights": t_w, "both": t_b},
+        ort = _ort_pruned(model, ex, x)
+        out[spec] = {**env, "active_fraction": density, "times": t, "compile_s": {"sparse_weights": t_w, "both": t_b}, "ort": ort,
                      "max_abs_error": err, "allowed": allowed, "ok": ok,
                      "weights_kernels": [r["kernel"] for r in weights_cm.report.rows], "both_kernel": row["kernel"],
                      "both_reason": row["reason"],
@@ -218,7 +220,36 @@ def case_pruned(args) -> dict:
         log(f"  eager {t['eager']['median_ms']:.2f} ms, sparse weights only {t['sparse_weights']['median_ms']:.2f} ms, "
             f"both {t['both']['median_ms']:.2f} ms: {out[spec]['both_vs_sparse_weights']:.2f}x vs sparse weights only, "
             f"{out[spec]['both_vs_eager']:.2f}x vs eager ({row['kernel']})")
+        log(f"  onnxruntime: dense export {ort['times']['ort_dense']['median_ms']:.2f} ms, sparse weights only "
+            f"{ort['times']['ort_sparse_weights']['median_ms']:.2f} ms, both {ort['times']['ort_both']['median_ms']:.2f} ms "
+            f"({ort['both_kernel']}): {ort['both_vs_sparse_weights']:.2f}x vs sparse weights only, "
+            f"{ort['both_vs_ort_dense']:.2f}x vs ORT dense; files {ort['bytes']}")
     return out
+
+
+def _ort_pruned(model, ex, x) -> dict:
+    """The pruned ffn in onnxruntime: the plain dense export, sparsecomp's export without and with
+    activation sparsity (timed side by side)."""
+    import bench_onnx as bo
+    import onnx
+    from sparsecomp.backends.ort import files, session
+
+    work = Path(tempfile.mkdtemp(prefix="bench_mlp_pruned_"))
+    paths = {k: work / f"{k}.onnx" for k in ("ort_dense", "ort_sparse_weights", "ort_both")}
+    bo.dense_export(model, ex, paths["ort_dense"])
+    sparsecomp.export_onnx(model, ex, paths["ort_sparse_weights"], name="ffn")
+    sparsecomp.export_onnx(model, ex, paths["ort_both"], activation_sparsity="exact", name="ffn")
+    sess = {k: session(str(p)) for k, p in paths.items()}
+    feeds = {k: bo.feeds_for(s, ex) for k, s in sess.items()}
+    with torch.no_grad():
+        ref = model(x)
+    errs = {k: bo.max_rel_err(s.run(None, feeds[k])[0], ref) for k, s in sess.items()}
+    t = bm.timed({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sess.items()}, 20, 3)
+    (rec,) = [r for r in files.layers(onnx.load(str(paths["ort_both"]), load_external_data=False)) if r.get("op") == "sparse_mlp"]
+    return {"times": t, "max_rel_error_vs_eager": errs, "both_kernel": rec["kernel"],
+            "bytes": {k: files.file_bytes(p) for k, p in paths.items()},
+            "both_vs_sparse_weights": t["ort_sparse_weights"]["median_ms"] / t["ort_both"]["median_ms"],
+            "both_vs_ort_dense": t["ort_dense"]["median_ms"] / t["ort_both"]["median_ms"]}
 
 
 # ---------------------------------------------------------------- ort
