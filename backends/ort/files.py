@@ -166,23 +166,37 @@ def _part_weights(rec: dict, arrays: dict[str, np.ndarray]) -> dict[str, tuple[n
     return out
 
 
+def _mlp_array(rec: dict, role: str, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """One of an MLP record's arrays by role: stored plainly, or (a pruned weight) as the sell
+    arrays of its transpose under `<role>.*` (`mlp.MLPArrays.compact`), decoded here."""
+    roles = rec["arrays"]
+    if role in roles:
+        return arrays[roles[role]]
+    prefix = role + "."
+    sub = {k[len(prefix):]: v for k, v in roles.items() if k.startswith(prefix)}
+    if not sub:
+        return None
+    k, h, n = rec["shape"]
+    shape_t = [n, h] if role == "w_down_t" else [k, h]  # the transpose's [out, in]
+    return np.ascontiguousarray(decode_weight({"shape": shape_t, "family": "dense", "arrays": sub}, arrays).T)
+
+
 def _mlp_weights(rec: dict, arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """An MLP record's (Linear name, [out, in] weight): up, gate (gated MLPs), down."""
-    roles = rec["arrays"]
     names = rec.get("linears") or {}
     if rec.get("parts"):
         return [(names.get(r, f"{rec['layer']}.{r}"), w) for r, (w, _b) in _part_weights(rec, arrays).items()]
-    out = [(names.get("up", f"{rec['layer']}.up"), arrays[roles["w_up"]])]
-    if "w_gate" in roles:
-        out.append((names.get("gate", f"{rec['layer']}.gate"), arrays[roles["w_gate"]]))
-    out.append((names.get("down", f"{rec['layer']}.down"), arrays[roles["w_down_t"]].T))
+    out = [(names.get("up", f"{rec['layer']}.up"), _mlp_array(rec, "w_up", arrays))]
+    gate = _mlp_array(rec, "w_gate", arrays)
+    if gate is not None:
+        out.append((names.get("gate", f"{rec['layer']}.gate"), gate))
+    out.append((names.get("down", f"{rec['layer']}.down"), _mlp_array(rec, "w_down_t", arrays).T))
     return out
 
 
 def _mlp_arrays(rec: dict, arrays: dict[str, np.ndarray]):
-    from .mlp import MLPArrays
+    from .mlp import _TENSORS, MLPArrays
 
-    roles = rec["arrays"]
     if rec.get("parts"):
         w = _part_weights(rec, arrays)
         gate = w.get("gate", (None, None))
@@ -190,7 +204,7 @@ def _mlp_arrays(rec: dict, arrays: dict[str, np.ndarray]):
                                       "b_up": w["up"][1], "w_gate": gate[0], "b_gate": gate[1],
                                       "w_down_t": w["down"][0].T, "b_down": w["down"][1]})
     return MLPArrays.from_values({"activation": rec["activation"], "mode": rec["mode"],
-                                  **{role: arrays[name] for role, name in roles.items()}})
+                                  **{role: _mlp_array(rec, role, arrays) for role in _TENSORS}})
 
 
 def stored_weights(model: onnx.ModelProto) -> list[tuple[str, torch.Tensor, int]]:

@@ -22,6 +22,11 @@ h is the hidden activation `[M, H]`, after the mode's keep-mask in the lossy mod
                sparsity runs, so fusing never costs a pruned MLP its weight sparsity or its compact
                storage.
 
+Storage: a pruned weight (`w_up`, `w_gate`, `w_down_t` at most `COMPACT_DENSITY` nonzero) is stored
+as the sell arrays of its transpose and rebuilt by the kernels' constant-only subgraph, which
+onnxruntime folds once at load (`MLPArrays.compact`), whichever candidate runs; its arrays then
+appear in the record as `<role>.cols0`, `<role>.values0`, ... (`files.py` decodes them).
+
 Layout of the selected neurons, fixed per candidate by the rows per call M at the example inputs:
 up to `FEW_ROWS` rows `[M, nact]` (Gather along h's last axis, element by element, ~6 ns each in
 onnxruntime, see kernels.py: cheap for a few rows; the down Gemm is then onnxruntime's GEMV at
@@ -55,6 +60,7 @@ from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import get_attr_value, output_cosine, record_inputs
 from sparsecomp.lowering import MLPDecision
 
+from . import kernels as K
 from .export import SPARSE_MLP, Placement
 from .kernels import Candidate, Emitter
 from .lowering import model_is_cold, run_candidate, time_candidates
@@ -62,7 +68,7 @@ from .runner import threads
 
 __all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "part_records", "plain_dense", "pruned_candidate"]
 
-CANDIDATE_SET_VERSION = 2  # bump when the candidates change: cached decisions no longer apply
+CANDIDATE_SET_VERSION = 3  # bump when the candidates change: cached decisions no longer apply
 LOSSY_MIN_COSINE = 0.999  # as compile()'s whole-model check in the lossy modes
 # Up to this many rows per call (at the example inputs) the selected neurons are laid out [M, nact]:
 # the down Gemm then takes onnxruntime's GEMV path at M = 1 (MLAS has one for an untransposed A
@@ -73,6 +79,8 @@ _ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activat
          "pred_a", "pred_bt")
 _TENSORS = ("w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "threshold", "scale", "pred_a", "pred_bt")
 RELU_FAMILY = ("relu", "relu6", "relu2")
+COMPACT_ROLES = ("w_up", "w_gate", "w_down_t")
+COMPACT_DENSITY = 0.6  # as kernels.storage_choice: denser weights gain too little from sell storage
 
 
 @dataclass
@@ -101,7 +109,32 @@ class MLPArrays:
         return self.w_gate is not None
 
     def nbytes(self, *roles: str) -> int:
-        return int(sum(getattr(self, r).nbytes for r in (roles or _TENSORS) if getattr(self, r) is not None))
+        """Bytes stored for `roles` (all by default), compact where `compact` stores them so."""
+        total = 0
+        for r in roles or _TENSORS:
+            arr = getattr(self, r)
+            if arr is not None:
+                sell = self.compact(r)
+                total += sell["nbytes"] if sell is not None else arr.nbytes
+        return int(total)
+
+    def compact(self, role: str) -> dict | None:
+        """The sell storage of a pruned weight (`w_up`, `w_gate`, `w_down_t`; at most
+        `COMPACT_DENSITY` nonzero, and 10% smaller than fp32), or None to store it plainly. Kept as
+        the rows of the array's transpose, so the kernels' rebuild-W^T subgraph gives the array
+        itself (onnxruntime folds it once at load): an MLP that runs `dense` or `active` keeps the
+        small file of its weight sparsity. Cached per role."""
+        if role not in COMPACT_ROLES or getattr(self, role) is None:
+            return None
+        cache = self.__dict__.setdefault("_compact", {})
+        if role not in cache:
+            arr = getattr(self, role)
+            sell = None
+            if arr.size and float((arr != 0).mean()) <= COMPACT_DENSITY:
+                sell = K._sell_storage(np.ascontiguousarray(arr.T), 4)
+                sell = sell if sell["nbytes"] < 0.9 * arr.nbytes else None
+            cache[role] = sell
+        return cache[role]
 
     @classmethod
     def from_values(cls, values: dict) -> MLPArrays:
@@ -129,7 +162,11 @@ class _Build:
         if getattr(self.a, role) is None:
             return None
         if role not in self._names:
-            self._names[role] = self.e.const(role, getattr(self.a, role))
+            sell = self.a.compact(role)
+            if sell is not None:  # a pruned weight: stored compactly, rebuilt once at load (folded)
+                self._names[role] = K._emit_rebuild_wt(_Part(self.e, role), sell, sell["shape"][1])
+            else:
+                self._names[role] = self.e.const(role, getattr(self.a, role))
         return self._names[role]
 
     def scalar(self, value: float) -> str:
