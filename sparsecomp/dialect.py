@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sparsecomp.ops import define_op
 
-__all__ = ["MLP_ACTIVATIONS", "MLP_MODES", "mlp_hidden", "predictor_keep", "predictor_score", "predictor_scores", "sparse_linear", "sparse_mlp"]
+__all__ = ["MLP_ACTIVATIONS", "MLP_MODES", "mlp_hidden", "predictor_keep", "predictor_score", "predictor_scores", "sparse_linear", "sparse_linear_args", "sparse_mlp"]
 
 
 def _sparse_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -45,6 +45,20 @@ sparse_linear = define_op(
     reference=_sparse_linear_ref, fake=_sparse_linear_fake,
     doc="y = x @ weight.T + bias, with a constant weight known to be sparse (format chosen by the backend).",
 )
+
+
+def sparse_linear_args(gm, node) -> tuple[str, torch.Tensor, Optional[torch.Tensor]]:
+    """(layer name, weight, bias or None) of a `sparse_linear` node whose weight and bias are
+    module attributes (as the sparse-linear rewrite leaves them): what every backend lowers."""
+    from torch import fx
+
+    from sparsecomp.ir import get_attr_value
+
+    layer = node.meta.get("sparsecomp.sparse_linear", {}).get("layer", node.name)
+    weight = get_attr_value(gm, node.args[1].target).detach()
+    bias_node = node.args[2]
+    bias = get_attr_value(gm, bias_node.target).detach() if isinstance(bias_node, fx.Node) else None
+    return layer, weight, bias
 
 
 MLP_MODES = ("exact", "threshold", "predictor")

@@ -31,8 +31,9 @@ import torch
 from torch import fx
 
 from sparsecomp.cache import DecisionCache, pattern_hash
+from sparsecomp.dialect import sparse_linear_args
 from sparsecomp.errors import SparsecompError
-from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
+from sparsecomp.ir import compare_outputs, record_inputs
 from sparsecomp.lowering import LayerDecision
 from sparsecomp.timing import compare
 
@@ -247,10 +248,7 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
     decisions: list[LayerDecision] = []
     shortlists: dict[tuple, list[str]] = {}
     for i, node in enumerate(nodes):
-        layer = node.meta.get("sparsecomp.sparse_linear", {}).get("layer", node.name)
-        weight = get_attr_value(gm, node.args[1].target).detach()
-        bias_node = node.args[2]
-        bias = get_attr_value(gm, bias_node.target).detach() if isinstance(bias_node, fx.Node) else None
+        layer, weight, bias = sparse_linear_args(gm, node)
         x = inputs[node]
         c = choose_linear(weight, bias, x, layer=layer, cache=cache, cold=cold, opset=opset, max_seconds=max_seconds,
                           min_runs=min_runs, only=only, shortlists=shortlists)

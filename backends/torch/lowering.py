@@ -23,8 +23,9 @@ import torch
 import torch.fx as fx
 
 from sparsecomp.cache import DecisionCache, pattern_hash
+from sparsecomp.dialect import sparse_linear_args
 from sparsecomp.errors import SparsecompError
-from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
+from sparsecomp.ir import compare_outputs, record_inputs
 from sparsecomp.lowering import LayerDecision
 from sparsecomp.timing import compare
 
@@ -183,10 +184,7 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
     # cut compile time several-fold (each candidate costs an LLVM build and a check) at no measured loss.
     shortlists: dict[tuple, list[str]] = {}
     for i, node in enumerate(nodes):
-        layer = node.meta.get("sparsecomp.sparse_linear", {}).get("layer", node.name)
-        weight = get_attr_value(gm, node.args[1].target).detach()
-        bias_node = node.args[2]
-        bias = get_attr_value(gm, bias_node.target).detach() if isinstance(bias_node, fx.Node) else None
+        layer, weight, bias = sparse_linear_args(gm, node)
         x = inputs[node]
         m = x.numel() // x.shape[-1] if x.dim() else 1
         density = float((weight != 0).float().mean())
