@@ -371,7 +371,6 @@ class SparseMLP(torch.nn.Module):
         return f"layer={self.layer}, kernel={self.kernel}"
 
 
-
 # A pruned MLP (exact mode): below this weight density the projections are also given to the
 # sparse-linear kernels (measured against dense like any sparse_linear; see `_Pruned`).
 PRUNED_DENSITY = 0.7
