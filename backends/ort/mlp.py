@@ -391,10 +391,14 @@ def _op_values(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, str | None]:
     return values, None
 
 
-def _active_fraction(v: dict, x: torch.Tensor) -> float:
-    """The fraction of hidden neurons active in any row (the report's density), in plain torch."""
-    h = mlp_hidden(x, *(v[k] for k in ("w_up", "b_up", "w_gate", "b_gate", "activation", "mode", "threshold", "scale",
-                                       "pred_a", "pred_bt")))
+def _hidden(v: dict, x: torch.Tensor) -> torch.Tensor:
+    """The op's hidden activation (after the mode's keep-mask) on x, in plain torch."""
+    return mlp_hidden(x, *(v[k] for k in ("w_up", "b_up", "w_gate", "b_gate", "activation", "mode", "threshold", "scale",
+                                          "pred_a", "pred_bt")))
+
+
+def _active_fraction(h: torch.Tensor) -> float:
+    """The fraction of hidden neurons active in any row of h (the report's density)."""
     return float((h.reshape(-1, h.shape[-1]) != 0).any(0).float().mean()) if h.numel() else 0.0
 
 
@@ -428,12 +432,13 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
         a = MLPArrays.from_values(values)
         with torch.no_grad():
             reference = node.target(x, *[values.get(k) for k in _ARGS[1:]])
-            density = _active_fraction(values, x)
+            h = _hidden(values, x)
+            density = _active_fraction(h)
         notes: list[str] = []
         cands = candidates(a, opset, m=m, only=only)
         parts = None
         if a.mode == "exact" and _pruned(a) and (not only or "pruned" in only):  # both sparsities
-            parts, note = _choose_parts(values, x, layer, cache=cache, cold=cold, opset=opset, max_seconds=max_seconds / 2,
+            parts, note = _choose_parts(values, x, h, layer, cache=cache, cold=cold, opset=opset, max_seconds=max_seconds / 2,
                                         min_runs=min_runs, shortlists=linear_shortlists)
             cands.append(pruned_candidate(a, parts, opset))
             notes.append(note)
@@ -490,7 +495,7 @@ def _pruned(a: MLPArrays) -> bool:
     return any(float((w != 0).mean()) <= PRUNED_DENSITY for w in (a.w_up, a.w_down_t, a.w_gate) if w is not None)
 
 
-def _choose_parts(values: dict, x: torch.Tensor, layer: str, **choose) -> tuple[dict[str, Candidate], str]:
+def _choose_parts(values: dict, x: torch.Tensor, h: torch.Tensor, layer: str, **choose) -> tuple[dict[str, Candidate], str]:
     """Each projection's measured lowering (`choose_linear`, cached like any sparse_linear), and a
     note for the report."""
     from .lowering import choose_linear
@@ -498,9 +503,6 @@ def _choose_parts(values: dict, x: torch.Tensor, layer: str, **choose) -> tuple[
     ch = {"up": choose_linear(values["w_up"], values["b_up"], x, layer=f"{layer} up", **choose)}
     if values["w_gate"] is not None:
         ch["gate"] = choose_linear(values["w_gate"], values["b_gate"], x, layer=f"{layer} gate", **choose)
-    with torch.no_grad():
-        h = mlp_hidden(x, *(values[k] for k in ("w_up", "b_up", "w_gate", "b_gate", "activation", "mode", "threshold",
-                                                "scale", "pred_a", "pred_bt")))
     ch["down"] = choose_linear(values["w_down_t"].t().contiguous(), values["b_down"], h, layer=f"{layer} down", **choose)
     note = "pruned weights: " + ", ".join(
         f"{r} {c.density:.0%} nonzero -> {c.candidate.label}"

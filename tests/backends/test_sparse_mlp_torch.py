@@ -158,36 +158,23 @@ def _compile_exact_at_batch_1(make, kernels, tmp_path):
     return model, cm, mod, row
 
 
-def test_exact_union_path_and_crossover(tmp_path):
+@pytest.mark.parametrize("kernel,rows,batches", [("union-tir", 5, (2, 5, 8, 19)), ("per-row-tir", 6, (2, 6, 33))])
+def test_many_rows_path_and_crossover(kernel, rows, batches, tmp_path):
+    """M > 1 paths (union of active neurons, per-row work), forced onto the kernel whatever was
+    measured, then onto dense: both agree with eager at every batch."""
     torch.manual_seed(0)
     model = Plain(-0.5).eval()
-    x = torch.randn(5, K)
-    cm = sc.compile(model, (x,), activation_sparsity="exact", kernels="union-tir", cache_dir=str(tmp_path),
+    x = torch.randn(rows, K)
+    cm = sc.compile(model, (x,), activation_sparsity="exact", kernels=kernel, cache_dir=str(tmp_path),
                     max_seconds_per_layer=0.05)
     (mod,) = _mlp_modules(cm)
-    assert mod.kernel.startswith("union-tir")
-    # force the union kernel whatever was measured, then force dense: both agree with eager
-    for cost in ({"dense": 1e9, "one": 0.0, "all": 1.0}, {"dense": 0.0, "one": 1.0, "all": 2.0}):
-        mod._mm.cost = cost
-        for batch in (2, 5, 8, 19):
-            xb = torch.randn(batch, K)
-            _close(mod(xb), model(xb))
-    assert mod._mm.crossover(1) == 0.0
-
-
-def test_per_row_path_and_crossover(tmp_path):
-    torch.manual_seed(0)
-    model = Plain(-0.5).eval()
-    x = torch.randn(6, K)
-    cm = sc.compile(model, (x,), activation_sparsity="exact", kernels="per-row-tir", cache_dir=str(tmp_path),
-                    max_seconds_per_layer=0.05)
-    (mod,) = _mlp_modules(cm)
-    assert mod.kernel.startswith("per-row-tir")
+    assert mod.kernel.startswith(kernel)
     for cost in ({"dense": 1e9, "one": 0.0, "all": 1.0}, {"dense": 0.0, "one": 1.0, "all": 2.0}):  # kernel, then dense
         mod._mm.cost = cost
-        for batch in (2, 6, 33):
+        for batch in batches:
             xb = torch.randn(batch, K)
             _close(mod(xb), model(xb))
+    assert mod._mm.crossover(1) == 0.0  # dense costs nothing: the kernel path never runs
 
 
 @pytest.mark.parametrize("mode", ["threshold", "predictor"])
