@@ -22,10 +22,10 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import sparsecomp  # noqa: E402  (first, before torch: it sets torch's OpenMP spin count, sparsecomp/omp.py)
 
 import torch  # noqa: E402
 
-import sparsecomp  # noqa: E402
 from sparsecomp import models  # noqa: E402
 from sparsecomp.pass_manager import PassContext, PassManager  # noqa: E402
 

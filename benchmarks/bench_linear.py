@@ -20,6 +20,7 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS spin-waits starve other pools
 os.environ.setdefault("TVM_NUM_THREADS", "2")
+import sparsecomp  # noqa: E402, F401  (before torch: it sets torch's OpenMP spin count, sparsecomp/omp.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -41,6 +41,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS spin-waits starve the other pools
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import sparsecomp  # noqa: E402  (first, before torch: it sets torch's OpenMP spin count, sparsecomp/omp.py)
 
 import argparse
 import json
@@ -57,7 +58,6 @@ from torch import fx
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_models as bm
 
-import sparsecomp
 from sparsecomp import api, models
 from sparsecomp.api import CompiledModel
 from sparsecomp.dialect import MLP_ACTIVATIONS, predictor_scores

@@ -35,6 +35,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS spin-waits starve the other pools
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import sparsecomp  # noqa: E402  (first, before torch: it sets torch's OpenMP spin count, sparsecomp/omp.py)
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -53,7 +54,6 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import sparsecomp  # noqa: E402
 from sparsecomp import models  # noqa: E402
 from sparsecomp.timing import OthersCpu, compare, read_bandwidth  # noqa: E402
 

@@ -36,11 +36,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import sparsecomp  # noqa: E402  (first, before torch: it sets torch's OpenMP spin count, sparsecomp/omp.py)
 
 import torch  # noqa: E402
 from sparsecomp.models import minilm, text  # noqa: E402
 
-import sparsecomp  # noqa: E402
 from sparsecomp import patterns  # noqa: E402
 
 SETTINGS = ("unstructured:0.5", "2:4", "unstructured:0.7")

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import importlib
 
+from sparsecomp import omp as _omp
+
+_omp.configure()  # before torch loads libgomp: see sparsecomp/omp.py
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it

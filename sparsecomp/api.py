@@ -12,6 +12,7 @@ import torch
 
 from sparsecomp.frontend import capture
 from sparsecomp.errors import NotYetAvailableError, SparsecompError
+from sparsecomp import omp
 from sparsecomp.pass_manager import Instrument, PassContext, PassManager
 from sparsecomp.ir import normalize_inputs
 from sparsecomp.report import CompileReport, SparsityReport
@@ -254,6 +255,9 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
             "with an empty cache_dir (or clear the cache) when the machine is quiet")
     report.notes.extend(f"lossy (asked for): {what}" for what in lossy)
     report.rows = _report_rows(ctx, lowered.decisions)
+    spin = omp.spin_note()
+    if spin and backend == "torch" and any(r.get("decision") == "sparse" for r in report.rows):
+        report.notes.append(spin)
     quality = ctx.results.get("sparse-mlp-quality")
     if quality:
         report.notes.append("activation-sparsity quality vs dense on calibration batches: "
