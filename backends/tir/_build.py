@@ -25,7 +25,7 @@ from sparsecomp.errors import SparsecompError
 from . import _target
 from ._codegen import kernel_source
 
-__all__ = ["Kernel", "build", "cache_dir", "clear_memory_cache"]
+__all__ = ["Kernel", "build", "build_source", "cache_dir", "clear_memory_cache"]
 
 _log = logging.getLogger("sparsecomp.backends.tir")
 _CACHE_VERSION = "1"
@@ -157,11 +157,18 @@ def build(fmt: str, params: dict, dtype: str = "float32") -> Kernel:
     if dtype != "float32":
         raise SparsecompError(f"TIR kernels support float32 only, got {dtype!r}")
     params = _normalise(fmt, params)
-    source = kernel_source(fmt, params, params["index_dtype"])
+    return build_source(fmt, params, kernel_source(fmt, params, params["index_dtype"]))
+
+
+def build_source(label: str, params: dict, source: str, key_prefix: str = "") -> Kernel:
+    """Compile TVMScript `source` (or fetch it from the in-memory / on-disk caches) as a Kernel.
+
+    The cache key is the source text with the target and TVM version: every kernel family
+    (`build` above, the sparse-MLP kernels, the transpose) goes through here."""
     tvm = _target.tvm()
     target = _target.host_target()
-    key = hashlib.sha256("\n".join([source, str(target.export() if hasattr(target, "export") else target),
-                                    tvm.__version__, _CACHE_VERSION]).encode()).hexdigest()[:32]
+    key = key_prefix + hashlib.sha256("\n".join([source, str(target.export() if hasattr(target, "export") else target),
+                                                 tvm.__version__, _CACHE_VERSION]).encode()).hexdigest()[:32]
     with _lock:
         hit = _memory.get(key)
         if hit is not None:
@@ -175,7 +182,7 @@ def build(fmt: str, params: dict, dtype: str = "float32") -> Kernel:
             if func is None:
                 func = lib.mod["main"] if hasattr(lib, "mod") else lib["main"]
                 path = None
-        k = Kernel(fmt=fmt, params=params, dtype=dtype, source=source, key=key, func=func,
+        k = Kernel(fmt=label, params=params, dtype="float32", source=source, key=key, func=func,
                    path=str(path) if path else None)
         _memory[key] = k
         return k

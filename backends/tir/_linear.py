@@ -9,6 +9,8 @@ variants worth timing on this machine, ranked by a rough cost model.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +19,8 @@ from sparsecomp import formats as F
 from sparsecomp.errors import SparsecompError
 
 from . import _target
-from ._build import Kernel, _normalise
+from ._build import Kernel, _normalise, build_source
+from ._codegen import transpose_source
 
 __all__ = ["PreparedWeight", "prepare", "SparseLinearKernel", "candidates", "FORMATS"]
 
@@ -263,15 +266,46 @@ class SparseLinearKernel:
             return y.reshape(*lead, N)
         mt = self.mt
         mp = -(-M // mt) * mt
-        xt = torch.empty((kp, mp), dtype=torch.float32)
-        if mp > M:
-            xt[:, M:].zero_()  # padding rows of x: their outputs are dropped, but keep them finite
-        if kp > K:
-            xt[K:, :M].zero_()
-        xt[:K, :M].copy_(x2.t())
+        xt = _transposed(x, x2, kp, mp)
         y = torch.empty((mp, N), dtype=torch.float32)
         self._func(xt, *arrays, b, y)
         return y[:M].reshape(*lead, N)
+
+
+# The last input transposed for the "mm" kernels, per thread. Layers that read the same tensor
+# one after the other (a transformer's query, key and value) transpose it once.
+_last_xt = threading.local()
+
+
+def _transposed(x: torch.Tensor, x2: torch.Tensor, kp: int, mp: int) -> torch.Tensor:
+    """x2 [M, K] (a view of the caller's input `x`) transposed into a new xt [kp, mp], zero padded.
+
+    Reused while the same tensor `x` comes again unmodified (same object, same version counter,
+    so an in-place change in between transposes again) with the same padding. Whole 8x8 tiles go
+    through the TIR transpose (`_codegen.transpose_source`), the ragged edges through torch.
+    """
+    last = getattr(_last_xt, "entry", None)
+    if last is not None:
+        ref, version, shape, xt = last
+        if ref() is x and x._version == version and shape == tuple(x.shape) and tuple(xt.shape) == (kp, mp):
+            return xt
+    M, K = x2.shape
+    xt = torch.empty((kp, mp), dtype=torch.float32)
+    if mp > M:
+        xt[:, M:].zero_()  # padding rows of x: their outputs are dropped, but keep them finite
+    if kp > K:
+        xt[K:, :M].zero_()
+    m8, k8 = M // 8 * 8, K // 8 * 8
+    if m8 and k8:
+        build_source("transpose", {}, transpose_source())(_aligned(x2), xt)
+        if k8 < K:
+            xt[k8:K, :M].copy_(x2[:, k8:].t())
+        if m8 < M:
+            xt[:k8, m8:M].copy_(x2[m8:, :k8].t())
+    else:
+        xt[:K, :M].copy_(x2.t())
+    _last_xt.entry = (weakref.ref(x), x._version, tuple(x.shape), xt)
+    return xt
 
 
 def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] | None = None,

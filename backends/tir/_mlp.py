@@ -29,7 +29,6 @@ Argument conventions: inputs, then weights, then outputs (like `_codegen`).
 
 from __future__ import annotations
 
-import hashlib
 
 from sparsecomp.errors import SparsecompError
 
@@ -341,25 +340,4 @@ def mlp_source(kind: str, params: dict) -> str:
 def build_mlp_kernel(kind: str, params: dict | None = None) -> _build.Kernel:
     """Compile (or fetch from the in-memory / on-disk kernel caches) one sparse-MLP kernel."""
     params = _normalise(kind, params or {})
-    source = mlp_source(kind, params)
-    tvm = _target.tvm()
-    target = _target.host_target()
-    key = "mlp-" + hashlib.sha256("\n".join([source, str(target.export() if hasattr(target, "export") else target),
-                                             tvm.__version__, _build._CACHE_VERSION]).encode()).hexdigest()[:32]
-    with _build._lock:
-        hit = _build._memory.get(key)
-        if hit is not None:
-            return hit
-        d = _build.cache_dir()
-        path, meta = d / f"{key}.so", d / f"{key}.json"
-        func = _build._load(path, meta) if path.exists() else None
-        if func is None:
-            lib = _build._compile(source)
-            func = _build._store(lib, path, meta)
-            if func is None:
-                func = lib.mod["main"] if hasattr(lib, "mod") else lib["main"]
-                path = None
-        k = _build.Kernel(fmt=f"mlp-{kind}", params=params, dtype="float32", source=source, key=key, func=func,
-                          path=str(path) if path else None)
-        _build._memory[key] = k
-        return k
+    return _build.build_source(f"mlp-{kind}", params, mlp_source(kind, params), key_prefix="mlp-")

@@ -122,6 +122,42 @@ def test_mm(tir, fmt, params):
         _check(tir, fmt, params, _weights("dense", ""), 9)
 
 
+@pytest.mark.parametrize("M,K,kp,mp", [(16, 24, 24, 16), (19, 53, 56, 32), (7, 53, 53, 8), (9, 5, 8, 16), (128, 768, 768, 128)])
+def test_transpose_for_mm_kernels(tir, M, K, kp, mp):
+    """x [M, K] -> xt [kp, mp]: whole 8x8 tiles by the TIR kernel, ragged edges by torch, zero padding."""
+    from sparsecomp.backends.tir._linear import _transposed
+
+    x = torch.randn(M, K)
+    xt = _transposed(x, x, kp, mp)
+    want = torch.zeros(kp, mp)
+    want[:K, :M] = x.t()
+    assert torch.equal(xt, want)
+    strided = torch.randn(K, M).t()  # a non-contiguous input is copied, not misread
+    assert torch.equal(_transposed(strided, strided, kp, mp)[:K, :M], strided.t())
+
+
+def test_transposed_input_is_reused_only_while_unchanged(tir):
+    """Layers reading one tensor in a row (query, key, value) share its transpose; a changed tensor
+    (in place, or another one with the same values' shape) is transposed again."""
+    from sparsecomp.backends.tir._linear import _transposed
+
+    x = torch.randn(16, 32)
+    first = _transposed(x, x, 32, 16)
+    assert _transposed(x, x.reshape(-1, 32), 32, 16) is first  # same tensor, untouched: reused
+    assert _transposed(x, x, 32, 32) is not first  # other padding: not reused
+    again = _transposed(x, x, 32, 16)
+    x.mul_(2)  # in place: the version counter moves
+    assert not torch.equal(_transposed(x, x, 32, 16), again)
+    assert torch.equal(_transposed(x, x, 32, 16), x.t())
+    y = x.clone()
+    assert _transposed(y, y, 32, 16) is not _transposed(x, x, 32, 16)
+    w = impose_pattern(torch.randn(24, 32), "unstructured:0.7")
+    lin = tir.make_linear("csr", w, {"mt": 8, "unroll": 1})
+    assert torch.allclose(lin(x), x @ w.t(), atol=1e-4)
+    x.add_(1)
+    assert torch.allclose(lin(x), x @ w.t(), atol=1e-4)  # the changed input, not the memo
+
+
 def test_sell_delta_long_gaps(tir):
     # gaps over 255 columns need zero-valued filler entries (and the first entry's gap from
     # column 0 too); a wide, very sparse weight has many, some several fillers long
