@@ -18,7 +18,8 @@ TVM is imported on first use; without it `available()` is False and the calls ra
 from __future__ import annotations
 
 from ._build import Kernel, build, cache_dir, clear_memory_cache
-from ._linear import FORMATS, PreparedWeight, SparseLinearKernel, candidates, prepare
+from ._linear import (FORMATS, PreparedWeight, SparseLinearKernel, begin_transpose_reuse, candidates,
+                      end_transpose_reuse, prepare)
 from ._target import available, get_num_threads, host_target, set_num_threads, vector_width
 
 __all__ = [
@@ -27,10 +28,12 @@ __all__ = [
     "PreparedWeight",
     "SparseLinearKernel",
     "available",
+    "begin_transpose_reuse",
     "build",
     "cache_dir",
     "candidates",
     "clear_memory_cache",
+    "end_transpose_reuse",
     "get_num_threads",
     "host_target",
     "make_linear",

@@ -22,7 +22,8 @@ from . import _target
 from ._build import Kernel, _normalise, build_source
 from ._codegen import transpose_source
 
-__all__ = ["PreparedWeight", "prepare", "SparseLinearKernel", "candidates", "FORMATS"]
+__all__ = ["PreparedWeight", "prepare", "SparseLinearKernel", "candidates", "FORMATS", "begin_transpose_reuse",
+           "end_transpose_reuse"]
 
 FORMATS = ("csr", "sell", "bsr", "nm")
 
@@ -272,19 +273,33 @@ class SparseLinearKernel:
         return y[:M].reshape(*lead, N)
 
 
-# The last input transposed for the "mm" kernels, per thread. Layers that read the same tensor
-# one after the other (a transformer's query, key and value) transpose it once.
+# The last input transposed for the "mm" kernels, per thread, reused only inside one forward of
+# a lowered model (between `begin_transpose_reuse` and `end_transpose_reuse`, which the torch
+# backend hooks around it): there, layers that read one tensor in a row (a transformer's query,
+# key and value) transpose it once. Never across calls: a caller may refill the same input
+# buffer through numpy, which the version counter does not see.
 _last_xt = threading.local()
+
+
+def begin_transpose_reuse(*_hook_args) -> None:
+    """Start of a forward: transposes may be reused until `end_transpose_reuse` (forward hooks)."""
+    _last_xt.entry, _last_xt.on = None, True
+
+
+def end_transpose_reuse(*_hook_args) -> None:
+    _last_xt.entry, _last_xt.on = None, False
 
 
 def _transposed(x: torch.Tensor, x2: torch.Tensor, kp: int, mp: int) -> torch.Tensor:
     """x2 [M, K] (a view of the caller's input `x`) transposed into a new xt [kp, mp], zero padded.
 
-    Reused while the same tensor `x` comes again unmodified (same object, same version counter,
-    so an in-place change in between transposes again) with the same padding. Whole 8x8 tiles go
-    through the TIR transpose (`_codegen.transpose_source`), the ragged edges through torch.
+    Inside a forward (see `begin_transpose_reuse`), reused while the same tensor `x` comes again
+    unmodified (same object, same version counter: an in-place change transposes again) with the
+    same padding. Whole 8x8 tiles go through the TIR transpose (`_codegen.transpose_source`), the
+    ragged edges through torch.
     """
-    last = getattr(_last_xt, "entry", None)
+    reuse = getattr(_last_xt, "on", False)
+    last = _last_xt.entry if reuse else None
     if last is not None:
         ref, version, shape, xt = last
         if ref() is x and x._version == version and shape == tuple(x.shape) and tuple(xt.shape) == (kp, mp):
@@ -304,7 +319,8 @@ def _transposed(x: torch.Tensor, x2: torch.Tensor, kp: int, mp: int) -> torch.Te
             xt[:k8, m8:M].copy_(x2[m8:, :k8].t())
     else:
         xt[:K, :M].copy_(x2.t())
-    _last_xt.entry = (weakref.ref(x), x._version, tuple(x.shape), xt)
+    if reuse:
+        _last_xt.entry = (weakref.ref(x), x._version, tuple(x.shape), xt)
     return xt
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from sparsecomp.backends.tir import begin_transpose_reuse, end_transpose_reuse
 from sparsecomp.lowering import LayerDecision, Lowered
 
 from .kernels import tir_available
@@ -30,6 +31,9 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, use_tir: bool = 
                                     progress=progress, tune=tune)
     decisions += lower_sparse_mlp(gm, example, cache=cache, max_seconds=max_seconds, use_tir=use_tir, only=only,
                                   progress=progress)
+    # the mm kernels may share one transpose of an input between layers within a forward, never across calls
+    gm.register_forward_pre_hook(begin_transpose_reuse)
+    gm.register_forward_hook(end_transpose_reuse, always_call=True)
     notes = []
     if use_tir and not tir_available():
         notes.append("TVM is not installed: sparse candidates were limited to torch.sparse CSR (pip install 'sparsecomp[tvm]')")
