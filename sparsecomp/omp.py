@@ -15,7 +15,10 @@ compiled interleaved in one process, three processes per setting:
     10000               185-205            96-110
     passive (0)         255-259           135-145   (eager's ops then wake sleeping workers)
 
-So 10,000 keeps eager torch as fast as before and takes about 30% off the compiled model. libgomp
+So 10,000 keeps eager torch as fast as before and takes about 30% off the compiled model. The
+cost: eager one-token decoding (opt-125m-like, M = 1, whose ops leave gaps long enough for the
+workers to fall asleep) measured 31-32 ms against 25-32 ms with the default, so up to about 5%
+slower; a user who prefers the default sets GOMP_SPINCOUNT=300000 (never overridden). libgomp
 reads the variable once, when torch loads it, so `import sparsecomp` sets it (unless the user
 already did) only while torch is not yet imported; when torch came first, `spin_note()` tells
 `compile` to say so in the report.
