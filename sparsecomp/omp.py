@@ -50,6 +50,16 @@ def configure() -> None:
     _default_spin = False
 
 
+def torch_spin_is_short() -> bool:
+    """Whether torch's OpenMP workers stop spinning soon after an op: our GOMP_SPINCOUNT (or a
+    user's <= 30,000, or OMP_WAIT_POLICY=PASSIVE) was in the environment when torch loaded."""
+    if _default_spin is None or _default_spin:
+        return False
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    count = os.environ.get("GOMP_SPINCOUNT", "").strip()
+    return policy == "PASSIVE" or (count.isdigit() and int(count) <= 30000)
+
+
 def spin_note() -> str | None:
     """A report note when torch was imported before sparsecomp with libgomp's default spin."""
     if not _default_spin:

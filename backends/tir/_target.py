@@ -16,8 +16,13 @@ Why these choices:
   and torch's OpenMP threads spin after each op: in a graph that alternates torch ops and TVM
   kernels on the same cores, each runtime's spinning threads starve the other's. Measured on
   2-layer bert-base, 90% sparse, 2 cores (compiled vs eager, same run): spin 300000 -> 0.84-1.0x,
-  20000 -> 0.84x, 2000 -> 1.33x, 0 -> 1.37-1.55x. So we default the spin count to 0 (workers
-  sleep at once), unless the user set it.
+  20000 -> 0.84x, 2000 -> 1.33x, 0 -> 1.37-1.55x. That was with torch's workers spinning
+  300,000 `pause` iterations. Since `import sparsecomp` shortens that to 10,000 (sparsecomp/omp.py),
+  TVM's own spin (which yields the CPU while it waits) pays instead: every kernel no longer wakes
+  a sleeping worker. With GOMP_SPINCOUNT=10000, two processes per setting: opt-125m-like one
+  token, exact mode vs eager, TVM spin 0 -> 1.05x and 1.09x, 30000 -> 1.23x and 1.25x; bert-base
+  90% compiled, spin 0 -> 132 and 149 ms, 30000 -> 126 and 136 ms. So the default is 30000 when
+  torch's spin is short (`omp.torch_spin_is_short`), else 0; a user's own setting is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 
+from sparsecomp import omp
 from sparsecomp.errors import SparsecompError
 
 __all__ = ["available", "tvm", "host_target", "vector_width", "has_feature", "set_num_threads", "get_num_threads"]
@@ -44,11 +50,17 @@ def _default_threads() -> int:
     return _affinity_cpus()
 
 
+def _spin_count() -> str:
+    # TVM's workers spin by yielding the CPU (sched_yield), torch's by `pause`: a short TVM spin
+    # only pays once torch's workers stop spinning soon (sparsecomp/omp.py)
+    return "30000" if omp.torch_spin_is_short() else "0"
+
+
 @functools.cache
 def _import_tvm():
     # before TVM's thread pool starts (it starts lazily at the first parallel kernel call)
     os.environ.setdefault("TVM_NUM_THREADS", str(_default_threads()))
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")  # see the module docstring
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", _spin_count())  # see the module docstring
     try:
         import tvm  # noqa: F401
         import tvm.script  # noqa: F401

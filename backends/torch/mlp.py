@@ -269,13 +269,18 @@ class _Union(_Strategy):
         self.kernels[mt](hc, idx.to(torch.int32), w.wdt_p, w.b_down, self.parts[mt], y)
         return y[:m]
 
-    def chunks(self, h: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def masks(self, h: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(rows per chunk, [chunks, H] bool: which neurons each chunk's union holds), in one pass
+        over h (zero rows pad the last chunk; a zero activates nothing). One `nonzero` per chunk
+        cost 2.1 ms at M = 64 here, paid even when the union then fell back to dense."""
         step = self.CHUNK if self.kind == "tir" else h.shape[0]
-        out = []
-        for i in range(0, h.shape[0], step):
-            c = h[i:i + step]
-            out.append((c, (c != 0).any(0).nonzero().reshape(-1)))
-        return out
+        pad = -h.shape[0] % step
+        hp = torch.nn.functional.pad(h, (0, 0, 0, pad)) if pad else h
+        return step, (hp.reshape(-1, step, h.shape[1]) != 0).any(1)
+
+    def chunks(self, h: torch.Tensor, masks: tuple[int, torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        step, mk = masks or self.masks(h)
+        return [(h[i * step:(i + 1) * step], mk[i].nonzero().reshape(-1)) for i in range(mk.shape[0])]
 
     def down(self, h: torch.Tensor, parts: list) -> torch.Tensor:
         ys = [self._chunk(c, idx) for c, idx in parts]
@@ -294,11 +299,13 @@ class _Union(_Strategy):
 
     def __call__(self, x):
         h = self.w.hidden(x)
-        parts = self.chunks(h)
-        active = sum(idx.numel() for _, idx in parts) / (len(parts) * self.w.H)
-        if active > self.crossover(len(parts)):
+        masks = self.masks(h)
+        if masks[1].shape[0] == 0:  # no rows
             return self.w.dense_down(h)
-        return self.down(h, parts)
+        active = float(masks[1].sum()) / masks[1].numel()  # mean union density per chunk
+        if active > self.crossover(masks[1].shape[0]):
+            return self.w.dense_down(h)
+        return self.down(h, self.chunks(h, masks))
 
 
 class _PerRow(_Strategy):
