@@ -281,3 +281,23 @@ def test_target_is_detected(tir):
     t = tir.host_target()
     assert t.kind.name == "llvm" and "mcpu" in t.attrs
     assert tir.vector_width() in (4, 8, 16)
+
+
+@pytest.mark.parametrize("order,env,want", [
+    ("sparsecomp, torch", {}, "30000"),  # torch's spin shortened by sparsecomp: TVM's yielding spin pays
+    ("torch, sparsecomp", {}, "0"),  # torch spins 300,000 pause loops: TVM's workers sleep at once
+    ("torch, sparsecomp", {"GOMP_SPINCOUNT": "5000"}, "30000"),  # a user's short spin counts too
+    ("sparsecomp, torch", {"GOMP_SPINCOUNT": "300000"}, "0"),
+    ("sparsecomp, torch", {"TVM_THREAD_POOL_SPIN_COUNT": "7"}, "7"),  # a user's own setting is kept
+])
+def test_tvm_spin_follows_torchs_openmp_spin(tir, order, env, want):
+    import os
+    import subprocess
+    import sys
+
+    drop = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "TVM_THREAD_POOL_SPIN_COUNT")
+    code = (f"import {order}, os; from sparsecomp.backends import tir; tir.available(); "
+            "print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**{k: v for k, v in os.environ.items() if k not in drop}, **env})
+    assert out.stdout.strip() == want
