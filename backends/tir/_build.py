@@ -11,6 +11,7 @@ POSIX): readers never see a half-written file, and concurrent writers of one key
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -160,15 +161,22 @@ def build(fmt: str, params: dict, dtype: str = "float32") -> Kernel:
     return build_source(fmt, params, kernel_source(fmt, params, params["index_dtype"]))
 
 
+@functools.lru_cache(maxsize=4096)
+def _source_key(source: str) -> str:
+    # memoised: kernels are looked up on every call of some layers (the transpose), and exporting
+    # the target to hash it cost tens of microseconds
+    tvm = _target.tvm()
+    target = _target.host_target()
+    return hashlib.sha256("\n".join([source, str(target.export() if hasattr(target, "export") else target),
+                                      tvm.__version__, _CACHE_VERSION]).encode()).hexdigest()[:32]
+
+
 def build_source(label: str, params: dict, source: str, key_prefix: str = "") -> Kernel:
     """Compile TVMScript `source` (or fetch it from the in-memory / on-disk caches) as a Kernel.
 
     The cache key is the source text with the target and TVM version: every kernel family
     (`build` above, the sparse-MLP kernels, the transpose) goes through here."""
-    tvm = _target.tvm()
-    target = _target.host_target()
-    key = key_prefix + hashlib.sha256("\n".join([source, str(target.export() if hasattr(target, "export") else target),
-                                                 tvm.__version__, _CACHE_VERSION]).encode()).hexdigest()[:32]
+    key = key_prefix + _source_key(source)
     with _lock:
         hit = _memory.get(key)
         if hit is not None:

@@ -33,6 +33,8 @@ Why some things look odd:
 
 from __future__ import annotations
 
+import functools
+
 from sparsecomp.errors import SparsecompError
 
 __all__ = ["kernel_source", "arg_names", "transpose_source"]
@@ -563,6 +565,7 @@ for br in T.parallel(NBP - 1):
 # ------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def transpose_source() -> str:
     """xt[k, m] = x[m, k] over the whole 8x8 tiles of x [M, K] (xt is [KP, MP], KP >= K, MP >= M).
 
