@@ -128,7 +128,7 @@ def ort_sessions(K: int, N: int):
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
             initializer=[numpy_helper.from_array(wt, "wt"), numpy_helper.from_array(b, "b")],
         )
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # ORT 1.30 refuses IR 14
         return ort.InferenceSession(m.SerializeToString(), opts(), providers=["CPUExecutionProvider"])
 
     g = helper.make_graph(
@@ -139,7 +139,7 @@ def ort_sessions(K: int, N: int):
          helper.make_tensor_value_info("b", TensorProto.FLOAT, [N])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
     )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # ORT 1.30 refuses IR 14
     onnx.checker.check_model(m)
     cold = ort.InferenceSession(m.SerializeToString(), opts(), providers=["CPUExecutionProvider"])
     return hot, cold

@@ -62,7 +62,10 @@ def layer_model(cand: K.Candidate, x_shape: list[int], opset: int = 20, copies: 
         inits += e.initializers
         outs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [*x_shape[:-1], int(cand.shape[0])]))
     g = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))], outs, inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    # The lowest IR version the opset allows, not onnx's newest: an onnxruntime older than the onnx
+    # package (ORT 1.30 beside onnx 1.23.1) refuses IR versions it does not know.
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(g, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
 
 def l3_bytes() -> int:

@@ -138,7 +138,7 @@ def test_opt_in_global_pool_in_a_fresh_process():
         from sparsecomp.backends.ort import runner
         g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", 1, [2])],
                               [helper.make_tensor_value_info("y", 1, [2])])
-        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
         assert runner.use_global_thread_pool(1) == 1
         assert runner.session(model).run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0].tolist() == [0.0, 2.0]
         try:

@@ -158,3 +158,14 @@ def test_block_shapes_follow_occupancy():
     shapes = [(r, c) for r, c, _ in K.block_shapes(w.numpy())]
     assert shapes[0] == (16, 1)  # lowest occupancy, then the larger block
     assert K.block_shapes(weight(256, 128, "unstructured:0.5")[0].numpy()) == []  # no block structure: none tried
+
+
+def test_layer_models_declare_the_lowest_ir_version_of_their_opset():
+    """onnxruntime 1.30 refuses IR version 14, which onnx 1.23 writes by default (seen on a
+    machine with that pair): the timing models must declare the opset's minimum instead."""
+    from onnx import helper
+
+    w = torch.randn(8, 16)
+    for opset in (16, 20):
+        model = layer_model(K.candidates(w, None)[0], ["rows", 16], opset=opset)
+        assert model.ir_version == helper.find_min_ir_version_for([helper.make_opsetid("", opset)]) < 14
