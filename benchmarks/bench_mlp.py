@@ -78,6 +78,41 @@ def lowered(cm) -> CompiledModel:
     return CompiledModel(cm.gm, cm.report, cm.backend)
 
 
+class TirDenseLinear(torch.nn.Module):
+    """An nn.Linear whose one-row calls run the TIR dense GEMV (`dense_mv`), other calls F.linear."""
+
+    def __init__(self, lin: torch.nn.Linear, kernel):
+        super().__init__()
+        self.w = lin.weight.detach().float().contiguous()
+        self.b = (lin.bias.detach().float() if lin.bias is not None else torch.zeros(self.w.shape[0])).contiguous()
+        self.k = kernel
+
+    def forward(self, x):
+        if x.numel() != x.shape[-1]:
+            return F.linear(x, self.w, self.b)
+        y = torch.empty(self.w.shape[0])
+        self.k(x.reshape(-1).contiguous(), self.w, self.b, y)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def tir_dense(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every nn.Linear on the TIR dense GEMV at M = 1: the dense reference
+    that reads its weights through the same kind of TIR code as exact mode. exact vs this is the
+    gain of skipping inactive neurons alone; exact vs compiled dense (torch's GEMV: MKL, which on
+    AMD CPUs reads at about half the bandwidth of these kernels) also counts the kernels' own edge."""
+    import copy
+
+    from sparsecomp.backends.tir import _mlp
+
+    k = _mlp.build_mlp_kernel("dense_mv")
+    out = copy.deepcopy(model)
+    for mod in list(out.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(mod, name, TirDenseLinear(child, k))
+    return out
+
+
 def mlp_rows(cm) -> list[dict]:
     return [r for r in cm.report.rows if str(r.get("pattern", "")).startswith("mlp")]
 
@@ -118,11 +153,13 @@ def case_ffn(args) -> dict:
     cal = models.calibration("mlp-relu", 16 if args.quick else 64, mlp_bias=-1.16, batch=64)
     pred_cm, t_pred = compile_timed(model, ex, activation_sparsity="predictor:0.9", calibration=cal, name="ffn")
     exact, pred = lowered(exact_cm), lowered(pred_cm)
+    td = tir_dense(model)
     with torch.no_grad():
         ok, err, allowed = compare_outputs(exact(x), model(x))
+        td_ok = compare_outputs(td(x), model(x))[0]
     env = case_env()
-    t = bm.timed({"eager": lambda: model(x), "compiled_dense": lambda: dense_cm(x), "exact": lambda: exact(x),
-                  "predictor": lambda: pred(x)}, args.runs, 3)
+    t = bm.timed({"eager": lambda: model(x), "compiled_dense": lambda: dense_cm(x), "tir_dense": lambda: td(x),
+                  "exact": lambda: exact(x), "predictor": lambda: pred(x)}, args.runs, 3)
     e, d = t["eager"]["median_ms"], t["compiled_dense"]["median_ms"]
     prow, erow = mlp_rows(pred_cm)[0], mlp_rows(exact_cm)[0]
     pmod = next((mm for mm in pred.gm.modules() if type(mm).__name__ == "SparseMLP"), None)
@@ -133,14 +170,17 @@ def case_ffn(args) -> dict:
         "compile_s": {"dense": t_dense, "exact": t_exact, "predictor": t_pred},
         "exact": {"kernel": erow["kernel"], "max_abs_error": err, "allowed": allowed, "ok": ok,
                   "vs_compiled_dense": d / t["exact"]["median_ms"], "vs_eager": e / t["exact"]["median_ms"],
+                  "vs_tir_dense": t["tir_dense"]["median_ms"] / t["exact"]["median_ms"], "tir_dense_ok": td_ok,
                   "crossover": erow.get("crossover")},
         "predictor": {"kernel": prow["kernel"], "selected_fraction": selected, "active_and_selected": prow["density"],
                       "calibration": prow.get("calibration"),
-                      "vs_dense": min(e, d) / t["predictor"]["median_ms"]},
+                      "vs_dense": min(e, d) / t["predictor"]["median_ms"],
+                      "vs_tir_dense": t["tir_dense"]["median_ms"] / t["predictor"]["median_ms"]},
         "dense_runs": dense_cm.runs,
     }
     log(f"  eager {e:.2f} ms, compiled dense {d:.2f} ms ({dense_cm.runs}), exact {t['exact']['median_ms']:.2f} ms "
-        f"({out['exact']['vs_compiled_dense']:.2f}x vs compiled dense, {out['exact']['vs_eager']:.2f}x vs eager; {erow['kernel']}), "
+        f"({out['exact']['vs_compiled_dense']:.2f}x vs compiled dense, {out['exact']['vs_eager']:.2f}x vs eager, "
+        f"{out['exact']['vs_tir_dense']:.2f}x vs TIR dense {t['tir_dense']['median_ms']:.2f} ms; {erow['kernel']}), "
         f"predictor {t['predictor']['median_ms']:.2f} ms ({out['predictor']['vs_dense']:.2f}x; {prow['kernel']}, "
         f"{selected:.1%} selected, recall {prow.get('calibration', {}).get('recall')})")
     sweep = {}
@@ -175,19 +215,24 @@ def case_opt(args) -> dict:
     dense_cm, t_dense = compile_timed(model, ex, name="opt-125m-like")
     exact_cm, t_exact = compile_timed(model, ex, activation_sparsity="exact", name="opt-125m-like")
     exact = lowered(exact_cm)
+    td = tir_dense(model)
     with torch.no_grad():
         ok, err, allowed = compare_outputs(exact(*ex), model(*ex))
+        td_ok = compare_outputs(td(*ex), model(*ex))[0]
     env = case_env()
-    t = bm.timed({"eager": lambda: model(*ex), "compiled_dense": lambda: dense_cm(*ex), "exact": lambda: exact(*ex)}, args.runs, 3)
+    t = bm.timed({"eager": lambda: model(*ex), "compiled_dense": lambda: dense_cm(*ex), "tir_dense": lambda: td(*ex),
+                  "exact": lambda: exact(*ex)}, args.runs, 3)
     rows = mlp_rows(exact_cm)
     out = {**env, "config": kw, "times": t, "compile_s": {"dense": t_dense, "exact": t_exact},
            "max_abs_error": err, "allowed": allowed, "ok": ok, "dense_runs": dense_cm.runs,
            "mlp_active_fraction": [r["density"] for r in rows], "mlp_kernels": sorted({r["kernel"] for r in rows}),
            "mlp_layer_speedup": sum(r["dense_us"] for r in rows) / sum(r["chosen_us"] for r in rows),
            "vs_compiled_dense": t["compiled_dense"]["median_ms"] / t["exact"]["median_ms"],
-           "vs_eager": t["eager"]["median_ms"] / t["exact"]["median_ms"]}
+           "vs_eager": t["eager"]["median_ms"] / t["exact"]["median_ms"],
+           "vs_tir_dense": t["tir_dense"]["median_ms"] / t["exact"]["median_ms"], "tir_dense_ok": td_ok}
     log(f"  eager {t['eager']['median_ms']:.2f} ms, compiled dense {t['compiled_dense']['median_ms']:.2f} ms ({dense_cm.runs}), "
-        f"exact {t['exact']['median_ms']:.2f} ms: {out['vs_compiled_dense']:.2f}x vs compiled dense; MLPs {out['mlp_layer_speedup']:.2f}x "
+        f"exact {t['exact']['median_ms']:.2f} ms: {out['vs_compiled_dense']:.2f}x vs compiled dense; TIR dense {t['tir_dense']['median_ms']:.2f} ms "
+        f"({out['vs_tir_dense']:.2f}x); MLPs {out['mlp_layer_speedup']:.2f}x "
         f"(active {min(out['mlp_active_fraction']):.0%}-{max(out['mlp_active_fraction']):.0%})")
     return out
 

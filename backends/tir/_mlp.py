@@ -23,6 +23,11 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
   own active neurons (for rows whose union would be dense).
 - `down_sparse_mv` (M = 1, pruned down weight): like `down_mv`, but each active neuron's row is
   sparse (CSR per range of output columns, one task per range): only its nonzeros are read.
+- `dense_mv` (M = 1): the plain dense product `y = w . x + b`, parallel over blocks of BS rows, R
+  rows at a time: `up_mv` without activation or compaction. Not a compile candidate: bench_mlp
+  runs the dense models on it, so that exact mode is also compared with a model whose every
+  layer reads its weights through the same TIR code (on AMD CPUs torch's MKL GEMV reads at about
+  half the bandwidth of these kernels, which flatters the comparison with torch dense).
 
 Argument conventions: inputs, then weights, then outputs (like `_codegen`).
 """
@@ -122,6 +127,33 @@ for blk in T.parallel(NB):
                      f"                if blk * {BS} + rq * {R} + q < H:\n"
                      f"                    r = T.Bind(blk * {BS} + rq * {R} + q)\n" + _ind(tail, 20))
     body += "    cnt[blk] = c[0]\n"
+    return s + _ind(body, 4)
+
+
+def _dense_mv(p: dict) -> str:
+    """`y = w . x + b` for every row: blocks of BS rows in parallel, R rows per step (the tail of
+    the last block one row at a time)."""
+    V, U, R, BS = p["vec"], p["unroll"], p["rows"], p["bs"]
+    if BS % R:
+        raise SparsecompError(f"dense_mv kernel: block size {BS} must be a multiple of rows {R}")
+    s = _header([("x", "K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"), ("y", "H", "float32")], ["K", "H"])
+    UV = U * V
+    rows = [f"r0 + {q}" for q in range(R)]
+    inner = _dot_rows(V, U, R, rows, "w", "x", "acc")
+    for q in range(R):
+        inner += f"y[{rows[q]}] = {_sum(V, 'acc', q * UV)} + b[{rows[q]}]\n"
+    tail = _dot(V, U, "r", "w", "x", "acc") + f"y[r] = {_sum(V, 'acc')} + b[r]\n"
+    body = f"""
+for blk in T.parallel((H + {BS - 1}) // {BS}):
+    acc = T.alloc_buffer(({R * UV},), "float32")
+    for rq in range({BS // R}):
+        if blk * {BS} + rq * {R} + {R} <= H:
+            r0 = T.Bind(blk * {BS} + rq * {R})
+""" + _ind(inner, 12) + f"""        elif blk * {BS} + rq * {R} < H:
+            for q in range({R}):
+                if blk * {BS} + rq * {R} + q < H:
+                    r = T.Bind(blk * {BS} + rq * {R} + q)
+""" + _ind(tail, 20)
     return s + _ind(body, 4)
 
 
@@ -305,14 +337,17 @@ for pp in {par}(P):
     return s + _ind(body, 4)
 
 
-_GEN = {"up_mv": _up_mv, "gather_up_mv": _gather_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows,
+_GEN = {"up_mv": _up_mv, "dense_mv": _dense_mv, "gather_up_mv": _gather_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows,
         "down_sparse_mv": _down_sparse_mv}
 
 
 def _normalise(kind: str, params: dict) -> dict:
     p = dict(params)
     p.setdefault("vec", _target.vector_width())
-    p.setdefault("unroll", 4 if kind in ("up_mv", "gather_up_mv") else 1)
+    p.setdefault("unroll", {"up_mv": 4, "gather_up_mv": 4, "dense_mv": 2}.get(kind, 1))
+    if kind == "dense_mv":
+        p.setdefault("rows", 4)
+        p.setdefault("bs", 32)
     if kind == "gather_up_mv":
         p.setdefault("rows", 1)
     if kind == "up_mv":

@@ -61,6 +61,23 @@ def test_up_kernel(mlp_kernels, act, gated, bias):
         _close(got, want)
 
 
+def test_dense_mv_kernel(mlp_kernels):
+    """The plain dense GEMV (bench_mlp's TIR-dense reference) on odd shapes: K below and above one
+    unrolled vector step, H not a multiple of the rows per step nor of the block, a zero weight."""
+    g = torch.Generator().manual_seed(2)
+    for k_in, h in ((K, H), (5, 3), (64, 1), (129, 65)):
+        x, w, b = torch.randn(k_in, generator=g), torch.randn(h, k_in, generator=g), torch.randn(h, generator=g)
+        for rows, unroll, bs in ((4, 2, 32), (1, 1, 8), (3, 4, 6)):
+            k = mlp_kernels.build_mlp_kernel("dense_mv", {"rows": rows, "unroll": unroll, "bs": bs})
+            y = torch.full((h,), float("nan"))
+            k(x, w, b, y)
+            _close(y, w @ x + b)
+            k(x, torch.zeros_like(w), b, y)
+            assert torch.equal(y, b)  # a zero weight leaves exactly the bias
+    with pytest.raises(Exception, match="multiple of rows"):
+        mlp_kernels.build_mlp_kernel("dense_mv", {"rows": 3, "bs": 32})
+
+
 def test_gather_and_down_kernels(mlp_kernels):
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(K, generator=g), torch.randn(H, K, generator=g), torch.randn(H, generator=g)
