@@ -367,6 +367,8 @@ def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
             row.update(decision="dense", kernel="aten.linear", reason=f"not rewritten: {why}")
         else:
             row.update({k: v for k, v in d.to_dict().items() if k not in ("layer", "shape", "density")})
+            if not _rewritten:  # a dense layer a backend still lowered (e.g. the torch backend's one-row GEMV)
+                row["reason"] = f"not rewritten: {why}; {d.reason}"
         rows.append(row)
     rows.extend(d.to_dict() for d in by_layer.values())  # decisions of other rewrites (e.g. sparse-mlp)
     return rows
@@ -378,9 +380,9 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
 
     # torch: an all-dense lowered graph only adds call overhead. ORT: its dense path (MLAS) is often
     # faster than eager torch, so it is measured like any lowered model.
-    if backend == "torch" and not any(r["decision"] == "sparse" for r in report.rows):
-        report.end_to_end = {"runs": "eager", "why": "no layer runs sparse; the captured graph would only add call overhead"}
-        report.notes.append("no layer runs sparse: calls go to the original model")
+    if backend == "torch" and not any(r["decision"] == "sparse" or r.get("kernel") == "tir-dense-mv" for r in report.rows):
+        report.end_to_end = {"runs": "eager", "why": "no layer runs sparse or on a TIR kernel; the captured graph would only add call overhead"}
+        report.notes.append("no layer runs sparse or on a TIR kernel: calls go to the original model")
         return CompiledModel(gm, report, backend, eager=model)
     args, kwargs = example
     with torch.no_grad():

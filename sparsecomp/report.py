@@ -182,6 +182,7 @@ class CompileReport:
         chosen_us = sum(r["chosen_us"] for r in self.rows if r.get("chosen_us"))
         return {"schema": SCHEMA_VERSION, "model": self.model, "backend": self.backend, "pipeline": self.pipeline,
                 "summary": {"layers": len(self.rows), "sparse": sum(r["decision"] == "sparse" for r in self.rows),
+                            "dense_on_tir_gemv": sum(r.get("kernel") == "tir-dense-mv" for r in self.rows),
                             "measured_dense_us": dense_us, "measured_chosen_us": chosen_us,
                             "layer_speedup": dense_us / chosen_us if chosen_us else None},
                 "layers": self.rows, "verify": self.verify, "end_to_end": self.end_to_end, "cache": self.cache,
@@ -208,6 +209,8 @@ class CompileReport:
         yield self.table()
         s = self.to_dict()["summary"]
         line = f"{s['sparse']}/{s['layers']} layers sparse"
+        if s["dense_on_tir_gemv"]:
+            line += f", {s['dense_on_tir_gemv']} dense one-row layers on the TIR GEMV"
         if s["layer_speedup"]:
             line += f"; measured layer time {s['measured_dense_us'] / 1e3:.2f} ms dense -> {s['measured_chosen_us'] / 1e3:.2f} ms ({s['layer_speedup']:.2f}x)"
         yield line

@@ -1,0 +1,102 @@
+"""The torch backend's one-row dense lowering (`backends/torch/dense.py`): dense Linear layers that
+see one row per call move to the TIR GEMV only where it measures faster than torch's.
+
+The timing is replaced by a fake in the tests that assert which way a layer goes (a real
+measurement on a shared 2-core machine could go either way); numbers are checked against eager at
+one row (the TIR kernel) and at other row counts (`F.linear` on the same weight).
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("tvm")
+
+import sparsecomp as sc  # noqa: E402
+from sparsecomp.api import CompiledModel  # noqa: E402
+from sparsecomp.backends.torch import TirDenseLinear  # noqa: E402
+from sparsecomp.backends.torch import dense as dense_lowering  # noqa: E402
+from sparsecomp.ir import compare_outputs  # noqa: E402
+from sparsecomp.timing import Measurement  # noqa: E402
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(37, 203), nn.ReLU(), nn.Linear(203, 29, bias=False)).eval()  # odd on purpose
+    with torch.no_grad():
+        m[0].weight[7].zero_()  # an all-zero row
+    return m
+
+
+def fake_timing(monkeypatch, tir_us: float, dense_us: float = 100.0):
+    calls = []
+
+    def compare(cands, **_kw):
+        calls.append(sorted(cands))
+        for fn in cands.values():
+            fn()  # the candidates still run (they must not fail)
+        return {k: Measurement((tir_us if k == dense_lowering.KERNEL else dense_us) * 1e-6, 20) for k in cands}
+
+    monkeypatch.setattr(dense_lowering, "compare", compare)
+    return calls
+
+
+def lowered_modules(cm):
+    return [m for m in cm.gm.modules() if isinstance(m, TirDenseLinear)]
+
+
+def test_one_row_layers_move_to_the_tir_gemv_when_it_wins(monkeypatch, tmp_path):
+    calls = fake_timing(monkeypatch, tir_us=50.0)
+    m = mlp()
+    cm = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))
+    assert len(lowered_modules(cm)) == 2
+    assert not [n for n in cm.gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(calls) == 2  # two weight shapes, one timing each
+    assert cm.report.to_dict()["summary"]["dense_on_tir_gemv"] == 2 and "2 dense one-row layers on the TIR GEMV" in str(cm.report)
+    rows = {r["layer"]: r for r in cm.report.rows}
+    for layer in ("0", "2"):
+        assert rows[layer]["kernel"] == "tir-dense-mv" and rows[layer]["decision"] == "dense"
+        assert "not rewritten" in rows[layer]["reason"] and "2.00x faster than torch's" in rows[layer]["reason"]
+    lowered = CompiledModel(cm.gm, cm.report, "torch")  # the lowered graph, whatever end-to-end timing chose
+    for x in (torch.randn(1, 37), torch.zeros(1, 37), torch.randn(3, 37), torch.randn(64, 37)):
+        ok, err, allowed = compare_outputs(lowered(x), m(x))
+        assert ok, (x.shape, err, allowed)
+    with pytest.raises(sc.SparsecompError, match="float32 CPU inputs"):
+        lowered_modules(cm)[0](torch.randn(1, 37, dtype=torch.float64))
+    # the decision is cached: a second compile times nothing
+    cm2 = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))
+    assert len(calls) == 2 and len(lowered_modules(cm2)) == 2
+    assert all(r["cached"] for r in cm2.report.rows)
+
+
+def test_torch_gemv_kept_unless_the_tir_one_wins_by_the_margin(monkeypatch, tmp_path):
+    fake_timing(monkeypatch, tir_us=100.0 / dense_lowering.MARGIN * 1.01)  # faster, but under the margin
+    m = mlp()
+    cm = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))
+    assert not lowered_modules(cm)
+    assert len([n for n in cm.gm.graph.nodes if n.target is torch.ops.aten.linear.default]) == 2
+    assert all(r["kernel"] == "dense" and "torch's GEMV kept" in r["reason"] for r in cm.report.rows)
+    assert cm.runs == "eager"  # nothing lowered: calls go to the model itself
+
+
+def test_what_is_not_lowered(monkeypatch, tmp_path):
+    calls = fake_timing(monkeypatch, tir_us=1.0)
+    m = mlp()
+    # several rows per call: the GEMM stays torch's, and nothing is timed
+    cm = sc.compile(m, (torch.randn(4, 37),), cache_dir=str(tmp_path))
+    assert not lowered_modules(cm) and not calls
+    assert all(r["reason"].startswith("not rewritten") and "one row" not in r["reason"] for r in cm.report.rows)
+
+    class Computed(nn.Module):  # a weight computed at run time is not a constant: not a Linear site
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(29, 37))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w * 2.0)
+
+    cm = sc.compile(Computed().eval(), (torch.randn(1, 37),), cache_dir=str(tmp_path))
+    assert not lowered_modules(cm) and not calls
+    # a debugging kernel set without the TIR GEMV leaves dense layers alone
+    cm = sc.compile(mlp(), (torch.randn(1, 37),), cache_dir=str(tmp_path), kernels="dense")
+    assert not lowered_modules(cm) and not calls
