@@ -78,7 +78,8 @@ def _sites(gm: fx.GraphModule):
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if bias is not None and site.bias_target is None:
             continue  # a bias computed at run time
-        if site.weight(gm).dtype != torch.float32 or site.weight(gm).dim() != 2:
+        w = site.weight(gm)
+        if w.dtype != torch.float32 or w.dim() != 2:
             continue
         out.append(site)
     return out
@@ -96,7 +97,7 @@ def lower_dense_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache
     inputs = record_inputs(gm, [s.node for s in sites], example)
     kernel = None
     decisions: list[LayerDecision] = []
-    by_shape: dict[tuple, dict] = {}  # one timing per weight shape: later layers of it follow the first
+    by_shape: dict[tuple, tuple[dict, bool]] = {}  # one timing per weight shape: later layers follow the first
     for i, site in enumerate(sites):
         node, x = site.node, inputs[site.node]
         if x.dtype != torch.float32 or x.dim() == 0 or x.numel() != x.shape[-1]:
@@ -116,7 +117,7 @@ def lower_dense_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache
             entry = {"kernel": "dense", "dense_us": float("nan"), "chosen_us": float("nan"), "measured": {}}
             notes.append(f"{KERNEL} dropped: max abs error {err:.3g} > {allowed:.3g}")
         elif shape in by_shape:
-            entry = by_shape[shape]
+            entry, cached = by_shape[shape]
             notes.append("decided by an earlier layer of this shape")
         else:
             key = cache.key(op="dense_linear", shape=list(shape), m=1, dtype="float32", bias=b is not None,
@@ -132,7 +133,7 @@ def lower_dense_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache
                 entry = {"kernel": best, "dense_us": measured["dense"], "chosen_us": measured[best], "measured": measured}
                 if cache is not None:
                     cache.put(key, entry)
-            by_shape[shape] = entry
+            by_shape[shape] = (entry, cached)
         dense_us, chosen_us = entry["dense_us"], entry["chosen_us"]
         if entry["kernel"] == KERNEL:
             reason = f"one row per call: the TIR GEMV measured {dense_us / chosen_us:.2f}x faster than torch's"

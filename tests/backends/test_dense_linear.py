@@ -100,3 +100,18 @@ def test_what_is_not_lowered(monkeypatch, tmp_path):
     # a debugging kernel set without the TIR GEMV leaves dense layers alone
     cm = sc.compile(mlp(), (torch.randn(1, 37),), cache_dir=str(tmp_path), kernels="dense")
     assert not lowered_modules(cm) and not calls
+
+
+def test_layers_of_one_shape_share_one_timing(monkeypatch, tmp_path):
+    calls = fake_timing(monkeypatch, tir_us=50.0)
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(37, 37), nn.ReLU(), nn.Linear(37, 37)).eval()
+    cm = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))
+    assert len(calls) == 1 and len(lowered_modules(cm)) == 2
+    rows = cm.report.rows
+    assert "decided by an earlier layer of this shape" in rows[1]["reason"] and "earlier layer" not in rows[0]["reason"]
+    x = torch.randn(1, 37)
+    ok, err, allowed = compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))
+    assert ok, (err, allowed)
+    cm2 = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))  # from the cache: both rows say so
+    assert len(calls) == 1 and all(r["cached"] for r in cm2.report.rows)
