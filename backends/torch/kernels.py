@@ -69,6 +69,17 @@ def _torch_csr(weight, bias) -> Runner:
     return run
 
 
+DENSE_TIR = "tir-dense-mv"
+
+
+def _tir_dense(weight, bias) -> Runner:
+    from sparsecomp.backends.tir import _mlp
+
+    from .dense import TirDenseLinear
+
+    return TirDenseLinear("", weight, bias, _mlp.build_mlp_kernel("dense_mv"))
+
+
 def tir_available() -> bool:
     try:
         from sparsecomp.backends import tir
@@ -105,6 +116,8 @@ def candidates(weight: torch.Tensor, m: int, *, use_tir: bool = True, only: set[
     cands = [Candidate("dense", "dense", {}, _dense), Candidate("torch-csr", "csr", {}, _torch_csr)]
     wants_tir = only is None or any(name.startswith("tir-") for name in only)
     if use_tir and wants_tir and tir_available():
+        if m == 1:  # the dense GEMV on TIR (`dense.py`): for a layer whose zeros do not pay at one row
+            cands.append(Candidate(DENSE_TIR, "dense-tir", {}, _tir_dense))
         cands += _tir_candidates(weight, m, exhaustive)
     if only is not None:
         cands = [c for c in cands if c.name in only]

@@ -115,3 +115,37 @@ def test_layers_of_one_shape_share_one_timing(monkeypatch, tmp_path):
     assert ok, (err, allowed)
     cm2 = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))  # from the cache: both rows say so
     assert len(calls) == 1 and all(r["cached"] for r in cm2.report.rows)
+
+
+def test_a_sparse_layer_whose_zeros_do_not_pay_may_take_the_tir_gemv(monkeypatch, tmp_path):
+    """A `sparse_linear` layer at one row has the TIR GEMV among its candidates (a 50% layer
+    whose sparse kernels lose to dense); it reports as dense, on that kernel."""
+    from sparsecomp import patterns
+    from sparsecomp.backends.torch import SparseLinear
+    from sparsecomp.backends.torch import lowering
+
+    def compare(cands, **_kw):
+        for fn in cands.values():
+            fn()
+        return {k: Measurement((50.0 if k == dense_lowering.KERNEL else 100.0) * 1e-6, 20) for k in cands}
+
+    monkeypatch.setattr(lowering, "compare", compare)
+    fake_timing(monkeypatch, tir_us=50.0)
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(96, 160), nn.ReLU(), nn.Linear(160, 29)).eval()
+    patterns.impose(m, "unstructured:0.5", "0")
+    cm = sc.compile(m, (torch.randn(1, 96),), cache_dir=str(tmp_path), kernels=f"dense,torch-csr,{dense_lowering.KERNEL}")
+    rows = {r["layer"]: r for r in cm.report.rows}
+    assert rows["0"]["kernel"] == dense_lowering.KERNEL and rows["0"]["decision"] == "dense"
+    assert "the zeros do not pay at one row" in rows["0"]["reason"]
+    assert rows["2"]["kernel"] == dense_lowering.KERNEL and "not rewritten" in rows["2"]["reason"]
+    assert [type(mm).__name__ for mm in cm.gm.modules() if isinstance(mm, (SparseLinear, TirDenseLinear))].count("SparseLinear") == 1
+    lowered = CompiledModel(cm.gm, cm.report, "torch")
+    for x in (torch.randn(1, 96), torch.randn(5, 96)):
+        ok, err, allowed = compare_outputs(lowered(x), m(x))
+        assert ok, (x.shape, err, allowed)
+    # under the margin, the layer stays on torch's GEMV
+    monkeypatch.setattr(lowering, "compare", lambda cands, **_kw: {
+        k: Measurement((100.0 / dense_lowering.MARGIN * 1.01 if k == dense_lowering.KERNEL else 100.0) * 1e-6, 20) for k in cands})
+    cm = sc.compile(m, (torch.randn(1, 96),), cache_dir=str(tmp_path / "other"), kernels=f"dense,{dense_lowering.KERNEL}")
+    assert {r["layer"]: r for r in cm.report.rows}["0"]["kernel"] == "dense"
