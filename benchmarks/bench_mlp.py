@@ -78,38 +78,22 @@ def lowered(cm) -> CompiledModel:
     return CompiledModel(cm.gm, cm.report, cm.backend)
 
 
-class TirDenseLinear(torch.nn.Module):
-    """An nn.Linear whose one-row calls run the TIR dense GEMV (`dense_mv`), other calls F.linear."""
-
-    def __init__(self, lin: torch.nn.Linear, kernel):
-        super().__init__()
-        self.w = lin.weight.detach().float().contiguous()
-        self.b = (lin.bias.detach().float() if lin.bias is not None else torch.zeros(self.w.shape[0])).contiguous()
-        self.k = kernel
-
-    def forward(self, x):
-        if x.numel() != x.shape[-1]:
-            return F.linear(x, self.w, self.b)
-        y = torch.empty(self.w.shape[0])
-        self.k(x.reshape(-1).contiguous(), self.w, self.b, y)
-        return y.reshape(*x.shape[:-1], -1)
-
-
 def tir_dense(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` with every nn.Linear on the TIR dense GEMV at M = 1: the dense reference
     that reads its weights through the same kind of TIR code as exact mode. exact vs this is the
-    gain of skipping inactive neurons alone; exact vs compiled dense (torch's GEMV: MKL, which on
-    AMD CPUs reads at about half the bandwidth of these kernels) also counts the kernels' own edge."""
+    gain of skipping inactive neurons alone. Unlike compile's dense lowering (`backends/torch/
+    dense.py`, the same module), every layer is moved, whatever the timing says."""
     import copy
 
     from sparsecomp.backends.tir import _mlp
+    from sparsecomp.backends.torch import TirDenseLinear
 
     k = _mlp.build_mlp_kernel("dense_mv")
     out = copy.deepcopy(model)
-    for mod in list(out.modules()):
+    for mname, mod in list(out.named_modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear):
-                setattr(mod, name, TirDenseLinear(child, k))
+                setattr(mod, name, TirDenseLinear(f"{mname}.{name}".lstrip("."), child.weight, child.bias, k))
     return out
 
 

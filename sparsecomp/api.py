@@ -15,6 +15,7 @@ from sparsecomp.errors import NotYetAvailableError, SparsecompError
 from sparsecomp import omp
 from sparsecomp.pass_manager import Instrument, PassContext, PassManager
 from sparsecomp.ir import normalize_inputs
+from sparsecomp.lowering import TIR_GEMV
 from sparsecomp.report import CompileReport, SparsityReport
 from sparsecomp.timing import OthersCpu
 
@@ -380,7 +381,7 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
 
     # torch: an all-dense lowered graph only adds call overhead. ORT: its dense path (MLAS) is often
     # faster than eager torch, so it is measured like any lowered model.
-    if backend == "torch" and not any(r["decision"] == "sparse" or r.get("kernel") == "tir-dense-mv" for r in report.rows):
+    if backend == "torch" and not any(r["decision"] == "sparse" or r.get("kernel") == TIR_GEMV for r in report.rows):
         report.end_to_end = {"runs": "eager", "why": "no layer runs sparse or on a TIR kernel; the captured graph would only add call overhead"}
         report.notes.append("no layer runs sparse or on a TIR kernel: calls go to the original model")
         return CompiledModel(gm, report, backend, eager=model)

@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["LayerDecision", "Lowered", "MLPDecision"]
+__all__ = ["LayerDecision", "Lowered", "MLPDecision", "TIR_GEMV"]
+
+# The kernel label of a dense layer a backend runs on its compiled GEMV instead of the graph's own
+# op (torch backend, one row per call). Such a row is "dense" yet lowered: the face and the report
+# count it apart from the layers left on torch.
+TIR_GEMV = "tir-dense-mv"
 
 
 @dataclass

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparsecomp.lowering import TIR_GEMV
+
 __all__ = ["SparsityReport", "CompileReport", "describe_pattern", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
@@ -182,7 +184,7 @@ class CompileReport:
         chosen_us = sum(r["chosen_us"] for r in self.rows if r.get("chosen_us"))
         return {"schema": SCHEMA_VERSION, "model": self.model, "backend": self.backend, "pipeline": self.pipeline,
                 "summary": {"layers": len(self.rows), "sparse": sum(r["decision"] == "sparse" for r in self.rows),
-                            "dense_on_tir_gemv": sum(r.get("kernel") == "tir-dense-mv" for r in self.rows),
+                            "dense_on_tir_gemv": sum(r.get("kernel") == TIR_GEMV for r in self.rows),
                             "measured_dense_us": dense_us, "measured_chosen_us": chosen_us,
                             "layer_speedup": dense_us / chosen_us if chosen_us else None},
                 "layers": self.rows, "verify": self.verify, "end_to_end": self.end_to_end, "cache": self.cache,

@@ -24,10 +24,9 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
 - `down_sparse_mv` (M = 1, pruned down weight): like `down_mv`, but each active neuron's row is
   sparse (CSR per range of output columns, one task per range): only its nonzeros are read.
 - `dense_mv` (M = 1): the plain dense product `y = w . x + b`, parallel over blocks of BS rows, R
-  rows at a time: `up_mv` without activation or compaction. Not a compile candidate: bench_mlp
-  runs the dense models on it, so that exact mode is also compared with a model whose every
-  layer reads its weights through the same TIR code (on AMD CPUs torch's MKL GEMV reads at about
-  half the bandwidth of these kernels, which flatters the comparison with torch dense).
+  rows at a time: `up_mv` without activation or compaction. The torch backend times it against
+  torch's GEMV for one-row layers (`backends/torch/dense.py`; on AMD CPUs MKL's GEMV reads at
+  about half the bandwidth of these kernels), and bench_mlp's TIR-dense reference runs on it.
 
 Argument conventions: inputs, then weights, then outputs (like `_codegen`).
 """

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecomp import patterns
+from sparsecomp.lowering import TIR_GEMV
 
 __all__ = ["Candidate", "candidates", "tir_available"]
 
@@ -69,9 +70,6 @@ def _torch_csr(weight, bias) -> Runner:
     return run
 
 
-DENSE_TIR = "tir-dense-mv"
-
-
 def _tir_dense(weight, bias) -> Runner:
     from sparsecomp.backends.tir import _mlp
 
@@ -117,7 +115,7 @@ def candidates(weight: torch.Tensor, m: int, *, use_tir: bool = True, only: set[
     wants_tir = only is None or any(name.startswith("tir-") for name in only)
     if use_tir and wants_tir and tir_available():
         if m == 1:  # the dense GEMV on TIR (`dense.py`): for a layer whose zeros do not pay at one row
-            cands.append(Candidate(DENSE_TIR, "dense-tir", {}, _tir_dense))
+            cands.append(Candidate(TIR_GEMV, "dense-tir", {}, _tir_dense))
         cands += _tir_candidates(weight, m, exhaustive)
     if only is not None:
         cands = [c for c in cands if c.name in only]

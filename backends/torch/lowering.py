@@ -30,11 +30,11 @@ from sparsecomp.cache import DecisionCache, pattern_hash
 from sparsecomp.dialect import sparse_linear_args
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, record_inputs
-from sparsecomp.lowering import LayerDecision
+from sparsecomp.lowering import TIR_GEMV, LayerDecision
 from sparsecomp.timing import compare
 
 from .dense import MARGIN as DENSE_MARGIN
-from .kernels import DENSE_TIR, Candidate, candidates
+from .kernels import Candidate, candidates
 
 __all__ = ["CANDIDATE_SET_VERSION", "KernelChoice", "LayerDecision", "SparseLinear", "choose_kernel", "lower_sparse_linear"]
 
@@ -160,8 +160,8 @@ def choose_kernel(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
             raise SparsecompError(f"layer {layer}: no candidate kernel could run it ({'; '.join(notes)})",
                                   hint="include 'dense' among the kernels")
         best = min(measured, key=measured.get)
-        if best == DENSE_TIR and "dense" in measured and measured[best] * DENSE_MARGIN >= measured["dense"]:
-            best = min((k for k in measured if k != DENSE_TIR), key=measured.get)  # as in dense.py: must win by the margin
+        if best == TIR_GEMV and "dense" in measured and measured[best] * DENSE_MARGIN >= measured["dense"]:
+            best = min((k for k in measured if k != TIR_GEMV), key=measured.get)  # as in dense.py: must win by the margin
         chosen = by_label[best]
         if family not in shortlists:
             shortlists[family] = sorted((k for k in measured if k != "dense"), key=measured.get)[:SHORTLIST]
