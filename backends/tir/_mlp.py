@@ -11,6 +11,9 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
 - `gather_up_mv` (M = 1, predictor mode): the pre-activations of the selected neurons only,
   `u[t] = w[idx[t]] . x + b[idx[t]]` (rows of the up weight are contiguous), parallel over
   groups of `rows` selected neurons.
+- `pred_up_mv` (M = 1, predictor mode, ReLU family, not gated): per block of neurons, the
+  predictor's scores from its rank vector z, the selected neurons' up rows only, and the nonzero
+  activations compacted into `hc` / `idx` / `cnt` as `up_mv` writes them.
 - `down_mv` (M = 1): `y = b + sum_t hc[t] * wdt[idx[t], :]`. The active neurons are split over P
   tasks; each task streams its neurons' whole rows (R at a time) into a partial sum part[p, :]
   (L1/L2 resident), then a parallel pass adds the partials and the bias. Measured (2048x8192,
@@ -48,19 +51,19 @@ ACTIVATIONS = {
     "relu2": "T.max({s}, T.float32(0)) * T.max({s}, T.float32(0))",
 }
 
-def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str) -> str:
+def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str, K: str = "K") -> str:
     """acc[r*U*V:(r+1)*U*V] = partial sums of w[rows[r], :] . x for R rows at once (x loaded once
     per step for all R rows: R streams in flight, R*U independent FMA chains); then each row's
-    partials folded into acc[r*U*V : r*U*V + V]."""
+    partials folded into acc[r*U*V : r*U*V + V]. `K`: the name of the row length."""
     UV = U * V
     s = f"for v in T.vectorized({R * UV}):\n    {acc}[v] = T.float32(0)\n"
-    s += f"for kb in range(K // {UV}):\n"
+    s += f"for kb in range({K} // {UV}):\n"
     for u in range(U):
         for r in range(R):
             o = r * UV + u * V
             s += (f"    for v in T.vectorized({V}):\n"
                   f"        {acc}[{o} + v] = {acc}[{o} + v] + {w}[{rows[r]}, kb * {UV} + {u * V} + v] * {x}[kb * {UV} + {u * V} + v]\n")
-    s += f"for k in range(K // {UV} * {UV}, K):\n"
+    s += f"for k in range({K} // {UV} * {UV}, {K}):\n"
     for r in range(R):
         s += f"    {acc}[{r * UV}] = {acc}[{r * UV}] + {w}[{rows[r]}, k] * {x}[k]\n"
     if U > 1:
@@ -70,8 +73,8 @@ def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str)
     return s
 
 
-def _dot(V: int, U: int, row: str, w: str, x: str, acc: str) -> str:
-    return _dot_rows(V, U, 1, [row], w, x, acc)
+def _dot(V: int, U: int, row: str, w: str, x: str, acc: str, K: str = "K") -> str:
+    return _dot_rows(V, U, 1, [row], w, x, acc, K)
 
 
 def _sum(V: int, acc: str, base: int = 0) -> str:
@@ -179,6 +182,65 @@ for tb in T.parallel((L + {R - 1}) // {R}):
     if R > 1:
         tail = _dot(V, U, "jt", "w", "x", "acc") + f"u[t] = {_sum(V, 'acc')} + b[jt]\n"
         body += (f"    else:\n        for t in range(tb * {R}, L):\n            jt = T.Bind(idx[t])\n" + _ind(tail, 12))
+    return s + _ind(body, 4)
+
+
+def _pred_up_mv(p: dict) -> str:
+    """M = 1, predictor mode (ReLU family, not gated), one kernel from the predictor's rank vector
+    to the compact active list: parallel over blocks of BS neurons, each block (1) scores its
+    neurons, `s[r] = (bp[r] . z + pb[r]) * scale[r]` (bp = the predictor's [H, RK] factor, rows
+    contiguous; z = pred_a . x, RK long), and lists those with `s > thr` in `idx[blk, :]`; then
+    (2) computes the up rows of the listed neurons only, R at a time (R streams in flight), and
+    keeps those whose activation is nonzero, compacted in place into `hc` / `idx` / `cnt`, so the
+    down kernel never reads the row of a selected neuron that came out zero. In place is safe:
+    step t reads its R indices before it writes, and the write position never passes t * R."""
+    V, U, SU, BS, act, R, SR = p["vec"], p["unroll"], p["score_unroll"], p["bs"], p["act"], p["rows"], p["score_rows"]
+    if act not in ACTIVATIONS:
+        raise SparsecompError(f"the predictor up kernel has no activation {act!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
+    if BS % SR:
+        raise SparsecompError(f"predictor up kernel: block size {BS} must be a multiple of score rows {SR}")
+    s = _header([("z", "RK", "float32"), ("bp", "H, RK", "float32"), ("pb", "H", "float32"), ("scale", "H", "float32"),
+                 ("thr", "H", "float32"), ("x", "K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"),
+                 ("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32")],
+                ["RK", "H", "K", "NB", "BS"])
+    a = ACTIVATIONS[act]
+    SUV, UV = SU * V, U * V
+
+    def select(row: str, q: int) -> str:
+        return (f"if ({_sum(V, 'sacc', q * SUV)} + pb[{row}]) * scale[{row}] > thr[{row}]:\n"
+                f"    idx[blk, c[0]] = {row}\n    c[0] = c[0] + 1\n")
+
+    rows = [f"r0 + {q}" for q in range(SR)]
+    score = _dot_rows(V, SU, SR, rows, "bp", "z", "sacc", "RK") + "".join(select(rows[q], q) for q in range(SR))
+    tail = _dot(V, SU, "r", "bp", "z", "sacc", "RK") + select("r", 0)
+    body = f"""
+for blk in T.parallel(NB):
+    sacc = T.alloc_buffer(({SR * SUV},), "float32")
+    acc = T.alloc_buffer(({R * UV},), "float32")
+    c = T.alloc_buffer((2,), "int32")
+    c[0] = 0
+    for rq in range({BS // SR}):
+        if blk * {BS} + rq * {SR} + {SR} <= H:
+            r0 = T.Bind(blk * {BS} + rq * {SR})
+""" + _ind(score, 12)
+    if SR > 1:
+        body += (f"        elif blk * {BS} + rq * {SR} < H:\n            for q in range({SR}):\n"
+                 f"                if blk * {BS} + rq * {SR} + q < H:\n"
+                 f"                    r = T.Bind(blk * {BS} + rq * {SR} + q)\n" + _ind(tail, 20))
+    js = [f"j{q}" for q in range(R)]
+
+    def keep(j: str, q: int, base: int) -> str:
+        return (f"hv{q} = T.Bind({a.format(s='(' + _sum(V, 'acc', base) + ' + b[' + j + '])')})\n"
+                f"if hv{q} != T.float32(0):\n    hc[blk, c[1]] = hv{q}\n    idx[blk, c[1]] = {j}\n    c[1] = c[1] + 1\n")
+
+    up = "".join(f"j{q} = T.Bind(idx[blk, tb * {R} + {q}])\n" for q in range(R))
+    up += _dot_rows(V, U, R, js, "w", "x", "acc") + "".join(keep(js[q], q, q * UV) for q in range(R))
+    up_tail = "jt = T.Bind(idx[blk, t])\n" + _dot(V, U, "jt", "w", "x", "acc") + keep("jt", 0, 0)
+    body += f"""    n = T.Bind(c[0])
+    c[1] = 0
+    for tb in range(n // {R}):
+""" + _ind(up, 8) + f"""    for t in range(n // {R} * {R}, n):
+""" + _ind(up_tail, 8) + "    cnt[blk] = c[1]\n"
     return s + _ind(body, 4)
 
 
@@ -336,7 +398,7 @@ for pp in {par}(P):
     return s + _ind(body, 4)
 
 
-_GEN = {"up_mv": _up_mv, "dense_mv": _dense_mv, "gather_up_mv": _gather_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows,
+_GEN = {"up_mv": _up_mv, "dense_mv": _dense_mv, "gather_up_mv": _gather_up_mv, "pred_up_mv": _pred_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows,
         "down_sparse_mv": _down_sparse_mv}
 
 
@@ -349,6 +411,13 @@ def _normalise(kind: str, params: dict) -> dict:
         p.setdefault("bs", 32)
     if kind == "gather_up_mv":
         p.setdefault("rows", 1)
+    if kind == "pred_up_mv":
+        p.setdefault("bs", 64)
+        p.setdefault("act", "relu")
+        p.setdefault("rows", 4)
+        p.setdefault("unroll", 1)
+        p.setdefault("score_rows", 4)
+        p.setdefault("score_unroll", 2)
     if kind == "up_mv":
         p.setdefault("bs", 64)
         p.setdefault("gated", False)

@@ -16,10 +16,16 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
   the threshold cannot flip), then the TIR down kernel on the kept neurons.
 - M = 1, predictor mode: the low-rank predictor and the keep-mask in torch (same calls as the
   reference), then the TIR gather kernel computes the up (and gate) pre-activations of the kept
-  neurons only, and the TIR down kernel reads their down rows: both projections skip.
+  neurons only, and the TIR down kernel reads their down rows: both projections skip. For a
+  non-gated ReLU-family MLP, also `tir-predictor`: the predictor, the selection, the kept up rows
+  and the compaction of the nonzero ones all in TIR (torch's GEMVs and `nonzero` cost more than
+  the skipped work saves at this size); its scores round differently from the reference's, so a
+  neuron whose score is within rounding of its threshold may be kept by one and not the other.
 - Each M = 1 strategy comes twice: with the down kernel on TVM's thread pool and on the calling
   thread (`serial-down`): with few active rows, or on a busy machine, waking the pool's sleeping
-  workers (twice per call) can cost more than the work.
+  workers (twice per call) can cost more than the work. The serial variant is a candidate only
+  while the down rows it reads are few (`SERIAL_DOWN_MAX_BYTES`): one thread cannot draw the
+  machine's read bandwidth from a cold weight.
 - Pruned MLPs (exact mode, a weight at most `PRUNED_DENSITY` nonzero): both sparsities at once.
   Each projection first gets its own measured sparse-linear kernel (`lowering.choose_kernel`,
   cached like any sparse_linear decision); then `pruned-mv` (M = 1: up on its kernel, the active
@@ -62,6 +68,12 @@ CANDIDATE_SET_VERSION = 5  # bump when kernels or strategies change: cached deci
 # every neuron active, is predicted at most 85% of dense. Without the margin, the quiet bench_mlp
 # sweep ran the union at 56% density (crossover 59%) at M = 8 and measured 0.83x of dense.
 CROSSOVER_MARGIN = 0.85
+# The serial down kernel (one thread) is a candidate only when the down rows a call reads fit in
+# this many bytes. Above it the parallel kernel wins cold, yet the back-to-back compile-time timing
+# (the rows partly in cache) could not tell them apart: on the bench_mlp FFN (2048 x 8192, 10%
+# active: 6.7 MB of rows) the timing picked serial in 2 of 3 compiles, which then measured 1.2x
+# slower end to end (pipeline 2.83 vs 2.33 ms, interleaved, pools idle between calls).
+SERIAL_DOWN_MAX_BYTES = 2 << 20
 EXACT_ACTIVATIONS = ("relu", "relu6", "relu2")  # the TIR up kernel's activations
 _ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activation", "mode", "threshold", "scale",
          "pred_a", "pred_bt")
@@ -231,6 +243,45 @@ class _PredictorMV(_Strategy):
         else:
             h = self.w.act(u)
         return self.down.flat(h, idx).reshape(1, -1)
+
+
+class _TirPredictorMV(_Strategy):
+    """M = 1, predictor mode, ReLU family, not gated: the whole selection in TIR. `dense_mv` makes
+    the predictor's rank vector z = pred_a . x; `pred_up_mv` scores each neuron from z, computes
+    the up rows of the selected ones only and keeps those that come out nonzero (compacted per
+    block); the TIR down kernel reads only those rows. Against `_PredictorMV` (mask in torch) it
+    saves torch's slow GEMVs and `nonzero`, and the down rows of selected neurons that are not
+    active. Its scores round differently from the reference's torch calls, so a neuron whose score
+    lies within float rounding of its threshold can be kept by one and dropped by the other: the
+    mask is the predictor's, not the reference's bit for bit (verification on the example input
+    still applies, and drops the candidate if it disagrees there)."""
+
+    def __init__(self, w, rows=4, down_rows=4, parts=4, bs=64, serial=False):
+        from sparsecomp.backends.tir import _mlp
+
+        super().__init__(w)
+        if w.mode != "predictor" or w.gated or w.act_name not in EXACT_ACTIVATIONS:
+            raise SparsecompError(f"the TIR predictor kernel scores ReLU-family, non-gated MLPs only, not {w.act_name}")
+        rk = w.pred_a.shape[0]
+        self.z_kernel = _mlp.build_mlp_kernel("dense_mv", {})
+        self.up = _mlp.build_mlp_kernel("pred_up_mv", {"bs": bs, "rows": rows, "act": w.act_name})
+        self.down = _DownMV(w, parts, down_rows, serial)
+        f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+        self.pred_a, self.bp = f32(w.pred_a), f32(w.pred_bt.t())
+        self.w_up = f32(w.w_up)
+        self.b_up = f32(w.b_up) if w.b_up is not None else torch.zeros(w.H)
+        self.scale = f32(w.scale.expand(w.H)) if w.scale is not None else torch.ones(w.H)
+        self.thr = f32(w.threshold.expand(w.H))
+        self.zero_rk, self.z = torch.zeros(rk), torch.empty(rk)
+        nb = -(-w.H // bs)
+        self.hc, self.idx, self.cnt = torch.empty(nb, bs), torch.empty(nb, bs, dtype=torch.int32), torch.empty(nb, dtype=torch.int32)
+        self.label = f"tir-predictor+{self.down.tag}{{rows={rows}}}"
+
+    def __call__(self, x):
+        x = x.reshape(-1).contiguous()
+        self.z_kernel(x, self.pred_a, self.zero_rk, self.z)
+        self.up(self.z, self.bp, self.b_up, self.scale, self.thr, x, self.w_up, self.b_up, self.hc, self.idx, self.cnt)
+        return self.down.blocks(self.hc, self.idx, self.cnt).reshape(1, -1)
 
 
 class _Union(_Strategy):
@@ -501,17 +552,23 @@ def _op_args(gm: fx.GraphModule, node: fx.Node) -> dict:
     return vals
 
 
-def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None) -> list:
+def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, down_fraction: float = 1.0) -> list:
+    """The M = 1 strategies; `down_fraction`: the share of down rows a call reads (active or
+    selected neurons), which decides whether the serial down kernel is worth timing."""
     out = [lambda: _PrunedLinear(w, pruned)] if pruned is not None else []
     if not use_tir:
         return out
-    # each with the down kernel on the thread pool and on the calling thread (see `_down_mv`)
-    for serial in (False, True):
+    # each with the down kernel on the thread pool and, for few rows, on the calling thread (see `_down_mv`)
+    row_bytes = w.NP * 4 * (float((w.wdt != 0).float().mean()) if pruned is not None else 1.0)  # pruned: nonzeros only
+    serial_ok = down_fraction * w.H * row_bytes <= SERIAL_DOWN_MAX_BYTES
+    for serial in (False, True) if serial_ok else (False,):
         if w.mode == "exact" and w.act_name in EXACT_ACTIVATIONS:
             variants = [(4, 1), (2, 2)] if not w.gated else [(1, 4), (1, 2)]
             out += [lambda r=r, u=u, se=serial: _TirUpMV(w, rows=r, unroll=u, serial=se) for r, u in variants]
         if w.mode == "predictor":  # the gather one selected row at a time, or 4 (more streams in flight)
             out += [lambda se=serial, g=g: _PredictorMV(w, serial=se, gather_rows=g) for g in (1, 4)]
+            if not w.gated and w.act_name in EXACT_ACTIVATIONS:  # the selection itself in TIR
+                out.append(lambda se=serial: _TirPredictorMV(w, serial=se))
         out.append(lambda se=serial: _TorchUpMV(w, serial=se))
         if pruned is not None:
             out.append(lambda se=serial: _PrunedMV(w, pruned, serial=se))
@@ -586,7 +643,12 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
             pruned = _Pruned(w, x, h, layer, cache=cache, max_seconds=max_seconds / 2, min_runs=min_runs, use_tir=use_tir,
                              rtol=rtol, shortlists=linear_shortlists)
             notes.append(pruned.note(w))
-        makers = _mv_candidates(w, use_tir, pruned) if m == 1 else _mm_candidates(w, use_tir, pruned)
+        if m == 1:
+            with torch.no_grad():  # predictor mode reads every selected neuron's row, active or not
+                read = density if w.mode != "predictor" else float(w.keep(x).any(0).float().mean())
+            makers = _mv_candidates(w, use_tir, pruned, read)
+        else:
+            makers = _mm_candidates(w, use_tir, pruned)
         strategies = {"dense": _Strategy(w)}
         for make in makers:
             try:

@@ -61,6 +61,38 @@ def test_up_kernel(mlp_kernels, act, gated, bias):
         _close(got, want)
 
 
+@pytest.mark.parametrize("act", ["relu", "relu6", "relu2"])
+@pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
+def test_predictor_up_kernel(mlp_kernels, act, bias):
+    """pred_up_mv: the neurons the predictor selects (score > threshold), their activations, and
+    only the nonzero ones listed: against the same computation in torch, on odd shapes (rank 1
+    and a rank below one vector, K and H not multiples of anything), all or no neurons selected."""
+    from sparsecomp.dialect import MLP_ACTIVATIONS
+
+    g = torch.Generator().manual_seed(3)
+    for k_in, h, rk in ((K, H, 11), (64, 130, 16), (5, 3, 1)):
+        x, w, b = torch.randn(k_in, generator=g), torch.randn(h, k_in, generator=g), torch.randn(h, generator=g) + bias
+        a, bt = torch.randn(rk, k_in, generator=g), torch.randn(rk, h, generator=g)
+        scale, thr = torch.rand(h, generator=g) + 0.5, torch.randn(h, generator=g) * 0.5
+        z = a @ x
+        keep = (z @ bt + b) * scale > thr
+        want = MLP_ACTIVATIONS[act](w @ x + b) * keep
+        for bs, rows, srows, unroll, sunroll in ((64, 4, 4, 1, 2), (16, 3, 2, 2, 1), (8, 1, 1, 1, 1)):
+            k = mlp_kernels.build_mlp_kernel("pred_up_mv", {"bs": bs, "rows": rows, "score_rows": srows, "unroll": unroll,
+                                                            "score_unroll": sunroll, "act": act})
+            nb = -(-h // bs)
+            hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
+            k(z, bt.t().contiguous(), b, scale, thr, x, w, b, hc, idx, cnt)
+            got = torch.zeros(h)
+            for i in range(nb):
+                got[idx[i, : cnt[i]].long()] = hc[i, : cnt[i]]
+                assert (hc[i, : cnt[i]] != 0).all()  # selected neurons that came out zero are not listed
+            assert int(cnt.sum()) == int((want != 0).sum())
+            _close(got, want)
+    with pytest.raises(Exception, match="score rows"):
+        mlp_kernels.build_mlp_kernel("pred_up_mv", {"bs": 30, "score_rows": 4})
+
+
 def test_dense_mv_kernel(mlp_kernels):
     """The plain dense GEMV (bench_mlp's TIR-dense reference) on odd shapes: K below and above one
     unrolled vector step, H not a multiple of the rows per step nor of the block, a zero weight."""
@@ -215,6 +247,35 @@ def test_lossy_compile_matches_reference(mode, batch, tmp_path):
         for xb in (torch.randn(1, K), torch.randn(4, K)):
             want = mod._w.dense_down(mod._w.hidden(xb))
             _close(mod(xb), want)
+
+
+def test_tir_predictor_strategy(tmp_path):
+    """predictor mode on a plain ReLU MLP forced onto the all-TIR selection: equal to the reference
+    op at batch 1 (its mask may differ only for a score within rounding of the threshold, and these
+    inputs have none), and more rows still take the union path. A gated MLP never gets it."""
+    torch.manual_seed(0)
+    model = Plain(-0.2).eval()
+    cal = [(torch.randn(8, K),) for _ in range(4)]
+    cm = sc.compile(model, (torch.randn(1, K),), activation_sparsity="predictor:0.5", calibration=cal,
+                    kernels="tir-predictor+tir-down", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert cm.report.verify["ok"]
+    (mod,) = _mlp_modules(cm)
+    assert mod.kernel.startswith("tir-predictor+tir-down")
+    s = mod._mv
+    for seed in range(5):
+        x = torch.randn(1, K, generator=torch.Generator().manual_seed(seed))
+        want = mod._w.dense_down(mod._w.hidden(x))
+        _close(mod(x), want)
+        s(x)  # the kernel's list holds exactly the reference's nonzero hidden neurons
+        listed = sorted(int(j) for i in range(s.cnt.numel()) for j in s.idx[i, : s.cnt[i]])
+        assert listed == mod._w.hidden(x)[0].nonzero().reshape(-1).tolist()
+    xb = torch.randn(5, K)
+    _close(mod(xb), mod._w.dense_down(mod._w.hidden(xb)))
+    gated = sc.compile(Gated().eval(), (torch.randn(1, K),), activation_sparsity="predictor:0.5", calibration=cal,
+                       cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    (row,) = [r for r in gated.report.rows if r["pattern"].startswith("mlp")]
+    assert any(k.startswith("predictor+") for k in row["measured"])  # the torch-mask strategies were timed
+    assert not any(k.startswith("tir-predictor") for k in row["measured"]) and not row["kernel"].startswith("tir-predictor")
 
 
 @pytest.mark.parametrize("mode", ["threshold", "predictor"])

@@ -51,6 +51,10 @@ def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
             assert ok, (err, allowed)
     with pytest.raises(SparsecompError, match="compiled for other input shapes"):
         lowered(torch.randn(2, 3, 96))  # another rank: a clear error, not a wrong answer
+    # the per-call pytree structure check is off for speed; a call with other arguments still says why
+    assert cm.gm.validate_inputs is False
+    with pytest.raises(SparsecompError, match="compiled for other inputs"):
+        lowered(x, x)
     assert cm.runs == cm.report.end_to_end["runs"] and cm.report.end_to_end["eager_ms"] > 0
     # the dense copies of lowered weights are freed; the dense layer keeps its weight
     names = {n for n, _ in cm.gm.named_parameters()}
