@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sparsecomp.patterns import impose_pattern  # noqa: E402
-from sparsecomp.timing import read_bandwidth  # noqa: E402
+from sparsecomp.timing import l3_bytes, read_bandwidth  # noqa: E402
 
 THREADS = 2
 
@@ -45,15 +45,6 @@ CASES = {
     "768x3072_m128_u90": dict(N=3072, K=768, M=128, pattern="unstructured:0.9", fmts=["csr"]),
 }
 QUICK_CASES = ["4096x4096_m1_u90", "4096x4096_m16_u90"]
-
-
-def l3_bytes() -> int:
-    try:
-        txt = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        mult = {"K": 1024, "M": 1024**2}.get(txt[-1], 1)
-        return int(txt.rstrip("KM")) * mult
-    except (OSError, ValueError):
-        return 32 * 1024**2
 
 
 def measure_bandwidth(big: torch.Tensor, reps: int = 5) -> float:

@@ -35,13 +35,13 @@ from sparsecomp.dialect import sparse_linear_args
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, record_inputs
 from sparsecomp.lowering import LayerDecision
-from sparsecomp.timing import compare
+from sparsecomp.timing import cold_copies, compare, model_is_cold
 
 from . import kernels as K
 from .export import SPARSE_LINEAR, Placement
 from .runner import session, threads
 
-__all__ = ["CANDIDATE_SET_VERSION", "LinearChoice", "choose_linear", "decide_layers", "layer_model", "model_is_cold", "run_candidate", "time_candidates"]
+__all__ = ["CANDIDATE_SET_VERSION", "LinearChoice", "choose_linear", "decide_layers", "layer_model", "run_candidate", "time_candidates"]
 
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
 SHORTLIST = 2  # sparse kernels kept for later layers of the same shape, M and density
@@ -68,21 +68,6 @@ def layer_model(cand: K.Candidate, x_shape: list[int], opset: int = 20, copies: 
     return helper.make_model(g, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
 
-def l3_bytes() -> int:
-    """The last-level cache size (Linux sysfs), default 32 MiB."""
-    from pathlib import Path
-
-    best = 0
-    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (d / "size").read_text().strip().upper()
-            size = int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
-            best = max(best, size)
-        except (OSError, ValueError, IndexError):
-            continue
-    return best or 32 * 2**20
-
-
 def copies_for(cand: K.Candidate, cold: bool, m: int) -> int:
     """How many copies of a layer to cycle through per timed call so its arrays come from memory,
     not cache, as they do in a model whose weights exceed the last-level cache (a 9 MB dense layer
@@ -91,7 +76,7 @@ def copies_for(cand: K.Candidate, cold: bool, m: int) -> int:
     copies would only multiply the compile time."""
     if not cold or m > COLD_MAX_M:
         return 1
-    return int(min(MAX_COPIES, max(1, -(-2 * l3_bytes() // max(cand.stored_bytes, 1)))))
+    return cold_copies(cand.stored_bytes, MAX_COPIES)
 
 
 MAX_COPIES = 32
@@ -112,11 +97,6 @@ def run_candidate(cand: K.Candidate, x: torch.Tensor, reference: torch.Tensor, o
     if not ok:
         return None, f"max abs error {err:.3g} > {allowed:.3g}"
     return (lambda: sess.run(None, feed)), ""
-
-
-def model_is_cold(gm: fx.GraphModule) -> bool:
-    """Whether the model's weights exceed the last-level cache: then layers are timed cold (copies_for)."""
-    return sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()]) > l3_bytes()
 
 
 def time_candidates(trial: list[K.Candidate], x: torch.Tensor, reference: torch.Tensor, *, opset: int, cold: bool, m: int,

@@ -59,11 +59,12 @@ from sparsecomp.dialect import MLP_ACTIVATIONS, mlp_hidden
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import get_attr_value, output_cosine, record_inputs
 from sparsecomp.lowering import MLPDecision
+from sparsecomp.timing import model_is_cold
 
 from . import kernels as K
 from .export import SPARSE_MLP, Placement
 from .kernels import Candidate, Emitter
-from .lowering import model_is_cold, run_candidate, time_candidates
+from .lowering import run_candidate, time_candidates
 from .runner import threads
 
 __all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "part_records", "plain_dense", "pruned_candidate"]

@@ -69,6 +69,36 @@ def test_one_row_layers_move_to_the_tir_gemv_when_it_wins(monkeypatch, tmp_path)
     assert all(r["cached"] for r in cm2.report.rows)
 
 
+def test_cold_timing_cycles_weight_copies(monkeypatch, tmp_path):
+    """A model whose weights exceed the last-level cache: each timed call runs every copy of the
+    weight (so each is read from memory), the report gives the time per layer call, and cold and
+    hot decisions are cached apart."""
+    runs = []
+
+    def compare(cands, **_kw):
+        for name, fn in cands.items():
+            before = len(runs)
+            fn()
+            runs.append((name, len(runs) - before))
+        return {k: Measurement((150.0 if k == dense_lowering.KERNEL else 300.0) * 1e-6, 20) for k in cands}
+
+    monkeypatch.setattr(dense_lowering, "compare", compare)
+    monkeypatch.setattr(dense_lowering, "cold_copies", lambda nbytes: 3)
+    real_linear, real_forward = dense_lowering.F.linear, TirDenseLinear.forward
+    monkeypatch.setattr(dense_lowering.F, "linear", lambda *a, **k: (runs.append("torch"), real_linear(*a, **k))[1])
+    monkeypatch.setattr(TirDenseLinear, "forward", lambda self, x: (runs.append("tir"), real_forward(self, x))[1])
+    m = mlp()
+    monkeypatch.setattr(dense_lowering, "model_is_cold", lambda gm: True)
+    cold = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))
+    assert ("dense", 3) in runs and (dense_lowering.KERNEL, 3) in runs  # three copies per timed call
+    row = next(r for r in cold.report.rows if r["layer"] == "0")
+    assert row["dense_us"] == pytest.approx(100.0) and row["chosen_us"] == pytest.approx(50.0)  # per copy
+    monkeypatch.setattr(dense_lowering, "model_is_cold", lambda gm: False)
+    runs.clear()
+    hot = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))
+    assert ("dense", 1) in runs and not any(r["cached"] for r in hot.report.rows if r["kernel"] == dense_lowering.KERNEL)
+
+
 def test_torch_gemv_kept_unless_the_tir_one_wins_by_the_margin(monkeypatch, tmp_path):
     fake_timing(monkeypatch, tir_us=100.0 / dense_lowering.MARGIN * 1.01)  # faster, but under the margin
     m = mlp()
