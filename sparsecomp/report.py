@@ -219,7 +219,8 @@ class CompileReport:
         e2e = self.end_to_end or {}
         if "eager_ms" in e2e:
             yield (f"end to end on the example inputs: eager {e2e['eager_ms']:.2f} ms, compiled {e2e['compiled_ms']:.2f} ms "
-                   f"({e2e['eager_ms'] / e2e['compiled_ms']:.2f}x); runs: {e2e['runs']}")
+                   f"({e2e['eager_ms'] / e2e['compiled_ms']:.2f}x{', torch ops on 1 thread' if e2e.get('torch_threads') == 1 else ''}); "
+                   f"runs: {e2e['runs']}")
         if self.verify:
             yield f"verify: {'ok' if self.verify['ok'] else 'FAILED'} (max abs error {self.verify['max_abs_error']:.3g}, allowed {self.verify['allowed']:.3g})"
         for note in self.notes:

@@ -61,6 +61,36 @@ def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
     assert "0.weight" not in names and "4.weight" in names
 
 
+@pytest.mark.parametrize("single_ms,expect", [(5.0, 1), (7.9, None)], ids=["one-thread-wins", "within-margin"])
+def test_torch_ops_thread_count_is_measured(single_ms, expect, tmp_path, monkeypatch):
+    """compile times the lowered graph with torch's own ops on its thread count and on one thread
+    (against eager); one thread is kept only when it wins by the margin, and a call then runs
+    torch's ops on one thread and restores the user's setting afterwards."""
+    import sparsecomp.timing as timing
+    from sparsecomp.timing import Measurement
+
+    fake = {"eager": 10.0, "compiled": 8.0, "compiled, torch ops on 1 thread": single_ms}
+    real = timing.compare
+    monkeypatch.setattr(timing, "compare", lambda cands, **kw: (
+        {k: Measurement(fake[k] * 1e-3, 20) for k in cands} if set(cands) == set(fake) else real(cands, **kw)))
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    patterns.impose(m, "unstructured:0.9")
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: max(before, 2))  # as on a machine with 2+ threads
+    x = torch.randn(4, 96)
+    cm = sc.compile(m, (x,), kernels="torch-csr", use_tir=False, cache_dir=str(tmp_path))
+    assert cm.runs == "compiled" and cm.torch_threads == expect and cm.report.end_to_end["torch_threads"] == expect
+    assert cm.report.end_to_end["compiled_ms"] == pytest.approx(single_ms if expect else 8.0)
+    assert CompiledModel(cm.gm, cm.report, "torch").torch_threads == expect  # a re-wrapped graph keeps the choice
+    set_calls = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (set_calls.append(n), real_set(n))[1])
+    ok, err, allowed = compare_outputs(cm(x), m(x))
+    assert ok, (err, allowed)
+    assert set_calls == ([1, max(before, 2)] if expect == 1 else [])  # one thread for the call, then the setting back
+
+
 def test_measured_choice_is_always_correct(tmp_path):
     m = net(1)
     x = torch.randn(4, 96)
