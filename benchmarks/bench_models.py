@@ -202,17 +202,14 @@ def summarize_compile(cm, compile_s: float) -> dict:
 def timed(cands: dict, runs: int, warmup: int, settle_s: float = SETTLE_S) -> dict:
     """Interleaved medians (ms) with p10/p90; never cut short by time (>= runs rounds).
 
-    Between two contenders the round-robin sleeps `settle_s` (a pseudo-candidate whose time is
-    dropped): ORT's, OpenMP's and TVM's pools spin-wait after a call, and measured here a spinning
-    ORT pool made the next eager torch call 2x slower. The sleep lets them park first.
+    Before every timed call the round sleeps `settle_s` (untimed; `compare`'s `between`), and each
+    round runs the contenders in a new order: ORT's, OpenMP's and TVM's pools spin-wait after a
+    call, and measured here a spinning ORT pool made the next eager torch call 2x slower. The
+    sleep lets them park first.
     """
-    plan: dict = {}
-    for i, (k, fn) in enumerate(cands.items()):
-        plan[k] = fn
-        if settle_s > 0:
-            plan[f"_settle{i}"] = lambda: time.sleep(settle_s)
     with torch.no_grad():
-        res = compare(plan, warmup=warmup, min_runs=runs, max_seconds=float("inf"))
+        res = compare(cands, warmup=warmup, min_runs=runs, max_seconds=float("inf"),
+                      between=(lambda: time.sleep(settle_s)) if settle_s > 0 else None)
     return {k: {"median_ms": m.median * 1e3, "p10_ms": m.p10 * 1e3, "p90_ms": m.p90 * 1e3, "runs": m.runs}
             for k, m in res.items() if k in cands}
 

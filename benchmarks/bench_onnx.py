@@ -100,11 +100,7 @@ def max_rel_err(out, ref) -> float:
 
 
 def timed(cands: dict, runs: int, warmup: int) -> dict:
-    plan = {}
-    for i, (k, fn) in enumerate(cands.items()):
-        plan[k] = fn
-        plan[f"_settle{i}"] = lambda: time.sleep(SETTLE_S)
-    res = compare(plan, warmup=warmup, min_runs=runs, max_seconds=float("inf"))
+    res = compare(cands, warmup=warmup, min_runs=runs, max_seconds=float("inf"), between=lambda: time.sleep(SETTLE_S))
     return {k: {"median_ms": m.median * 1e3, "p10_ms": m.p10 * 1e3, "p90_ms": m.p90 * 1e3, "runs": m.runs}
             for k, m in res.items() if k in cands}
 

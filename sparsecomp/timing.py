@@ -11,6 +11,7 @@ minute to minute) hits every candidate alike.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -62,20 +63,34 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, min_runs: int = 20, mi
 
 
 def compare(candidates: dict[str, Callable[[], object]], *, warmup: int = 2, min_runs: int = 20,
-            max_seconds: float = 2.0) -> dict[str, Measurement]:
+            max_seconds: float = 2.0, between: Callable[[], object] | None = None) -> dict[str, Measurement]:
     """Time candidates interleaved (round-robin) and return each one's median.
 
+    Each round runs the candidates in a new order (seeded shuffle: reproducible), so no candidate
+    always runs right after the same other one: a call runs slower right after some others (one
+    that left torch's OpenMP workers spinning slows the next TVM kernel by up to 2x here), and in a
+    fixed order that cost fell on the same candidate every round (the exact-mode FFN's first TIR
+    variant, always right after torch's dense MLP, measured 14% slower than the second while it is
+    20% faster alone).
+
     Stops after `min_runs` rounds, or earlier when `max_seconds` is spent (at least 3 rounds), so
-    compile-time decisions have a bounded cost.
+    compile-time decisions have a bounded cost. `between`: called (untimed) before every timed
+    call, e.g. a pause that lets spinning thread pools park (benchmarks).
     """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in candidates}
+    items = list(candidates.items())
+    order = random.Random(len(items))
     start = time.perf_counter()
     rounds = 0
     while rounds < min_runs:
-        for name, fn in candidates.items():
+        if rounds:
+            order.shuffle(items)
+        for name, fn in items:
+            if between is not None:
+                between()
             t = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t)

@@ -74,3 +74,27 @@ def test_measure_and_compare():
     # bounded: a slow candidate stops the rounds at max_seconds (but at least 3 rounds)
     res = compare({"slow": lambda: time.sleep(0.02)}, min_runs=100, max_seconds=0.05, warmup=0)
     assert 3 <= res["slow"].runs < 10
+
+
+def test_compare_varies_the_order():
+    """Every round runs each candidate once, in a new order: the first round as given, later ones
+    shuffled (reproducibly), so every candidate comes right after each other one in some round."""
+    def run():
+        order = []
+        compare({k: (lambda k=k: order.append(k)) for k in "abcd"}, min_runs=30, warmup=0)
+        return order
+
+    order = run()
+    rounds = [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert len(rounds) == 30 and all(sorted(r) == list("abcd") for r in rounds) and rounds[0] == list("abcd")
+    follows = {(r[i], r[i + 1]) for r in rounds for i in range(3)}
+    assert follows == {(p, q) for p in "abcd" for q in "abcd" if p != q}
+    assert run() == order  # seeded: the same order every time
+
+
+def test_compare_between_runs_before_every_timed_call():
+    log = []
+    res = compare({"a": lambda: log.append("a"), "b": lambda: log.append("b")}, min_runs=3, warmup=0,
+                  between=lambda: log.append("|"))
+    assert log.count("|") == 6 and all(log[i] == "|" for i in range(0, 12, 2))  # untimed, before each call
+    assert res["a"].runs == res["b"].runs == 3
