@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from sparsecomp.backends.tir import begin_transpose_reuse, end_transpose_reuse
+from sparsecomp.ir import plain_call_convention
 from sparsecomp.lowering import LayerDecision, Lowered
 
 from .kernels import tir_available
@@ -44,9 +45,12 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, use_tir: bool = 
         gm.graph.erase_node(node)
     if dead:
         gm.recompile()
-    # the mm kernels may share one transpose of an input between layers within a forward, never across calls
-    gm.register_forward_pre_hook(begin_transpose_reuse)
-    gm.register_forward_hook(end_transpose_reuse, always_call=True)
+    plain_call_convention(gm)  # no pytree flatten / unflatten per call where the signature is plain tensors
+    if any(isinstance(m, SparseLinear) for m in gm.modules()):
+        # the mm kernels may share one transpose of an input between layers within a forward, never
+        # across calls (hooks only where they can matter: each one costs every call a few us)
+        gm.register_forward_pre_hook(begin_transpose_reuse)
+        gm.register_forward_hook(end_transpose_reuse, always_call=True)
     notes = []
     if use_tir and not tir_available():
         notes.append("TVM is not installed: sparse candidates were limited to torch.sparse CSR (pip install 'sparsecomp[tvm]')")

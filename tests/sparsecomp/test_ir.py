@@ -50,3 +50,43 @@ def test_output_cosine_judges_direction_and_refuses_mismatches():
     bad = r.clone()
     bad[0, 0] = float("nan")
     assert output_cosine(bad, r) == 0.0
+
+
+class _TwoIn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        return self.lin(x) + y
+
+
+class _DictOut(torch.nn.Module):
+    def forward(self, x):
+        return {"double": x * 2}
+
+
+def test_plain_call_convention_drops_pytree_only_where_the_signature_is_plain():
+    from sparsecomp.frontend import capture
+    from sparsecomp.ir import plain_call_convention
+
+    torch.manual_seed(0)
+    m = _TwoIn().eval()
+    x, y = torch.randn(3, 8), torch.randn(3, 4)
+    gm = capture(m, (x, y))
+    assert "tree_flatten_spec" in gm.code and plain_call_convention(gm)
+    assert "tree_flatten_spec" not in gm.code and "tree_unflatten" not in gm.code
+    with torch.no_grad():
+        want = m(x, y)
+        assert torch.equal(gm(x, y), want)  # a tensor, not a 1-tuple
+        xb, yb = torch.randn(5, 8), torch.randn(5, 4)
+        assert torch.equal(gm(xb, yb), m(xb, yb))  # a dynamic batch still works
+    with pytest.raises(AssertionError, match="Guard failed"):
+        gm(torch.randn(3, 9), y)  # the shape guards still run
+    # keyword example inputs and a dict output keep the exported convention
+    kw = capture(m, {"x": x, "y": y})
+    assert not plain_call_convention(kw) and "tree_flatten_spec" in kw.code
+    d = capture(_DictOut(), (x,))
+    assert not plain_call_convention(d)
+    with torch.no_grad():
+        assert torch.equal(d(x)["double"], x * 2)
