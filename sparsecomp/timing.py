@@ -70,8 +70,8 @@ def compare(candidates: dict[str, Callable[[], object]], *, warmup: int = 2, min
     always runs right after the same other one: a call runs slower right after some others (one
     that left torch's OpenMP workers spinning slows the next TVM kernel by up to 2x here), and in a
     fixed order that cost fell on the same candidate every round (the exact-mode FFN's first TIR
-    variant, always right after torch's dense MLP, measured 14% slower than the second while it is
-    20% faster alone).
+    variant, always right after torch's dense MLP, measured 14% slower than the second, which runs
+    19% slower than it alone).
 
     Stops after `min_runs` rounds, or earlier when `max_seconds` is spent (at least 3 rounds), so
     compile-time decisions have a bounded cost. `between`: called (untimed) before every timed
