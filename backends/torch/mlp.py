@@ -736,6 +736,9 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(node.target, tuple(node.args))  # the op's reference: plain aten ops
         else:
+            if isinstance(chosen, _TirPredictorMV):
+                notes.append("the predictor's scores are computed in TIR: a neuron scored within float rounding of its "
+                             "threshold may be kept or dropped unlike the reference op")
             reason = "; ".join([f"{dense_us / chosen_us:.2f}x faster than dense (measured), {density:.1%} of neurons active",
                                 *([(f"M > 1 ({crossover['path']}): dense down above {crossover['rows<=8']:.0%} active neurons "
                                      f"(up to 8 rows), {crossover['rows=64']:.0%} at 64 rows (measured)")] if crossover else []), *notes])

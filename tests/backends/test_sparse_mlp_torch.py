@@ -261,6 +261,8 @@ def test_tir_predictor_strategy(tmp_path):
     assert cm.report.verify["ok"]
     (mod,) = _mlp_modules(cm)
     assert mod.kernel.startswith("tir-predictor+tir-down")
+    row = next(r for r in cm.report.rows if r["pattern"].startswith("mlp"))
+    assert "within float rounding of its threshold" in row["reason"]  # the report says how its mask may differ
     s = mod._mv
     for seed in range(5):
         x = torch.randn(1, K, generator=torch.Generator().manual_seed(seed))
