@@ -473,7 +473,7 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
         report.end_to_end["torch_threads"] = threads
         report.end_to_end["compiled_torch_threads_ms"] = {str(torch.get_num_threads()): t["compiled"].median * 1e3,
                                                           "1": t["compiled, torch ops on 1 thread"].median * 1e3}
-    if threads == 1:
+    if threads == 1 and compiled_ms < eager_ms:
         report.notes.append(f"torch's own ops run on 1 thread during a call (measured {t['compiled'].median * 1e3:.2f} ms with "
                             f"{torch.get_num_threads()}, {compiled_ms:.2f} ms with 1); the TIR kernels keep their threads")
     if compiled_ms >= eager_ms:
