@@ -16,8 +16,9 @@ model's weights exceed the last-level cache, each timed call cycles through copi
 (`sparsecomp.timing.cold_copies`): inside such a model a layer reads its weight from memory,
 while a layer timed alone finds it in cache (the ORT backend times cold for the same reason). On
 the AMD VM both GEMVs measured within ~20% hot vs cold; the Intel run, where the hot timing chose
-the TIR GEMV for most opt-125m-like layers and the whole graph then ran slower, is what this guards. Layers that
-see more than one row at the example inputs stay on torch's GEMM (compute-bound there).
+the TIR GEMV for most opt-125m-like layers and the whole graph then ran slower, is what this
+guards. Layers that see more than one row at the example inputs stay on torch's GEMM
+(compute-bound there).
 """
 
 from __future__ import annotations
