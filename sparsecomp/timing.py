@@ -134,8 +134,7 @@ def model_is_cold(module) -> bool:
     """Whether a module's weights exceed the last-level cache: a layer then reads its weights from
     memory at run time, and a layer timed alone (its weights left in cache by the previous call)
     may look faster than it runs (2-3x for ONNX Runtime's 9 MB dense GEMV at one row here;
-    within ~20% for torch's and the TIR GEMV). Backends time
-    such layers cold (`cold_copies`)."""
+    within ~20% for torch's and the TIR GEMV). Backends time such layers cold (`cold_copies`)."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]) > l3_bytes()
 
 
