@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
+from torch.nn.modules import module as _nn_module  # its global hook registries (`global_module_hooks`)
 
 __all__ = [
     "META_PREFIX",
@@ -31,6 +32,7 @@ __all__ = [
     "normalize_inputs",
     "run_graph",
     "flat_inputs",
+    "global_module_hooks",
     "plain_call_convention",
     "compare_outputs",
     "output_cosine",
@@ -245,6 +247,14 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
 
 def _children(spec) -> list:
     return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)  # torch < 2.10
+
+
+def global_module_hooks() -> bool:
+    """Whether a hook is registered for every nn.Module (`register_module_forward_hook` & co.):
+    callers that skip nn.Module's call machinery for speed must not skip those."""
+    m = _nn_module
+    return bool(m._global_forward_pre_hooks or m._global_forward_hooks or m._global_backward_pre_hooks
+                or m._global_backward_hooks)
 
 
 def plain_call_convention(gm: fx.GraphModule) -> bool:

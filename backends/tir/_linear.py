@@ -17,6 +17,7 @@ import torch
 
 from sparsecomp import formats as F
 from sparsecomp.errors import SparsecompError
+from sparsecomp.memory import prefer_huge_pages
 
 from . import _target
 from ._build import Kernel, _normalise, build_source
@@ -120,7 +121,7 @@ def prepare(fmt: str, dense_weight: torch.Tensor, params: dict | None = None) ->
         kp = (f.values.shape[1] // p["n"]) * p["m"]
         p["index_dtype"] = "uint8"
     nbytes = sum(a.numel() * a.element_size() for a in arrays)
-    arrays = [_nonempty(a.contiguous()) for a in arrays]
+    arrays = [prefer_huge_pages(_nonempty(a.contiguous())) for a in arrays]  # see sparsecomp.memory
     return PreparedWeight(fmt=fmt, params=p, shape=(N, K), kp=kp, arrays=arrays,
                           zero_bias=torch.zeros(N, dtype=torch.float32), nbytes=nbytes)
 

@@ -44,6 +44,24 @@ from ._codegen import _header, _ind
 
 __all__ = ["ACTIVATIONS", "build_mlp_kernel", "mlp_source"]
 
+# A kernel's pieces: its buffer arguments (name, shape expression, dtype), its symbolic sizes and
+# its body (at indent 0). `_assemble` joins one or more into one PrimFunc, phases in order;
+# an argument or size that several phases share (hc, idx, cnt: up's output is down's input) is
+# declared once, with one shape.
+_Parts = tuple[list[tuple[str, str, str]], list[str], str]
+
+
+def _assemble(*parts: _Parts) -> str:
+    args: dict[str, tuple[str, str]] = {}
+    sizes: list[str] = []
+    for a, sz, _ in parts:
+        for name, shape, dt in a:
+            if args.setdefault(name, (shape, dt)) != (shape, dt):
+                raise SparsecompError(f"fused kernel: argument {name} declared as {args[name]} and {(shape, dt)}")
+        sizes += [v for v in sz if v not in sizes]
+    s = _header([(n, sh, dt) for n, (sh, dt) in args.items()], sizes)
+    return s + "".join(_ind(body, 4) for _, _, body in parts)
+
 # Activations the exact-mode up kernel applies in TIR (the ReLU family: exact zeros).
 ACTIVATIONS = {
     "relu": "T.max({s}, T.float32(0))",
@@ -51,21 +69,23 @@ ACTIVATIONS = {
     "relu2": "T.max({s}, T.float32(0)) * T.max({s}, T.float32(0))",
 }
 
-def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str, K: str = "K") -> str:
+def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str, K: str = "K", half: bool = False) -> str:
     """acc[r*U*V:(r+1)*U*V] = partial sums of w[rows[r], :] . x for R rows at once (x loaded once
     per step for all R rows: R streams in flight, R*U independent FMA chains); then each row's
-    partials folded into acc[r*U*V : r*U*V + V]. `K`: the name of the row length."""
+    partials folded into acc[r*U*V : r*U*V + V]. `K`: the name of the row length. `half`: w is
+    float16, widened to float32 as it is loaded (one vcvtph2ps per vector with F16C)."""
     UV = U * V
+    wl = (lambda e: f'T.Cast("float32", {w}[{e}])') if half else (lambda e: f"{w}[{e}]")
     s = f"for v in T.vectorized({R * UV}):\n    {acc}[v] = T.float32(0)\n"
     s += f"for kb in range({K} // {UV}):\n"
     for u in range(U):
         for r in range(R):
             o = r * UV + u * V
             s += (f"    for v in T.vectorized({V}):\n"
-                  f"        {acc}[{o} + v] = {acc}[{o} + v] + {w}[{rows[r]}, kb * {UV} + {u * V} + v] * {x}[kb * {UV} + {u * V} + v]\n")
+                  f"        {acc}[{o} + v] = {acc}[{o} + v] + {wl(f'{rows[r]}, kb * {UV} + {u * V} + v')} * {x}[kb * {UV} + {u * V} + v]\n")
     s += f"for k in range({K} // {UV} * {UV}, {K}):\n"
     for r in range(R):
-        s += f"    {acc}[{r * UV}] = {acc}[{r * UV}] + {w}[{rows[r]}, k] * {x}[k]\n"
+        s += f"    {acc}[{r * UV}] = {acc}[{r * UV}] + {wl(f'{rows[r]}, k')} * {x}[k]\n"
     if U > 1:
         for r in range(R):
             terms = " + ".join(f"{acc}[{r * UV + u * V} + v]" for u in range(1, U))
@@ -73,8 +93,8 @@ def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str,
     return s
 
 
-def _dot(V: int, U: int, row: str, w: str, x: str, acc: str, K: str = "K") -> str:
-    return _dot_rows(V, U, 1, [row], w, x, acc, K)
+def _dot(V: int, U: int, row: str, w: str, x: str, acc: str, K: str = "K", half: bool = False) -> str:
+    return _dot_rows(V, U, 1, [row], w, x, acc, K, half)
 
 
 def _sum(V: int, acc: str, base: int = 0) -> str:
@@ -82,6 +102,10 @@ def _sum(V: int, acc: str, base: int = 0) -> str:
 
 
 def _up_mv(p: dict) -> str:
+    return _assemble(_up_mv_parts(p))
+
+
+def _up_mv_parts(p: dict) -> _Parts:
     V, U, BS, act, gated, R = p["vec"], p["unroll"], p["bs"], p["act"], p["gated"], p["rows"]
     if act not in ACTIVATIONS:
         raise SparsecompError(f"the exact-mode up kernel has no activation {act!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
@@ -91,7 +115,6 @@ def _up_mv(p: dict) -> str:
     if gated:
         args += [("wg", "H, K", "float32"), ("bg", "H", "float32")]
     args += [("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32")]
-    s = _header(args, ["K", "H", "NB", "BS"])
     a = ACTIVATIONS[act]
     UV = U * V
 
@@ -129,34 +152,40 @@ for blk in T.parallel(NB):
                      f"                if blk * {BS} + rq * {R} + q < H:\n"
                      f"                    r = T.Bind(blk * {BS} + rq * {R} + q)\n" + _ind(tail, 20))
     body += "    cnt[blk] = c[0]\n"
-    return s + _ind(body, 4)
+    return args, ["K", "H", "NB", "BS"], body
 
 
 def _dense_mv(p: dict) -> str:
     """`y = w . x + b` for every row: blocks of BS rows in parallel, R rows per step (the tail of
     the last block one row at a time)."""
+    return _assemble(_dense_mv_parts(p))
+
+
+def _dense_mv_parts(p: dict, x: str = "x", w: str = "w", b: str = "b", y: str = "y", K: str = "K", H: str = "H") -> _Parts:
+    """`_dense_mv`'s pieces; the names let a fused kernel embed it (the predictor's z = pred_a . x)."""
     V, U, R, BS = p["vec"], p["unroll"], p["rows"], p["bs"]
     if BS % R:
         raise SparsecompError(f"dense_mv kernel: block size {BS} must be a multiple of rows {R}")
-    s = _header([("x", "K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"), ("y", "H", "float32")], ["K", "H"])
+    half = p.get("half", False)
+    args = [(x, K, "float32"), (w, f"{H}, {K}", "float16" if half else "float32"), (b, H, "float32"), (y, H, "float32")]
     UV = U * V
     rows = [f"r0 + {q}" for q in range(R)]
-    inner = _dot_rows(V, U, R, rows, "w", "x", "acc")
+    inner = _dot_rows(V, U, R, rows, w, x, "acc", K, half)
     for q in range(R):
-        inner += f"y[{rows[q]}] = {_sum(V, 'acc', q * UV)} + b[{rows[q]}]\n"
-    tail = _dot(V, U, "r", "w", "x", "acc") + f"y[r] = {_sum(V, 'acc')} + b[r]\n"
+        inner += f"{y}[{rows[q]}] = {_sum(V, 'acc', q * UV)} + {b}[{rows[q]}]\n"
+    tail = _dot(V, U, "r", w, x, "acc", K, half) + f"{y}[r] = {_sum(V, 'acc')} + {b}[r]\n"
     body = f"""
-for blk in T.parallel((H + {BS - 1}) // {BS}):
+for blk in T.parallel(({H} + {BS - 1}) // {BS}):
     acc = T.alloc_buffer(({R * UV},), "float32")
     for rq in range({BS // R}):
-        if blk * {BS} + rq * {R} + {R} <= H:
+        if blk * {BS} + rq * {R} + {R} <= {H}:
             r0 = T.Bind(blk * {BS} + rq * {R})
-""" + _ind(inner, 12) + f"""        elif blk * {BS} + rq * {R} < H:
+""" + _ind(inner, 12) + f"""        elif blk * {BS} + rq * {R} < {H}:
             for q in range({R}):
-                if blk * {BS} + rq * {R} + q < H:
+                if blk * {BS} + rq * {R} + q < {H}:
                     r = T.Bind(blk * {BS} + rq * {R} + q)
 """ + _ind(tail, 20)
-    return s + _ind(body, 4)
+    return args, [K, H], body
 
 
 def _gather_up_mv(p: dict) -> str:
@@ -194,15 +223,19 @@ def _pred_up_mv(p: dict) -> str:
     keeps those whose activation is nonzero, compacted in place into `hc` / `idx` / `cnt`, so the
     down kernel never reads the row of a selected neuron that came out zero. In place is safe:
     step t reads its R indices before it writes, and the write position never passes t * R."""
+    return _assemble(_pred_up_mv_parts(p))
+
+
+def _pred_up_mv_parts(p: dict) -> _Parts:
     V, U, SU, BS, act, R, SR = p["vec"], p["unroll"], p["score_unroll"], p["bs"], p["act"], p["rows"], p["score_rows"]
     if act not in ACTIVATIONS:
         raise SparsecompError(f"the predictor up kernel has no activation {act!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
     if BS % SR:
         raise SparsecompError(f"predictor up kernel: block size {BS} must be a multiple of score rows {SR}")
-    s = _header([("z", "RK", "float32"), ("bp", "H, RK", "float32"), ("pb", "H", "float32"), ("scale", "H", "float32"),
-                 ("thr", "H", "float32"), ("x", "K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"),
-                 ("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32")],
-                ["RK", "H", "K", "NB", "BS"])
+    half = p.get("half", False)
+    args = [("z", "RK", "float32"), ("bp", "H, RK", "float16" if half else "float32"), ("pb", "H", "float32"), ("scale", "H", "float32"),
+            ("thr", "H", "float32"), ("x", "K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"),
+            ("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32")]
     a = ACTIVATIONS[act]
     SUV, UV = SU * V, U * V
 
@@ -211,8 +244,8 @@ def _pred_up_mv(p: dict) -> str:
                 f"    idx[blk, c[0]] = {row}\n    c[0] = c[0] + 1\n")
 
     rows = [f"r0 + {q}" for q in range(SR)]
-    score = _dot_rows(V, SU, SR, rows, "bp", "z", "sacc", "RK") + "".join(select(rows[q], q) for q in range(SR))
-    tail = _dot(V, SU, "r", "bp", "z", "sacc", "RK") + select("r", 0)
+    score = _dot_rows(V, SU, SR, rows, "bp", "z", "sacc", "RK", half) + "".join(select(rows[q], q) for q in range(SR))
+    tail = _dot(V, SU, "r", "bp", "z", "sacc", "RK", half) + select("r", 0)
     body = f"""
 for blk in T.parallel(NB):
     sacc = T.alloc_buffer(({SR * SUV},), "float32")
@@ -241,7 +274,7 @@ for blk in T.parallel(NB):
     for tb in range(n // {R}):
 """ + _ind(up, 8) + f"""    for t in range(n // {R} * {R}, n):
 """ + _ind(up_tail, 8) + "    cnt[blk] = c[1]\n"
-    return s + _ind(body, 4)
+    return args, ["RK", "H", "K", "NB", "BS"], body
 
 
 def _down_mv(p: dict) -> str:
@@ -250,12 +283,17 @@ def _down_mv(p: dict) -> str:
     `serial=True`: the same loops on the calling thread, no thread-pool launch (two per call
     otherwise): for small active sets, and on a busy machine, where waking the pool's sleeping
     workers costs more than the work."""
+    return _assemble(_down_mv_parts(p))
+
+
+def _down_mv_parts(p: dict) -> _Parts:
     V, R, CB = p["vec"], p["rows"], p["cb"]
     par = "range" if p.get("serial") else "T.parallel"
-    s = _header([("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32"),
-                 ("wdt", "H, NP", "float32"), ("bias", "N", "float32"), ("part", "P, NP", "float32"),
-                 ("y", "N", "float32")],
-                ["NB", "BS", "H", "NP", "N", "P"])
+    # the final sum of the P partials: on the pool (a second launch), or on the calling thread
+    # (`serial_sum`: N * P adds, a few us, where the launch would cost more)
+    red = "range" if p.get("serial") or p.get("serial_sum") else "T.parallel"
+    args = [("hc", "NB, BS", "float32"), ("idx", "NB, BS", "int32"), ("cnt", "NB", "int32"),
+            ("wdt", "H, NP", "float32"), ("bias", "N", "float32"), ("part", "P, NP", "float32"), ("y", "N", "float32")]
     body = f"""
 for pp in {par}(P):
     for c in range(NP // {V}):
@@ -277,7 +315,7 @@ for pp in {par}(P):
             for c in range(NP // {V}):
                 for v in T.vectorized({V}):
                     part[pp, c * {V} + v] = part[pp, c * {V} + v] + hvt * wdt[jt, c * {V} + v]
-for cb in {par}(NP // {CB}):
+for cb in {red}(NP // {CB}):
     for v in T.vectorized({CB}):
         if cb * {CB} + v < N:
             y[cb * {CB} + v] = bias[cb * {CB} + v]
@@ -286,7 +324,7 @@ for cb in {par}(NP // {CB}):
             if cb * {CB} + v < N:
                 y[cb * {CB} + v] = y[cb * {CB} + v] + part[pp, cb * {CB} + v]
 """
-    return s + _ind(body, 4)
+    return args, ["NB", "BS", "H", "NP", "N", "P"], body
 
 
 def _down_mm(p: dict) -> str:
@@ -398,8 +436,24 @@ for pp in {par}(P):
     return s + _ind(body, 4)
 
 
+def _exact_mv(p: dict) -> str:
+    """M = 1, exact mode, the whole MLP in one call: `up_mv` then `down_mv` (parameters under
+    "up" and "down"), one after the other in one function. Against two calls it saves a return to
+    Python, the argument conversions of a second call and the pool's wake-up between them (each
+    parallel loop is still its own launch, but the workers are still spinning at the second)."""
+    return _assemble(_up_mv_parts(p["up"]), _down_mv_parts(p["down"]))
+
+
+def _pred_mv(p: dict) -> str:
+    """M = 1, predictor mode, the whole MLP in one call: z = pred_a . x (`dense_mv`, "z"),
+    `pred_up_mv` ("up") and `down_mv` ("down")."""
+    z = _dense_mv_parts(p["z"], x="x", w="pa", b="pzero", y="z", K="K", H="RK")
+    return _assemble(z, _pred_up_mv_parts(p["up"]), _down_mv_parts(p["down"]))
+
+
 _GEN = {"up_mv": _up_mv, "dense_mv": _dense_mv, "gather_up_mv": _gather_up_mv, "pred_up_mv": _pred_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows,
-        "down_sparse_mv": _down_sparse_mv}
+        "down_sparse_mv": _down_sparse_mv, "exact_mv": _exact_mv, "pred_mv": _pred_mv}
+_FUSED = {"exact_mv": {"up": "up_mv", "down": "down_mv"}, "pred_mv": {"z": "dense_mv", "up": "pred_up_mv", "down": "down_mv"}}
 
 
 def _normalise(kind: str, params: dict) -> dict:
@@ -430,6 +484,8 @@ def _normalise(kind: str, params: dict) -> dict:
         p.setdefault("serial", False)
     if kind == "down_mm":
         p.setdefault("mt", 4)
+    if kind in _FUSED:
+        p = {phase: _normalise(k, p.get(phase, {})) for phase, k in _FUSED[kind].items()}
     return p
 
 

@@ -32,6 +32,7 @@ from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, get_attr_value, linear_sites, record_inputs
 from sparsecomp.lowering import TIR_GEMV as KERNEL  # the report's kernel label
 from sparsecomp.lowering import LayerDecision
+from sparsecomp.memory import prefer_huge_pages
 from sparsecomp.timing import cold_copies, compare, model_is_cold
 
 __all__ = ["KERNEL", "MARGIN", "TirDenseLinear", "lower_dense_linear"]
@@ -46,7 +47,7 @@ class TirDenseLinear(torch.nn.Module):
     def __init__(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None, kernel):
         super().__init__()
         self.layer, self.kernel = layer, KERNEL
-        self._w = weight.detach().contiguous()
+        self._w = prefer_huge_pages(weight.detach().contiguous())  # in place: see sparsecomp.memory
         self._b = bias.detach().contiguous() if bias is not None else None
         self._n = self._w.shape[0]
         self._b_or_zero = self._b if self._b is not None else torch.zeros(self._n)

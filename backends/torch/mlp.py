@@ -53,9 +53,11 @@ from torch import fx
 
 from sparsecomp.cache import DecisionCache
 from sparsecomp.dialect import MLP_ACTIVATIONS, mlp_hidden, predictor_keep
+from sparsecomp.ir import global_module_hooks as _global_module_hooks
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
 from sparsecomp.lowering import MLPDecision
+from sparsecomp.memory import prefer_huge_pages
 from sparsecomp.timing import compare
 
 from .kernels import tir_available
@@ -101,6 +103,10 @@ class _Weights:
         else:
             self.wdt_p = wdt.contiguous()
         self.wdt = self.wdt_p[:, : self.N]  # dense fallback reads the same storage (strided rows)
+        # the weights the kernels stream, on huge pages where the system allows (in place)
+        for t in (self.w_up, self.w_gate, self.wdt_p):
+            if t is not None:
+                prefer_huge_pages(t)
         b = args["b_down"]
         self.b_down = b.detach().float().contiguous() if b is not None else torch.zeros(self.N)
         self.gated = self.w_gate is not None
@@ -143,9 +149,16 @@ class _DownMV:
         from sparsecomp.backends.tir import _mlp
 
         self.w = w
+        # as a phase of a fused kernel (`exact_mv`, `pred_mv`) the partials are summed on the
+        # calling thread: a second launch for N * P adds cost more than the adds
+        self.params = {"rows": rows, "cb": _CB, "serial": serial, "serial_sum": True}
         self.k = _mlp.build_mlp_kernel("down_mv", {"rows": rows, "cb": _CB, "serial": serial})
         self.part = torch.empty(1 if serial else parts, w.NP)
         self.tag = "serial-down" if serial else "tir-down"
+
+    def args(self) -> tuple:
+        """The down phase's arguments after hc / idx / cnt, but y (a fused kernel's tail)."""
+        return self.w.wdt_p, self.w.b_down, self.part
 
     def blocks(self, hc, idx, cnt) -> torch.Tensor:
         y = torch.empty(self.w.N)
@@ -178,7 +191,8 @@ class _TorchUpMV(_Strategy):
 
 
 class _TirUpMV(_Strategy):
-    """M = 1, exact mode: the TIR up kernel (activation + per-block compaction), TIR down."""
+    """M = 1, exact mode: the TIR up kernel (activation + per-block compaction), then the TIR down
+    kernel, both phases of one fused kernel (`exact_mv`): one call from Python."""
 
     def __init__(self, w, rows=4, unroll=1, parts=4, down_rows=4, bs=64, serial=False):
         from sparsecomp.backends.tir import _mlp
@@ -186,9 +200,9 @@ class _TirUpMV(_Strategy):
         super().__init__(w)
         if w.act_name not in EXACT_ACTIVATIONS or w.mode != "exact":
             raise SparsecompError(f"the TIR up kernel computes ReLU-family exact mode only, not {w.act_name} {w.mode}")
-        self.up = _mlp.build_mlp_kernel("up_mv", {"bs": bs, "rows": 1 if w.gated else rows, "unroll": unroll,
-                                                  "act": w.act_name, "gated": w.gated})
+        up = {"bs": bs, "rows": 1 if w.gated else rows, "unroll": unroll, "act": w.act_name, "gated": w.gated}
         self.down = _DownMV(w, parts, down_rows, serial)
+        self.k = _mlp.build_mlp_kernel("exact_mv", {"up": up, "down": self.down.params})
         nb = -(-w.H // bs)
         self.hc = torch.empty(nb, bs)
         self.idx = torch.empty(nb, bs, dtype=torch.int32)
@@ -201,13 +215,13 @@ class _TirUpMV(_Strategy):
         d = self.down.tag
         self.label = f"tir-up+{d}{{rows={rows},unroll={unroll}}}" if not w.gated else f"tir-gated-up+{d}{{unroll={unroll}}}"
 
+        self.args = ((self.w_up, self.b_up) + ((self.w_gate, self.b_gate) if w.gated else ())
+                     + (self.hc, self.idx, self.cnt) + self.down.args())
+
     def __call__(self, x):
-        x = x.reshape(-1).contiguous()
-        if self.w.gated:
-            self.up(x, self.w_up, self.b_up, self.w_gate, self.b_gate, self.hc, self.idx, self.cnt)
-        else:
-            self.up(x, self.w_up, self.b_up, self.hc, self.idx, self.cnt)
-        return self.down.blocks(self.hc, self.idx, self.cnt).reshape(1, -1)
+        y = torch.empty(self.w.N)
+        self.k(x.reshape(-1).contiguous(), *self.args, y)
+        return y.reshape(1, -1)
 
 
 class _PredictorMV(_Strategy):
@@ -245,11 +259,19 @@ class _PredictorMV(_Strategy):
         return self.down.flat(h, idx).reshape(1, -1)
 
 
+def _half_exact(t: torch.Tensor) -> bool:
+    """t's values are exactly float16 values (so storing it as float16 loses nothing)."""
+    h = t.half()
+    return bool(torch.isfinite(h).all()) and torch.equal(h.float(), t)
+
+
 class _TirPredictorMV(_Strategy):
-    """M = 1, predictor mode, ReLU family, not gated: the whole selection in TIR. `dense_mv` makes
-    the predictor's rank vector z = pred_a . x; `pred_up_mv` scores each neuron from z, computes
-    the up rows of the selected ones only and keeps those that come out nonzero (compacted per
-    block); the TIR down kernel reads only those rows. Against `_PredictorMV` (mask in torch) it
+    """M = 1, predictor mode, ReLU family, not gated: the whole selection in TIR, one fused kernel
+    (`pred_mv`) in three phases. `dense_mv` makes the predictor's rank vector z = pred_a . x;
+    `pred_up_mv` scores each neuron from z, computes the up rows of the selected ones only and
+    keeps those that come out nonzero (compacted per block); the down phase reads only those
+    rows. The predictor's factors are read as float16 when their values allow it (see
+    `_half_exact`). Against `_PredictorMV` (mask in torch) it
     saves torch's slow GEMVs and `nonzero`, and the down rows of selected neurons that are not
     active. Its scores round differently from the reference's torch calls, so a neuron whose score
     lies within float rounding of its threshold can be kept by one and dropped by the other: the
@@ -263,11 +285,18 @@ class _TirPredictorMV(_Strategy):
         if w.mode != "predictor" or w.gated or w.act_name not in EXACT_ACTIVATIONS:
             raise SparsecompError(f"the TIR predictor kernel scores ReLU-family, non-gated MLPs only, not {w.act_name}")
         rk = w.pred_a.shape[0]
-        self.z_kernel = _mlp.build_mlp_kernel("dense_mv", {})
-        self.up = _mlp.build_mlp_kernel("pred_up_mv", {"bs": bs, "rows": rows, "act": w.act_name})
-        self.down = _DownMV(w, parts, down_rows, serial)
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
         self.pred_a, self.bp = f32(w.pred_a), f32(w.pred_bt.t())
+        # the pass rounds the predictor's factors to float16-representable values
+        # (`sparse_mlp._half_storable`): stored as float16 they are read in half the bytes and
+        # widen back to the very same float32 values, so the kernel computes what the reference does
+        half = _half_exact(self.pred_a) and _half_exact(self.bp)
+        if half:
+            self.pred_a, self.bp = self.pred_a.half(), self.bp.half()
+        prefer_huge_pages(self.bp)
+        self.down = _DownMV(w, parts, down_rows, serial)
+        self.k = _mlp.build_mlp_kernel("pred_mv", {"z": {"half": half}, "up": {"bs": bs, "rows": rows, "act": w.act_name, "half": half},
+                                                   "down": self.down.params})
         self.w_up = f32(w.w_up)
         self.b_up = f32(w.b_up) if w.b_up is not None else torch.zeros(w.H)
         self.scale = f32(w.scale.expand(w.H)) if w.scale is not None else torch.ones(w.H)
@@ -275,13 +304,14 @@ class _TirPredictorMV(_Strategy):
         self.zero_rk, self.z = torch.zeros(rk), torch.empty(rk)
         nb = -(-w.H // bs)
         self.hc, self.idx, self.cnt = torch.empty(nb, bs), torch.empty(nb, bs, dtype=torch.int32), torch.empty(nb, dtype=torch.int32)
-        self.label = f"tir-predictor+{self.down.tag}{{rows={rows},bs={bs}}}"
+        self.label = f"tir-predictor+{self.down.tag}{{rows={rows},bs={bs}{',f16' if half else ''}}}"
+        self.args = (self.pred_a, self.zero_rk, self.z, self.bp, self.b_up, self.scale, self.thr, self.w_up, self.b_up,
+                     self.hc, self.idx, self.cnt) + self.down.args()
 
     def __call__(self, x):
-        x = x.reshape(-1).contiguous()
-        self.z_kernel(x, self.pred_a, self.zero_rk, self.z)
-        self.up(self.z, self.bp, self.b_up, self.scale, self.thr, x, self.w_up, self.b_up, self.hc, self.idx, self.cnt)
-        return self.down.blocks(self.hc, self.idx, self.cnt).reshape(1, -1)
+        y = torch.empty(self.w.N)
+        self.k(x.reshape(-1).contiguous(), *self.args, y)
+        return y.reshape(1, -1)
 
 
 class _Union(_Strategy):
@@ -400,19 +430,31 @@ class SparseMLP(torch.nn.Module):
         self.layer, self.kernel = layer, kernel
         self._w, self._mv, self._mm = w, mv, mm
 
+    def __call__(self, *args, **kwargs):
+        # nn.Module's fast path without its two frames when nothing is hooked (~30 us a call after
+        # a kernel has streamed the caches); hooks, tracing and compile still go through nn.Module
+        if (self._forward_pre_hooks or self._forward_hooks or self._compiled_call_impl is not None
+                or _global_module_hooks() or torch._C._get_tracing_state()):
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        # (kept lean: at one row per call, each torch call here costs tens of us once a kernel
+        # has streamed the caches, a visible share of the whole MLP)
+        if x.dtype is not torch.float32 or not x.is_cpu:
             raise SparsecompError(
                 f"MLP {self.layer} was compiled for float32 CPU inputs, got {str(x.dtype).replace('torch.', '')} on {x.device}",
                 hint="cast the inputs to float32 on the CPU, or compile the model again for this dtype/device",
             )
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        if m == 1 and self._mv is not None:
+            y = self._mv(x)  # [1, N]
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self._w.N)
         lead = x.shape[:-1]
-        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if m == 0:
             return x.new_empty((*lead, self._w.N))
-        if m == 1 and self._mv is not None:
-            y = self._mv(x)
-        elif m > 1 and self._mm is not None:
+        if m > 1 and self._mm is not None:
             y = self._mm(x)
         else:
             y = self._w.dense_down(self._w.hidden(x))

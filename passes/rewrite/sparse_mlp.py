@@ -22,12 +22,14 @@ Modes (what counts as an inactive neuron):
   (40%) / 0.965 (50%); with the bias correction 0.990 / 0.982 (WINA scores 0.983 at 50%);
   per-channel thresholds were worse (0.968 / 0.946 without correction).
 - `predictor` (lossy, Deja Vu style): a rank-r linear predictor of the gate's (plain: the up's)
-  pre-activation, `u_hat = (x A^T) B^T + b` (B^T stored as `pred_bt [rank, H]`), fitted on calibration inputs by reduced-rank
-  regression (the best rank-r approximation of W in the calibration inputs' metric, closed form);
-  keep `score(u_hat_j) * s_j > t` (score: u_hat itself for the ReLU family, which ranks even the
-  neurons predicted negative, else |act(u_hat)|), t calibrated like threshold mode. A kernel can
-  then skip the up rows of unselected neurons too. The recall of the neurons threshold mode would keep, and each
-  layer's output cosine, are measured on the calibration data and reported.
+  pre-activation, `u_hat = (x A^T) B^T + b` (B^T stored as `pred_bt [rank, H]`), fitted on
+  calibration inputs by reduced-rank regression (the best rank-r approximation of W in the
+  calibration inputs' metric, closed form), its factors rounded to float16-representable values
+  (kernels store them in half the bytes); keep `score(u_hat_j) * s_j > t` (score: u_hat itself
+  for the ReLU family, which ranks even the neurons predicted negative, else |act(u_hat)|), t
+  calibrated like threshold mode. A kernel can then skip the up rows of unselected neurons too.
+  The recall of the neurons threshold mode would keep, and each layer's output cosine, are
+  measured (with the rounded factors) on the calibration data and reported.
 """
 
 from __future__ import annotations
@@ -240,7 +242,24 @@ def _fit_predictor(x: torch.Tensor, w: torch.Tensor, rank: int) -> tuple[torch.T
     r = min(rank, s.numel())
     a = (s[:r, None] * vh[:r]) @ inv_sqrt_c  # [r, K]
     b = u[:, :r]  # [H, r]
-    return a.float().contiguous(), b.float().contiguous()
+    return _half_storable(a, b)
+
+
+def _half_storable(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors rounded to float16-representable values (kept as float32 tensors), so a kernel
+    may store them as float16 and read half the bytes (at 90% sparsity the predictor is most of
+    what a call reads) while computing exactly what the reference op computes with them. Each rank
+    component is first balanced (A's row scaled by c, B's column by 1/c: the product is the same)
+    so both sit well inside float16's range. Factors that would still overflow stay float32
+    (the kernels then read float32)."""
+    amax = a.abs().amax(dim=1).clamp_min(1e-30)
+    bmax = b.abs().amax(dim=0).clamp_min(1e-30)
+    c = (bmax / amax).sqrt()
+    a, b = (a * c[:, None]).float(), (b / c[None, :]).float()
+    ah, bh = a.half(), b.half()
+    if not (torch.isfinite(ah).all() and torch.isfinite(bh).all()):
+        return a.contiguous(), b.contiguous()
+    return ah.float().contiguous(), bh.float().contiguous()
 
 
 def _calibrate(region: MLPRegion, rec: dict, mode: str, sparsity: float, score: str, per_channel: bool, rank: int,

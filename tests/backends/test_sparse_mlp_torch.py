@@ -93,6 +93,51 @@ def test_predictor_up_kernel(mlp_kernels, act, bias):
         mlp_kernels.build_mlp_kernel("pred_up_mv", {"bs": 30, "score_rows": 4})
 
 
+@pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
+def test_fused_kernels(mlp_kernels, bias):
+    """exact_mv (up then down) and pred_mv (z, scores + selected up rows, down) in one call: the
+    whole MLP against torch on odd shapes, both ways of summing the partials, and pred_mv with its
+    predictor stored as float16 (values exactly representable: the same result as float32)."""
+    from sparsecomp.dialect import MLP_ACTIVATIONS
+
+    g = torch.Generator().manual_seed(5)
+    cb = 64
+    for k_in, h, n_out, rk in ((K, H, N, 11), (5, 3, 1, 1), (64, 130, 70, 16)):
+        x, w, b = torch.randn(k_in, generator=g), torch.randn(h, k_in, generator=g), torch.randn(h, generator=g) + bias
+        np_ = -(-n_out // cb) * cb
+        wdt = torch.zeros(h, np_)
+        wdt[:, :n_out] = torch.randn(h, n_out, generator=g)
+        bd = torch.randn(n_out, generator=g)
+        a = torch.randn(rk, k_in, generator=g).half().float()
+        bp = torch.randn(h, rk, generator=g).half().float()
+        scale, thr = torch.rand(h, generator=g) + 0.5, torch.randn(h, generator=g) * 0.5
+        hid = MLP_ACTIVATIONS["relu"](w @ x + b)
+        keep = ((bp @ (a @ x)) + b) * scale > thr
+        for bs, rows, serial_sum, parts in ((64, 4, True, 4), (16, 2, False, 3), (8, 1, True, 1)):
+            nb = -(-h // bs)
+            hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
+            down = {"rows": rows, "cb": cb, "serial_sum": serial_sum}
+            part, y = torch.empty(parts, np_), torch.full((n_out,), float("nan"))
+            k = mlp_kernels.build_mlp_kernel("exact_mv", {"up": {"bs": bs, "rows": rows}, "down": down})
+            k(x, w, b, hc, idx, cnt, wdt, bd, part, y)
+            _close(y, bd + hid @ wdt[:, :n_out])
+            for half in (False, True):
+                kp = mlp_kernels.build_mlp_kernel("pred_mv", {"z": {"half": half}, "up": {"bs": bs, "rows": rows, "half": half},
+                                                              "down": down})
+                dt = torch.float16 if half else torch.float32
+                y.fill_(float("nan"))
+                kp(x, a.to(dt), torch.zeros(rk), torch.empty(rk), bp.to(dt), b, scale, thr, w, b, hc, idx, cnt, wdt, bd, part, y)
+                _close(y, bd + (hid * keep) @ wdt[:, :n_out])
+                assert int(cnt.sum()) == int(((hid * keep) != 0).sum())
+
+
+def test_assemble_rejects_conflicting_arguments(mlp_kernels):
+    up = mlp_kernels._up_mv_parts(mlp_kernels._normalise("up_mv", {}))
+    bad = ([("hc", "NB", "float32")], ["NB"], "pass\n")
+    with pytest.raises(Exception, match="fused kernel: argument hc"):
+        mlp_kernels._assemble(up, bad)
+
+
 def test_dense_mv_kernel(mlp_kernels):
     """The plain dense GEMV (bench_mlp's TIR-dense reference) on odd shapes: K below and above one
     unrolled vector step, H not a multiple of the rows per step nor of the block, a zero weight."""
@@ -273,6 +318,24 @@ def test_tir_predictor_strategy(tmp_path):
         assert listed == mod._w.hidden(x)[0].nonzero().reshape(-1).tolist()
     xb = torch.randn(5, K)
     _close(mod(xb), mod._w.dense_down(mod._w.hidden(xb)))
+    # the pass left the predictor float16-representable: the kernel reads it as float16; a
+    # predictor that is not (set by hand here) runs the float32 variant, with the same result
+    assert mod.kernel.endswith(",f16}")
+    from sparsecomp.backends.torch.mlp import _TirPredictorMV
+
+    w = mod._w
+    w.pred_a = w.pred_a + 1e-4 * torch.rand(w.pred_a.shape, generator=torch.Generator().manual_seed(9))
+    s32 = _TirPredictorMV(w, bs=64)
+    assert not s32.label.endswith(",f16}") and s32.pred_a.dtype == torch.float32
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(11))
+    _close(s32(x), w.dense_down(w.hidden(x)))
+    # hooks on the lowered module still run (its call skips nn.Module's frames only when none exist)
+    seen = []
+    h = mod.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    mod(x)
+    h.remove()
+    mod(x)
+    assert seen == [torch.Size([1, N])]
     gated = sc.compile(Gated().eval(), (torch.randn(1, K),), activation_sparsity="predictor:0.5", calibration=cal,
                        cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
     (row,) = [r for r in gated.report.rows if r["pattern"].startswith("mlp")]

@@ -55,6 +55,25 @@ def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
     assert cm.gm.validate_inputs is False
     with pytest.raises(SparsecompError, match="compiled for other inputs"):
         lowered(x, x)
+    # torch.export's hooks were no-ops here (tensor inputs) and are gone; hooks the user (or the
+    # backend) registers still run, on the module and for every module
+    from sparsecomp.backends.tir import begin_transpose_reuse, end_transpose_reuse
+    from sparsecomp.backends.torch import SparseLinear as _SL
+
+    hooks = list(cm.gm._forward_pre_hooks.values()) + list(cm.gm._forward_hooks.values())
+    assert hooks == [begin_transpose_reuse, end_transpose_reuse]  # the backend's own, not export's
+    seen = []
+    h1 = cm.gm.register_forward_hook(lambda mod, args, out: seen.append("gm"))
+    h2 = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: seen.append("sparse") if isinstance(mod, _SL) else None)
+    try:
+        _ = lowered(x)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert seen.count("gm") == 1 and seen.count("sparse") == 2
+    _ = lowered(x)
+    assert seen.count("gm") == 1  # removed: not called again
     assert cm.runs == cm.report.end_to_end["runs"] and cm.report.end_to_end["eager_ms"] > 0
     # the dense copies of lowered weights are freed; the dense layer keeps its weight
     names = {n for n, _ in cm.gm.named_parameters()}

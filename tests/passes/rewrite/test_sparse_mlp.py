@@ -153,6 +153,31 @@ def test_lossy_modes_calibrate_to_the_target(mode, make):
     assert F.cosine_similarity(out, dense, dim=-1).mean() > 0.5  # ... but not by much
 
 
+def test_predictor_factors_are_half_storable():
+    """The fitted predictor's factors are float16-representable (a kernel may store them in half
+    the bytes without changing what it computes), balanced per rank component so the product is
+    what the fit gave up to float16 rounding; factors that would overflow float16 stay float32."""
+    from sparsecomp.passes.rewrite.sparse_mlp import _fit_predictor, _half_storable
+
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(200, K, generator=g), torch.randn(H, K, generator=g) * 1e-3  # small: needs the balancing
+    a, b = _fit_predictor(x, w, 8)
+    for t in (a, b):
+        assert t.dtype == torch.float32 and torch.equal(t.half().float(), t)
+    # the product is the rank-8 approximation of w in the inputs' metric: close to w on these inputs
+    err = ((x @ a.t() @ b.t()) - x @ w.t()).norm() / (x @ w.t()).norm()
+    assert err < 0.9  # rank 8 of 24: an approximation, not a copy
+    # balancing: one component with a tiny A row and a huge B column comes out in range
+    a2, b2 = torch.zeros(2, K), torch.zeros(H, 2)
+    a2[0, 0], b2[0, 0], a2[1, 1], b2[1, 1] = 1e-7, 1e6, 1.0, 1.0
+    ha, hb = _half_storable(a2.double(), b2.double())
+    assert torch.equal(ha.half().float(), ha) and torch.isclose(ha[0, 0] * hb[0, 0], torch.tensor(0.1), rtol=1e-3)
+    # beyond float16's range even balanced: stays float32, unrounded
+    a3, b3 = torch.full((1, K), 1e5), torch.full((H, 1), 1e5)
+    fa, fb = _half_storable(a3.double(), b3.double())
+    assert fa.dtype == torch.float32 and not torch.isfinite(fa.half()).all()
+
+
 def test_lossy_needs_valid_calibration():
     with pytest.raises(SparsecompError, match="calibration data, and none was given"):
         rewrite(Plain("gelu"), 'find-mlps,sparse-mlp{mode="threshold",sparsity=0.5}')
