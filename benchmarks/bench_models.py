@@ -334,7 +334,7 @@ class Bench:
                              "met": out["speedup"][key] >= target}
         if case == "bert-base-u90":
             self.u90_onnx, self.u90_example, self.u90_ort_ms = sparse_path, example, o
-        del cm, sess_dense, cands
+        cm = sess_dense = cands = None  # free them before the next case (not del: the lambdas above name them)
         gc.collect()
         return out
 
