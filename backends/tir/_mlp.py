@@ -31,6 +31,15 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
   torch's GEMV for one-row layers (`backends/torch/dense.py`; on AMD CPUs MKL's GEMV reads at
   about half the bandwidth of these kernels), and bench_mlp's TIR-dense reference runs on it.
 
+- `exact_mv`, `pred_mv` (M = 1): a whole MLP in one call, the kernels above as phases of one
+  function (`_assemble`: each generator also returns its parts): `up_mv` + `down_mv`, and
+  `dense_mv` (the predictor's rank vector z) + `pred_up_mv` + `down_mv`. One call from Python
+  instead of two or three (each parallel phase is still its own pool launch); the down phase
+  sums its partials on the calling thread. Parameters are given per phase ("z", "up", "down").
+
+`dense_mv` and `pred_up_mv` take `half=True` to read their weight (the predictor's factors) as
+float16, widened to float32 on load.
+
 Argument conventions: inputs, then weights, then outputs (like `_codegen`).
 """
 
