@@ -353,11 +353,13 @@ class _Union(_Strategy):
     def chunks(self, h: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(rows per chunk, [chunks, H] bool: which neurons each chunk's union holds), in one pass
         over h (zero rows pad the last chunk; a zero activates nothing). One `nonzero` per chunk
-        cost 2.1 ms at M = 64 here, paid even when the union then fell back to dense."""
+        cost 2.1 ms at M = 64 here, paid even when the union then fell back to dense; and
+        `(h != 0).any(1)` over the chunks 1.27 ms, against 0.12 ms for `abs().amax(1) != 0`
+        (the same answer, NaN included: it propagates through amax and is != 0)."""
         step = self.CHUNK if self.kind == "tir" else h.shape[0]
         pad = -h.shape[0] % step
         hp = torch.nn.functional.pad(h, (0, 0, 0, pad)) if pad else h
-        return step, (hp.reshape(-1, step, h.shape[1]) != 0).any(1)
+        return step, hp.reshape(-1, step, h.shape[1]).abs().amax(1) != 0
 
     def down(self, h: torch.Tensor, parts: list) -> torch.Tensor:
         ys = [self._chunk(c, idx) for c, idx in parts]
@@ -417,7 +419,7 @@ class _PerRow(_Strategy):
 
     def __call__(self, x):
         h = self.w.hidden(x)
-        if float((h != 0).float().mean()) > self.crossover():
+        if float(torch.count_nonzero(h)) / max(h.numel(), 1) > self.crossover():  # (not `(h != 0).float().mean()`: 3 ops)
             return self.w.dense_down(h)
         return self.down(h)
 
