@@ -138,6 +138,23 @@ def model_is_cold(module) -> bool:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]) > l3_bytes()
 
 
+def cache_flush(pause_s: float = 0.001) -> Callable[[], None]:
+    """A `between` for `compare` that makes every timed call start cold: it reads a buffer of
+    twice the last-level cache (so a small op's weights, left in cache by its previous call, are
+    evicted, as they are inside a model whose weights exceed the cache), then pauses `pause_s` so
+    the OpenMP workers the read used can park. ~3 ms per call here: for ops whose copies would be
+    costly to cycle (`cold_copies`), e.g. a whole MLP with its strategies' packed weights."""
+    import torch
+
+    buf = torch.ones(2 * l3_bytes() // 4)
+
+    def flush() -> None:
+        buf.sum()
+        time.sleep(pause_s)
+
+    return flush
+
+
 def cold_copies(nbytes: int, max_copies: int = 32) -> int:
     """How many copies of `nbytes` of weights to cycle through per timed call so that each is read
     from memory: enough to fill twice the last-level cache."""

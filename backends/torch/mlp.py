@@ -22,10 +22,13 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
   the skipped work saves at this size); its scores round differently from the reference's, so a
   neuron whose score is within rounding of its threshold may be kept by one and not the other.
 - Each M = 1 strategy comes twice: with the down kernel on TVM's thread pool and on the calling
-  thread (`serial-down`): with few active rows, or on a busy machine, waking the pool's sleeping
-  workers (twice per call) can cost more than the work. The serial variant is a candidate only
-  while the down rows it reads are few (`SERIAL_DOWN_MAX_BYTES`): one thread cannot draw the
-  machine's read bandwidth from a cold weight.
+  thread (`serial-down`): with few active rows, or on a busy machine, a pool launch can cost more
+  than the work. The serial variant is a candidate only while the down rows it reads are few
+  (`SERIAL_DOWN_MAX_BYTES`): one thread cannot draw the machine's read bandwidth from a cold
+  weight.
+- In a model whose weights exceed the last-level cache, one-row MLPs smaller than twice that
+  cache are timed cold: a flush before every timed call (`timing.cache_flush`), since inside the
+  model their weights come from memory (the cache key records it).
 - Pruned MLPs (exact mode, a weight at most `PRUNED_DENSITY` nonzero): both sparsities at once.
   Each projection first gets its own measured sparse-linear kernel (`lowering.choose_kernel`,
   cached like any sparse_linear decision); then `pruned-mv` (M = 1: up on its kernel, the active
@@ -58,7 +61,7 @@ from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
 from sparsecomp.lowering import MLPDecision
 from sparsecomp.memory import prefer_huge_pages
-from sparsecomp.timing import compare
+from sparsecomp.timing import cache_flush, compare, l3_bytes, model_is_cold
 
 from .kernels import tir_available
 
@@ -670,6 +673,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
     decisions = []
     family_choice: dict[tuple, str] = {}
     linear_shortlists: dict[tuple, list[str]] = {}  # pruned MLPs' projections, as in lower_sparse_linear
+    cold_model, flush = model_is_cold(gm), None
     for i, node in enumerate(nodes):
         info = node.meta.get("sparsecomp.sparse_mlp", {})
         layer = info.get("layer", node.name)
@@ -694,6 +698,14 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
             makers = _mv_candidates(w, use_tir, pruned, read)
         else:
             makers = _mm_candidates(w, use_tir, pruned)
+        # One row per call in a model whose weights exceed the cache: inside it the MLP reads its
+        # weights from memory, but timed alone, call after call, an MLP smaller than the cache keeps
+        # them there, which favours the strategies with the least fixed cost (the single-threaded
+        # down kernel, for opt-125m-like's 19 MB MLPs). Each timed call then starts after a flush.
+        mlp_bytes = sum(t.numel() * t.element_size() for t in (w.w_up, w.w_gate, w.wdt_p) if t is not None)
+        cold = m == 1 and cold_model and mlp_bytes < 2 * l3_bytes()
+        if cold and flush is None:
+            flush = cache_flush()
         strategies = {"dense": _Strategy(w)}
         for make in makers:
             try:
@@ -714,7 +726,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         key, cached, entry = None, False, None
         if cache is not None:
             key = cache.key(op="sparse_mlp", shape=[w.K, w.H, w.N], m=m, mode=w.mode, activation=w.act_name, gated=w.gated,
-                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies),
+                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies), cold=cold,
                             weights=[round(float((t != 0).float().mean()), 2) for t in (w.w_up, w.wdt)] if pruned else None)
             labels = set(strategies)
             entry = cache.get(key, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
@@ -747,7 +759,8 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                 trial = {k: v for k, v in checked.items() if k in (family_choice[family], "dense")}
                 notes.append("timed only the choice of an earlier layer of this shape and density against dense")
             with torch.no_grad():
-                times = compare({k: (lambda s=s, x=x: s(x)) for k, s in trial.items()}, min_runs=min_runs, max_seconds=max_seconds)
+                times = compare({k: (lambda s=s, x=x: s(x)) for k, s in trial.items()}, min_runs=min_runs, max_seconds=max_seconds,
+                                between=flush if cold else None)
             measured = {k: v.median * 1e6 for k, v in times.items()}
             best = min((k for k in measured if k in eligible), key=measured.get, default="dense")
             family_choice.setdefault(family, best)

@@ -367,6 +367,29 @@ def test_decision_is_cached(tmp_path):
     assert not r1["cached"] and r2["cached"] and r1["kernel"] == r2["kernel"]
 
 
+def test_one_row_mlp_of_a_cold_model_is_timed_cold(tmp_path, monkeypatch):
+    """In a model whose weights exceed the last-level cache, a one-row MLP small enough to stay in
+    cache between timed calls is timed with a flush before every call, and the decision is cached
+    under its own key (a hot decision is not reused cold); more rows, or a warm model, no flush."""
+    from sparsecomp.backends.torch import mlp as mlp_mod
+
+    flushes = []
+    monkeypatch.setattr(mlp_mod, "cache_flush", lambda: (lambda: flushes.append(1)))
+    model = Plain(-0.5).eval()
+    x = torch.randn(1, K)
+    warm = sc.compile(model, (x,), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert not flushes  # these few KB fit any cache: timed call after call
+    monkeypatch.setattr(mlp_mod, "model_is_cold", lambda gm: True)
+    cold = sc.compile(model, (x,), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    row = next(r for r in cold.report.rows if r["layer"] == "fc1->fc2")
+    assert flushes and not row["cached"]  # measured again, cold: the warm decision was under another key
+    _close(cold(x), model(x))
+    n = len(flushes)
+    sc.compile(model, (torch.randn(5, K),), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert len(flushes) == n  # more rows per call: not this path
+    assert warm.report.verify["ok"] and cold.report.verify["ok"]
+
+
 def test_cli_activation_sparsity(tmp_path, capsys, monkeypatch):
     from sparsecomp.cli import main
 

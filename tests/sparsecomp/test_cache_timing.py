@@ -98,3 +98,19 @@ def test_compare_between_runs_before_every_timed_call():
                   between=lambda: log.append("|"))
     assert log.count("|") == 6 and all(log[i] == "|" for i in range(0, 12, 2))  # untimed, before each call
     assert res["a"].runs == res["b"].runs == 3
+
+
+def test_cache_flush_reads_past_the_cache_and_pauses(monkeypatch):
+    """`cache_flush` streams a buffer of twice the last-level cache (so a small op's weights are
+    evicted before the next timed call) and then pauses so OpenMP workers can park."""
+    import time
+
+    from sparsecomp import timing
+
+    monkeypatch.setattr(timing, "l3_bytes", lambda: 1 << 20)
+    flush = timing.cache_flush(pause_s=0.01)
+    t0 = time.perf_counter()
+    flush()
+    assert time.perf_counter() - t0 >= 0.01
+    buf = next(c.cell_contents for c in flush.__closure__ if hasattr(c.cell_contents, "numel"))
+    assert buf.numel() * buf.element_size() == 2 << 20
