@@ -688,16 +688,6 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         density = float((h != 0).any(0).float().mean())
         notes: list[str] = []
         pruned = None
-        if w.mode == "exact" and _pruned(w):  # both sparsities: the weights' zeros and the inactive neurons
-            pruned = _Pruned(w, x, h, layer, cache=cache, max_seconds=max_seconds / 2, min_runs=min_runs, use_tir=use_tir,
-                             rtol=rtol, shortlists=linear_shortlists)
-            notes.append(pruned.note(w))
-        if m == 1:
-            with torch.no_grad():  # predictor mode reads every selected neuron's row, active or not
-                read = density if w.mode != "predictor" else float(w.keep(x).any(0).float().mean())
-            makers = _mv_candidates(w, use_tir, pruned, read)
-        else:
-            makers = _mm_candidates(w, use_tir, pruned)
         # One row per call in a model whose weights exceed the cache: inside it the MLP reads its
         # weights from memory, but timed alone, call after call, an MLP smaller than the cache keeps
         # them there, which favours the strategies with the least fixed cost (the single-threaded
@@ -706,6 +696,16 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         cold = m == 1 and cold_model and mlp_bytes < 2 * l3_bytes()
         if cold and flush is None:
             flush = cache_flush()
+        if w.mode == "exact" and _pruned(w):  # both sparsities: the weights' zeros and the inactive neurons
+            pruned = _Pruned(w, x, h, layer, cache=cache, max_seconds=max_seconds / 2, min_runs=min_runs, use_tir=use_tir,
+                             rtol=rtol, shortlists=linear_shortlists, flush=flush if cold else None)
+            notes.append(pruned.note(w))
+        if m == 1:
+            with torch.no_grad():  # predictor mode reads every selected neuron's row, active or not
+                read = density if w.mode != "predictor" else float(w.keep(x).any(0).float().mean())
+            makers = _mv_candidates(w, use_tir, pruned, read)
+        else:
+            makers = _mm_candidates(w, use_tir, pruned)
         strategies = {"dense": _Strategy(w)}
         for make in makers:
             try:
