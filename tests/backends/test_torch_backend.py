@@ -80,11 +80,16 @@ def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
     assert "0.weight" not in names and "4.weight" in names
 
 
-@pytest.mark.parametrize("single_ms,expect", [(5.0, 1), (7.9, None)], ids=["one-thread-wins", "within-margin"])
-def test_torch_ops_thread_count_is_measured(single_ms, expect, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernels,single_ms,expect", [
+    ("torch-csr", 5.0, 1), ("torch-csr", 7.9, None),  # no TIR kernel: one thread must win by 3%
+    ("tir-csr", 8.5, 1), ("tir-csr", 9.0, None),  # TIR kernels (TVM's pool spins): torch's threads must win by 10%
+], ids=["csr-one-thread-wins", "csr-within-margin", "tir-threads-within-margin", "tir-threads-win"])
+def test_torch_ops_thread_count_is_measured(kernels, single_ms, expect, tmp_path, monkeypatch):
     """compile times the lowered graph with torch's own ops on its thread count and on one thread
-    (against eager); one thread is kept only when it wins by the margin, and a call then runs
-    torch's ops on one thread and restores the user's setting afterwards."""
+    (against eager). Without TIR kernels one thread is kept only when it wins by its margin; with
+    them (TVM's workers spin between kernels on the cores torch's workers need) torch's threads
+    are kept only when they win by theirs. A call with one thread runs torch's ops on one thread
+    and restores the user's setting afterwards."""
     import sparsecomp.timing as timing
     from sparsecomp.timing import Measurement
 
@@ -98,7 +103,8 @@ def test_torch_ops_thread_count_is_measured(single_ms, expect, tmp_path, monkeyp
     before = torch.get_num_threads()
     monkeypatch.setattr(torch, "get_num_threads", lambda: max(before, 2))  # as on a machine with 2+ threads
     x = torch.randn(4, 96)
-    cm = sc.compile(m, (x,), kernels="torch-csr", use_tir=False, cache_dir=str(tmp_path))
+    cm = sc.compile(m, (x,), kernels=kernels, use_tir=kernels.startswith("tir"), cache_dir=str(tmp_path))
+    assert all(r["kernel"].startswith(kernels) for r in cm.report.rows if r["decision"] == "sparse")
     assert cm.runs == "compiled" and cm.torch_threads == expect and cm.report.end_to_end["torch_threads"] == expect
     assert cm.report.end_to_end["compiled_ms"] == pytest.approx(single_ms if expect else 8.0)
     assert CompiledModel(cm.gm, cm.report, "torch").torch_threads == expect  # a re-wrapped graph keeps the choice
