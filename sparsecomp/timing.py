@@ -155,6 +155,25 @@ def cache_flush(pause_s: float = 0.001) -> Callable[[], None]:
     return flush
 
 
+class ColdTiming:
+    """Which ops of a lowered model to time cold, for the sparse-linear and sparse-MLP lowerings:
+    `flush(rows, nbytes)` is a `cache_flush` (one per model, made on first need) for an op that
+    sees one row per call in a model whose weights exceed the last-level cache, when its own
+    weights (`nbytes`) are under twice that cache (so the timing loop would keep them there);
+    None otherwise (larger weights are cold in any timing loop)."""
+
+    def __init__(self, module):
+        self.model_cold = model_is_cold(module)
+        self._flush = None
+
+    def flush(self, rows: int, nbytes: int) -> Callable[[], None] | None:
+        if not (rows == 1 and self.model_cold and nbytes < 2 * l3_bytes()):
+            return None
+        if self._flush is None:
+            self._flush = cache_flush()
+        return self._flush
+
+
 def cold_copies(nbytes: int, max_copies: int = 32) -> int:
     """How many copies of `nbytes` of weights to cycle through per timed call so that each is read
     from memory: enough to fill twice the last-level cache."""

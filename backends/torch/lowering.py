@@ -32,7 +32,7 @@ from sparsecomp.dialect import sparse_linear_args
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, record_inputs
 from sparsecomp.lowering import TIR_GEMV, LayerDecision
-from sparsecomp.timing import cache_flush, compare, l3_bytes, model_is_cold
+from sparsecomp.timing import ColdTiming, compare
 
 from .dense import MARGIN as DENSE_MARGIN
 from .kernels import Candidate, candidates
@@ -194,21 +194,16 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
     # kernels alike: the first one searches every candidate, the others only its fastest few. This
     # cut compile time several-fold (each candidate costs an LLVM build and a check) at no measured loss.
     shortlists: dict[tuple, list[str]] = {}
-    cold_model, flush = model_is_cold(gm), None
+    cold = ColdTiming(gm)
     for i, node in enumerate(nodes):
         layer, weight, bias = sparse_linear_args(gm, node)
         x = inputs[node]
         m = x.numel() // x.shape[-1] if x.dim() else 1
         density = float((weight != 0).float().mean())
-        # one row per call in a model whose weights exceed the cache: the layer reads its weight
-        # from memory in the model, but timed call after call a weight under twice the cache stays
-        # there (see `timing.cache_flush`)
-        cold = m == 1 and cold_model and weight.numel() * weight.element_size() < 2 * l3_bytes()
-        if cold and flush is None:
-            flush = cache_flush()
+        flush = cold.flush(m, weight.numel() * weight.element_size())  # see `timing.ColdTiming`
         choice = choose_kernel(weight, bias, x, layer=layer, cache=cache, max_seconds=max_seconds, min_runs=min_runs,
                                use_tir=use_tir, rtol=rtol, only=only, tune=tune, shortlists=shortlists,
-                               flush=flush if cold else None)
+                               flush=flush)
         chosen, notes, dense_us, chosen_us = choice.candidate, choice.notes, choice.dense_us, choice.chosen_us
         measured, cached = choice.measured, choice.cached
         if chosen.fmt == "dense":

@@ -56,12 +56,12 @@ from torch import fx
 
 from sparsecomp.cache import DecisionCache
 from sparsecomp.dialect import MLP_ACTIVATIONS, mlp_hidden, predictor_keep
-from sparsecomp.ir import global_module_hooks as _global_module_hooks
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
+from sparsecomp.ir import global_module_hooks as _global_module_hooks
 from sparsecomp.lowering import MLPDecision
 from sparsecomp.memory import prefer_huge_pages
-from sparsecomp.timing import cache_flush, compare, l3_bytes, model_is_cold
+from sparsecomp.timing import ColdTiming, compare
 
 from .kernels import tir_available
 
@@ -149,13 +149,11 @@ class _DownMV:
     """TIR down kernel at M = 1 over a compact list of neurons (idx, values)."""
 
     def __init__(self, w: _Weights, parts: int, rows: int, serial: bool = False):
-        from sparsecomp.backends.tir import _mlp
-
         self.w = w
         # as a phase of a fused kernel (`exact_mv`, `pred_mv`) the partials are summed on the
         # calling thread: a second launch for N * P adds cost more than the adds
         self.params = {"rows": rows, "cb": _CB, "serial": serial, "serial_sum": True}
-        self.k = _mlp.build_mlp_kernel("down_mv", {"rows": rows, "cb": _CB, "serial": serial})
+        self._k = None  # the standalone kernel (`blocks`): built on first use, never for a fused phase
         self.part = torch.empty(1 if serial else parts, w.NP)
         self.tag = "serial-down" if serial else "tir-down"
 
@@ -164,8 +162,12 @@ class _DownMV:
         return self.w.wdt_p, self.w.b_down, self.part
 
     def blocks(self, hc, idx, cnt) -> torch.Tensor:
+        if self._k is None:
+            from sparsecomp.backends.tir import _mlp
+
+            self._k = _mlp.build_mlp_kernel("down_mv", {k: v for k, v in self.params.items() if k != "serial_sum"})
         y = torch.empty(self.w.N)
-        self.k(hc, idx, cnt, self.w.wdt_p, self.w.b_down, self.part, y)
+        self._k(hc, idx, cnt, self.w.wdt_p, self.w.b_down, self.part, y)
         return y
 
     def flat(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -673,7 +675,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
     decisions = []
     family_choice: dict[tuple, str] = {}
     linear_shortlists: dict[tuple, list[str]] = {}  # pruned MLPs' projections, as in lower_sparse_linear
-    cold_model, flush = model_is_cold(gm), None
+    cold = ColdTiming(gm)
     for i, node in enumerate(nodes):
         info = node.meta.get("sparsecomp.sparse_mlp", {})
         layer = info.get("layer", node.name)
@@ -692,13 +694,10 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         # weights from memory, but timed alone, call after call, an MLP smaller than the cache keeps
         # them there, which favours the strategies with the least fixed cost (the single-threaded
         # down kernel, for opt-125m-like's 19 MB MLPs). Each timed call then starts after a flush.
-        mlp_bytes = sum(t.numel() * t.element_size() for t in (w.w_up, w.w_gate, w.wdt_p) if t is not None)
-        cold = m == 1 and cold_model and mlp_bytes < 2 * l3_bytes()
-        if cold and flush is None:
-            flush = cache_flush()
+        flush = cold.flush(m, sum(t.numel() * t.element_size() for t in (w.w_up, w.w_gate, w.wdt_p) if t is not None))
         if w.mode == "exact" and _pruned(w):  # both sparsities: the weights' zeros and the inactive neurons
             pruned = _Pruned(w, x, h, layer, cache=cache, max_seconds=max_seconds / 2, min_runs=min_runs, use_tir=use_tir,
-                             rtol=rtol, shortlists=linear_shortlists, flush=flush if cold else None)
+                             rtol=rtol, shortlists=linear_shortlists, flush=flush)
             notes.append(pruned.note(w))
         if m == 1:
             with torch.no_grad():  # predictor mode reads every selected neuron's row, active or not
@@ -726,7 +725,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         key, cached, entry = None, False, None
         if cache is not None:
             key = cache.key(op="sparse_mlp", shape=[w.K, w.H, w.N], m=m, mode=w.mode, activation=w.act_name, gated=w.gated,
-                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies), cold=cold,
+                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies), cold=flush is not None,
                             weights=[round(float((t != 0).float().mean()), 2) for t in (w.w_up, w.wdt)] if pruned else None)
             labels = set(strategies)
             entry = cache.get(key, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
@@ -760,7 +759,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                 notes.append("timed only the choice of an earlier layer of this shape and density against dense")
             with torch.no_grad():
                 times = compare({k: (lambda s=s, x=x: s(x)) for k, s in trial.items()}, min_runs=min_runs, max_seconds=max_seconds,
-                                between=flush if cold else None)
+                                between=flush)
             measured = {k: v.median * 1e6 for k, v in times.items()}
             best = min((k for k in measured if k in eligible), key=measured.get, default="dense")
             family_choice.setdefault(family, best)

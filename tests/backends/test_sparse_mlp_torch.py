@@ -371,15 +371,15 @@ def test_one_row_mlp_of_a_cold_model_is_timed_cold(tmp_path, monkeypatch):
     """In a model whose weights exceed the last-level cache, a one-row MLP small enough to stay in
     cache between timed calls is timed with a flush before every call, and the decision is cached
     under its own key (a hot decision is not reused cold); more rows, or a warm model, no flush."""
-    from sparsecomp.backends.torch import mlp as mlp_mod
+    from sparsecomp import timing
 
     flushes = []
-    monkeypatch.setattr(mlp_mod, "cache_flush", lambda: (lambda: flushes.append(1)))
+    monkeypatch.setattr(timing, "cache_flush", lambda: (lambda: flushes.append(1)))
     model = Plain(-0.5).eval()
     x = torch.randn(1, K)
     warm = sc.compile(model, (x,), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
     assert not flushes  # these few KB fit any cache: timed call after call
-    monkeypatch.setattr(mlp_mod, "model_is_cold", lambda gm: True)
+    monkeypatch.setattr(timing, "model_is_cold", lambda gm: True)
     cold = sc.compile(model, (x,), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
     row = next(r for r in cold.report.rows if r["layer"] == "fc1->fc2")
     assert flushes and not row["cached"]  # measured again, cold: the warm decision was under another key

@@ -135,15 +135,15 @@ def test_one_row_layers_of_a_cold_model_are_timed_cold(tmp_path, monkeypatch):
     """At one row per call in a model whose weights exceed the last-level cache, sparse_linear
     candidates are timed with a flush before every timed call and the decision is cached under
     its own key; more rows per call, or a model that fits the cache, are timed as before."""
-    from sparsecomp.backends.torch import lowering as low
+    from sparsecomp import timing
 
     flushes = []
-    monkeypatch.setattr(low, "cache_flush", lambda: (lambda: flushes.append(1)))
+    monkeypatch.setattr(timing, "cache_flush", lambda: (lambda: flushes.append(1)))
     m = net()
     x1 = torch.randn(1, 96)
     warm = sc.compile(m, (x1,), cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
     assert not flushes
-    monkeypatch.setattr(low, "model_is_cold", lambda gm: True)
+    monkeypatch.setattr(timing, "model_is_cold", lambda gm: True)
     cold = sc.compile(m, (x1,), cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
     assert flushes and not any(r["cached"] for r in cold.report.rows if r["layer"] in ("0", "2"))
     n = len(flushes)
