@@ -268,7 +268,7 @@ class SparseLinearKernel:
             return y.reshape(*lead, N)
         mt = self.mt
         mp = -(-M // mt) * mt
-        xt = _transposed(x, x2, kp, mp)
+        xt = _transposed(x, x2, kp, mp, mt)
         y = torch.empty((mp, N), dtype=torch.float32)
         self._func(xt, *arrays, b, y)
         return y[:M].reshape(*lead, N)
@@ -291,35 +291,41 @@ def end_transpose_reuse(*_hook_args) -> None:
     _last_xt.entry, _last_xt.on = None, False
 
 
-def _transposed(x: torch.Tensor, x2: torch.Tensor, kp: int, mp: int) -> torch.Tensor:
-    """x2 [M, K] (a view of the caller's input `x`) transposed into a new xt [kp, mp], zero padded.
+def _transposed(x: torch.Tensor, x2: torch.Tensor, kp: int, mp: int, mt: int) -> torch.Tensor:
+    """x2 [M, K] (a view of the caller's input `x`) transposed into a new xt [mp / mt, kp, mt],
+    zero padded: xt[m // mt, k, m % mt] = x2[m, k] (the "mm" kernels' layout, `_codegen`).
 
     Inside a forward (see `begin_transpose_reuse`), reused while the same tensor `x` comes again
     unmodified (same object, same version counter: an in-place change transposes again) with the
-    same padding. Whole 8x8 tiles go through the TIR transpose (`_codegen.transpose_source`), the
-    ragged edges through torch.
+    same padding and tile height. Whole 8x8 tiles go through the TIR transpose
+    (`_codegen.transpose_source`), the ragged edges through torch.
     """
     reuse = getattr(_last_xt, "on", False)
     last = _last_xt.entry if reuse else None
     if last is not None:
         ref, version, shape, xt = last
-        if ref() is x and x._version == version and shape == tuple(x.shape) and tuple(xt.shape) == (kp, mp):
+        if ref() is x and x._version == version and shape == tuple(x.shape) and tuple(xt.shape) == (mp // mt, kp, mt):
             return xt
     M, K = x2.shape
-    xt = torch.empty((kp, mp), dtype=torch.float32)
-    if mp > M:
-        xt[:, M:].zero_()  # padding rows of x: their outputs are dropped, but keep them finite
-    if kp > K:
-        xt[K:, :M].zero_()
     m8, k8 = M // 8 * 8, K // 8 * 8
-    if m8 and k8:
-        build_source("transpose", {}, transpose_source())(_aligned(x2), xt)
-        if k8 < K:
-            xt[k8:K, :M].copy_(x2[:, k8:].t())
-        if m8 < M:
-            xt[:k8, m8:M].copy_(x2[m8:, :k8].t())
+    if not (m8 and k8):  # no whole 8x8 tile: all in torch
+        xp = torch.zeros((mp, kp), dtype=torch.float32)
+        xp[:M, :K] = x2
+        xt = xp.view(mp // mt, mt, kp).transpose(1, 2).contiguous()
     else:
-        xt[:K, :M].copy_(x2.t())
+        xt = torch.empty((mp // mt, kp, mt), dtype=torch.float32)
+        if mp > M:  # padding rows of x: their outputs are dropped, but keep them finite
+            xt[-(-M // mt):].zero_()
+            if M % mt:
+                xt[M // mt, :, M % mt:].zero_()
+        if kp > K:
+            xt[:, K:, :].zero_()
+        build_source("transpose", {"mt": mt}, transpose_source(mt))(_aligned(x2), xt)
+        if m8 < M:  # the last < 8 rows of x lie in one tile (m8 and mt are multiples of 8)
+            xt[m8 // mt, :K, m8 % mt:m8 % mt + M - m8].copy_(x2[m8:].t())
+        if k8 < K:  # the last < 8 columns of the rows above, tile by tile
+            for t in range(0, m8, mt):
+                xt[t // mt, k8:K, :min(mt, m8 - t)].copy_(x2[t:min(t + mt, m8), k8:].t())
     if reuse:
         _last_xt.entry = (weakref.ref(x), x._version, tuple(x.shape), xt)
     return xt

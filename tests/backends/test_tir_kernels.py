@@ -122,18 +122,37 @@ def test_mm(tir, fmt, params):
         _check(tir, fmt, params, _weights("dense", ""), 9)
 
 
-@pytest.mark.parametrize("M,K,kp,mp", [(16, 24, 24, 16), (19, 53, 56, 32), (7, 53, 53, 8), (9, 5, 8, 16), (128, 768, 768, 128)])
-def test_transpose_for_mm_kernels(tir, M, K, kp, mp):
-    """x [M, K] -> xt [kp, mp]: whole 8x8 tiles by the TIR kernel, ragged edges by torch, zero padding."""
+def _logical(xt: torch.Tensor) -> torch.Tensor:
+    """xt [mp / mt, kp, mt] (the mm kernels' tiles) as the plain transpose [kp, mp]."""
+    nt, kp, mt = xt.shape
+    return xt.permute(1, 0, 2).reshape(kp, nt * mt)
+
+
+@pytest.mark.parametrize("M,K,kp,mp,mt", [(16, 24, 24, 16, 8), (16, 24, 24, 16, 16), (19, 53, 56, 32, 16), (19, 53, 56, 32, 8),
+                                          (7, 53, 53, 8, 8), (9, 5, 8, 16, 8), (20, 5, 5, 24, 8), (30, 16, 16, 64, 32),
+                                          (128, 768, 768, 128, 32), (128, 768, 768, 128, 8)])
+def test_transpose_for_mm_kernels(tir, M, K, kp, mp, mt):
+    """x [M, K] -> xt [mp / mt, kp, mt] (xt[m // mt, k, m % mt] = x[m, k]): whole 8x8 tiles by the
+    TIR kernel, ragged edges by torch, zero padding."""
     from sparsecomp.backends.tir._linear import _transposed
 
     x = torch.randn(M, K)
-    xt = _transposed(x, x, kp, mp)
+    xt = _transposed(x, x, kp, mp, mt)
+    assert tuple(xt.shape) == (mp // mt, kp, mt) and xt.is_contiguous()
     want = torch.zeros(kp, mp)
     want[:K, :M] = x.t()
-    assert torch.equal(xt, want)
+    assert torch.equal(_logical(xt), want)
+    if mp > mt:  # read as one [kp, mp] block (the layout before tiles), the same memory is wrong
+        assert not torch.equal(xt.reshape(kp, mp), want)
     strided = torch.randn(K, M).t()  # a non-contiguous input is copied, not misread
-    assert torch.equal(_transposed(strided, strided, kp, mp)[:K, :M], strided.t())
+    assert torch.equal(_logical(_transposed(strided, strided, kp, mp, mt))[:K, :M], strided.t())
+
+
+def test_transpose_rejects_tiles_that_are_not_multiples_of_8(tir):
+    from sparsecomp.backends.tir._codegen import transpose_source
+
+    with pytest.raises(SparsecompError, match="multiple of 8"):
+        transpose_source(12)
 
 
 def test_transposed_input_is_reused_only_while_unchanged(tir):
@@ -144,18 +163,19 @@ def test_transposed_input_is_reused_only_while_unchanged(tir):
     x = torch.randn(16, 32)
     tir.begin_transpose_reuse()
     try:
-        first = _transposed(x, x, 32, 16)
-        assert _transposed(x, x.reshape(-1, 32), 32, 16) is first  # same tensor, untouched: reused
-        assert _transposed(x, x, 32, 32) is not first  # other padding: not reused
-        again = _transposed(x, x, 32, 16)
+        first = _transposed(x, x, 32, 16, 8)
+        assert _transposed(x, x.reshape(-1, 32), 32, 16, 8) is first  # same tensor, untouched: reused
+        assert _transposed(x, x, 32, 32, 8) is not first  # other padding: not reused
+        assert _transposed(x, x, 32, 16, 16) is not first  # other tile height: not reused
+        again = _transposed(x, x, 32, 16, 8)
         x.mul_(2)  # in place: the version counter moves
-        assert not torch.equal(_transposed(x, x, 32, 16), again)
-        assert torch.equal(_transposed(x, x, 32, 16), x.t())
+        assert not torch.equal(_transposed(x, x, 32, 16, 8), again)
+        assert torch.equal(_logical(_transposed(x, x, 32, 16, 8)), x.t())
         y = x.clone()
-        assert _transposed(y, y, 32, 16) is not _transposed(x, x, 32, 16)
+        assert _transposed(y, y, 32, 16, 8) is not _transposed(x, x, 32, 16, 8)
     finally:
         tir.end_transpose_reuse()
-    assert _transposed(x, x, 32, 16) is not _transposed(x, x, 32, 16)  # outside a forward: never
+    assert _transposed(x, x, 32, 16, 8) is not _transposed(x, x, 32, 16, 8)  # outside a forward: never
 
 
 def test_input_refilled_through_numpy_between_calls(tir):
