@@ -446,11 +446,13 @@ for sl in T.parallel((N + 7) // 8):
 
 
 def _mm_row_loop(MT: int, U: int, count: str, val: str, colx: str, dst_row: str, bias: str,
-                 mt_loop: bool = True) -> str:
+                 mt_loop: bool = True, blk_row: str | None = None) -> str:
     """Inner part for one output row: loops over M tiles and the row's `count` entries.
 
     `val` / `colx` are expressions of the entry number `j` (0-based within the row). With
-    mt_loop=False the caller's loop binds `mt` (row blocking, see `_csr_mm`).
+    mt_loop=False the caller's loop binds `mt` (row blocking, see `_csr_mm`). With `blk_row`, the
+    row's MT outputs go to row `blk_row` of the caller's block buffer `blk` (one vector store)
+    instead of MT scalar stores down a column of y (`_block_store` writes the block out).
     """
     UM = U * MT
     s = f"""for mt in range({"MP // " + str(MT) if mt_loop else "mt, mt + 1"}):
@@ -475,10 +477,43 @@ def _mm_row_loop(MT: int, U: int, count: str, val: str, colx: str, dst_row: str,
     for q in T.vectorized({MT}):
         acc[q] = acc[q] + {" + ".join(f"acc[{u * MT} + q]" for u in range(1, U))}
 """
-    s += f"""    for q in range({MT}):
+    if blk_row is not None:
+        s += f"""    for q in T.vectorized({MT}):
+        blk[{blk_row} * {MT} + q] = acc[q] + {bias}
+"""
+    else:
+        s += f"""    for q in range({MT}):
         y[mt * {MT} + q, {dst_row}] = acc[q] + {bias}
 """
     return s
+
+
+def _block_store(MT: int, RB: int, row0: str) -> str:
+    """Write the block buffer blk[RB, MT] (rows row0 .. row0 + RB of the output, M tile `mt`) to
+    y[mt * MT + q, row0 + rr]. A whole block of a multiple of 8 rows goes as 8x8 register
+    transposes (8-float stores along y's rows); the last, partial block element by element.
+
+    Why: storing each output row's MT values straight down a column of y hits MT lines whose
+    addresses differ by N floats, often a multiple of 4 KB (N = 3072: 12 KB), so they share one
+    L1 set and evict each other. Measured 3072x768, M = 128, 90%, 2 threads, mt 32 rb 32:
+    1.46 -> 0.84 ms; 768x768: 0.28 -> 0.23 ms; 768x3072: 1.11 -> 1.07 ms.
+    """
+    scalar = f"""for rr in range({RB}):
+    if {row0} + rr < N:
+        for q in range({MT}):
+            y[mt * {MT} + q, {row0} + rr] = blk[rr * {MT} + q]
+"""
+    if RB % 8:
+        return scalar
+    s = f"""if {row0} + {RB} <= N:
+    for q8 in range({MT // 8}):
+        for r8 in range({RB // 8}):
+"""
+    rows = ", ".join(f"blk[T.Ramp((r8 * 8 + {j}) * {MT} + q8 * 8, 1, 8)]" for j in range(8))
+    for i in range(8):
+        s += (f"            y[mt * {MT} + q8 * 8 + {i}, T.Ramp({row0} + r8 * 8, 1, 8)] = "
+              f"T.Shuffle([{rows}], [{', '.join(str(j * 8 + i) for j in range(8))}])\n")
+    return s + "else:\n" + _ind(scalar, 4)
 
 
 def _mm_header(args_mid: list[tuple[str, str, str]], sizes: list[str], MT: int) -> str:
@@ -492,16 +527,18 @@ def _csr_mm(p: dict, idt: str) -> str:
     RB = p.get("rb", 0)
     if RB:
         # row blocking: each task takes RB rows and runs M tiles outermost, so that only one
-        # [KP, MT] slice of xt is live in L2 at a time (the block's weights are re-read from L1/L2)
+        # [KP, MT] tile of xt is live at a time (the block's weights are re-read from L1/L2); the
+        # block's outputs for a tile collect in blk[RB, MT] and go out together (`_block_store`)
         body = f"""
 for rb in T.parallel((N + {RB - 1}) // {RB}):
+    blk = T.alloc_buffer(({RB * MT},), "float32")
     for mt in range(MP // {MT}):
         for rr in range({RB}):
             if rb * {RB} + rr < N:
                 s = T.Bind(ptr[rb * {RB} + rr])
                 cnt = T.Bind(ptr[rb * {RB} + rr + 1] - s)
 """ + _ind(_mm_row_loop(MT, U, "cnt", "vals[s + {j}]", 'T.Cast("int32", col[s + {j}])', f"rb * {RB} + rr",
-                        f"bias[rb * {RB} + rr]", mt_loop=False), 16)
+                        f"bias[rb * {RB} + rr]", mt_loop=False, blk_row="rr"), 16) + _ind(_block_store(MT, RB, f"rb * {RB}"), 8)
         return s + _ind(body, 4)
     body = """
 for r in T.parallel(N):
