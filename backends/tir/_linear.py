@@ -416,11 +416,13 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                 if fmt == "nm":
                     p.update(n=n, m=m)
                 out.append((cost, p))
-                if fmt == "csr" and -(-M // mt) >= 4:
-                    # row blocks of 32 with M tiles outermost (one xt slice live in L2): measured
-                    # 768->3072 at M = 128, 90%, hot, interleaved, load 2.1 and 3.0: mt 32 u1
-                    # 1.72-1.79 ms vs 1.97-2.01 ms without, mt 16 u2 1.79-1.82 vs 1.94-1.99 ms;
-                    # at M = 16 (2 tiles of 8) it lost: 1.61 ms vs 1.24 ms for mt 16 u4
-                    out.append((cost - 0.05, {**p, "rb": 32}))
+                if fmt == "csr":
+                    # rows in blocks of 32 whose outputs leave by register transposes, and one
+                    # chunk of blocks per thread running all its blocks over one xt tile before
+                    # the next (`_codegen._csr_mm`). Measured hot, 2 threads, interleaved, 90%:
+                    # M = 128, mt 32 u1: 3072x768 0.87 -> 0.82 ms with chunks (1.46 ms before
+                    # the block store), 768x3072 1.13 -> 1.01 ms; M = 16: 3072x768 mt 16 u2
+                    # 0.26 ms vs 0.32 ms for the best unblocked variant (mt 16 u4)
+                    out.append((cost - 0.05, {**p, "rb": 32, "chunks": _target.get_num_threads()}))
     out.sort(key=lambda t: t[0])
     return [p for _, p in (out if exhaustive else out[:limit])]
