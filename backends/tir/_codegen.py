@@ -448,14 +448,46 @@ for sl in T.parallel((N + 7) // 8):
 # M > 1: xt[Mp / MT, Kp, MT] (tile mt holds rows mt * MT .. of x, transposed), y[Mp, N]
 
 
+# GELU (erf form, torch's default) as erf(z) ~ z * P(z^2) / Q(z^2) on z clamped to [-4, 4]
+# (|erf(4)| is 1 - 1.5e-8, so 1 in float32). The coefficients are our own weighted least-squares
+# rational fit on [0, 4] (iterated until Q has no root there: Q >= 1). Measured against torch's
+# F.gelu over [-12, 12]: max abs error 9.5e-7 (torch's own erf GELU is 3.7e-7 from the float64
+# value). Vectorised, it runs 2x faster than torch's F.gelu (188 vs 384 us for 128 x 3072, one
+# thread), and inside a kernel's epilogue it costs no pass over memory.
+_GELU_P = (1.12837918, 0.184642239, 0.0543295196, 0.00383755202, 0.00038289576, 4.787239e-06, -1.36946172e-08)
+_GELU_Q = (1.0, 0.496968478, 0.11380343, 0.0154502321, 0.00130945772, 6.40740294e-05)
+ACTIVATIONS = ("gelu",)
+
+
+def _horner(coefs: tuple[float, ...], t: str) -> str:
+    e = f"T.float32({coefs[-1]!r})"
+    for c in reversed(coefs[:-1]):
+        e = f"({e} * {t} + T.float32({c!r}))"
+    return e
+
+
+def _epilogue(dst: str, value: str, act: str | None) -> str:
+    """Lines storing `value` (an expression) to `dst`, through the activation `act` if any."""
+    if act is None:
+        return f"{dst} = {value}\n"
+    if act != "gelu":
+        raise SparsecompError(f"no kernel epilogue for activation {act!r}", hint=f"epilogues: {', '.join(ACTIVATIONS)}")
+    return f"""ev = T.Bind({value})
+ez = T.Bind(T.max(T.min(ev * T.float32(0.70710678118654752), T.float32(4)), T.float32(-4)))
+et = T.Bind(ez * ez)
+{dst} = T.float32(0.5) * ev * (T.float32(1) + ez * {_horner(_GELU_P, "et")} / {_horner(_GELU_Q, "et")})
+"""
+
+
 def _mm_row_loop(MT: int, U: int, count: str, val: str, colx: str, dst_row: str, bias: str,
-                 mt_loop: bool = True, blk_row: str | None = None) -> str:
+                 mt_loop: bool = True, blk_row: str | None = None, act: str | None = None) -> str:
     """Inner part for one output row: loops over M tiles and the row's `count` entries.
 
     `val` / `colx` are expressions of the entry number `j` (0-based within the row). With
     mt_loop=False the caller's loop binds `mt` (row blocking, see `_csr_mm`). With `blk_row`, the
     row's MT outputs go to row `blk_row` of the caller's block buffer `blk` (one vector store)
-    instead of MT scalar stores down a column of y (`_block_store` writes the block out).
+    instead of MT scalar stores down a column of y (`_block_store` writes the block out). `act`:
+    an activation applied to each output on its way out (`_epilogue`).
     """
     UM = U * MT
     s = f"""for mt in range({"MP // " + str(MT) if mt_loop else "mt, mt + 1"}):
@@ -481,13 +513,9 @@ def _mm_row_loop(MT: int, U: int, count: str, val: str, colx: str, dst_row: str,
         acc[q] = acc[q] + {" + ".join(f"acc[{u * MT} + q]" for u in range(1, U))}
 """
     if blk_row is not None:
-        s += f"""    for q in T.vectorized({MT}):
-        blk[{blk_row} * {MT} + q] = acc[q] + {bias}
-"""
+        s += f"    for q in T.vectorized({MT}):\n" + _ind(_epilogue(f"blk[{blk_row} * {MT} + q]", f"acc[q] + {bias}", act), 8)
     else:
-        s += f"""    for q in range({MT}):
-        y[mt * {MT} + q, {dst_row}] = acc[q] + {bias}
-"""
+        s += f"    for q in range({MT}):\n" + _ind(_epilogue(f"y[mt * {MT} + q, {dst_row}]", f"acc[q] + {bias}", act), 8)
     return s
 
 
@@ -533,7 +561,7 @@ def _csr_mm(p: dict, idt: str) -> str:
         # [KP, MT] tile of xt is live at a time (the block's weights are re-read from L1/L2); the
         # block's outputs for a tile collect in blk[RB, MT] and go out together (`_block_store`)
         rows = (_ind(_mm_row_loop(MT, U, "cnt", "vals[s + {j}]", 'T.Cast("int32", col[s + {j}])', f"rb * {RB} + rr",
-                                  f"bias[rb * {RB} + rr]", mt_loop=False, blk_row="rr"), 8))
+                                  f"bias[rb * {RB} + rr]", mt_loop=False, blk_row="rr", act=p.get("act")), 8))
         block = f"""for rr in range({RB}):
     if rb * {RB} + rr < N:
         s = T.Bind(ptr[rb * {RB} + rr])
@@ -562,7 +590,7 @@ for rb in T.parallel((N + {RB - 1}) // {RB}):
 for r in T.parallel(N):
     s = T.Bind(ptr[r])
     cnt = T.Bind(ptr[r + 1] - s)
-""" + _ind(_mm_row_loop(MT, U, "cnt", "vals[s + {j}]", 'T.Cast("int32", col[s + {j}])', "r", "bias[r]"), 4)
+""" + _ind(_mm_row_loop(MT, U, "cnt", "vals[s + {j}]", 'T.Cast("int32", col[s + {j}])', "r", "bias[r]", act=p.get("act")), 4)
     return s + _ind(body, 4)
 
 
@@ -580,7 +608,7 @@ for sl in T.parallel(NSP - 1):
     w = T.Bind((sptr[sl + 1] - p0) // {C})
     for i in range({C}):
         if {row} < N:
-""" + _ind(_mm_row_loop(MT, U, "w", f"vals[p0 + {{j}} * {C} + i]", f'T.Cast("int32", col[p0 + {{j}} * {C} + i])', dst, f"bias[{dst}]"), 12)
+""" + _ind(_mm_row_loop(MT, U, "w", f"vals[p0 + {{j}} * {C} + i]", f'T.Cast("int32", col[p0 + {{j}} * {C} + i])', dst, f"bias[{dst}]", act=p.get("act")), 12)
     return s + _ind(body, 4)
 
 
@@ -590,7 +618,7 @@ def _nm_mm(p: dict, idt: str) -> str:
     body = """
 GN = T.Bind(NV // N)
 for r in T.parallel(N):
-""" + _ind(_mm_row_loop(MT, U, "GN", "vals[r * GN + {j}]", f'{{j}} // {n} * {m} + T.Cast("int32", idx[r * GN + {{j}}])', "r", "bias[r]"), 4)
+""" + _ind(_mm_row_loop(MT, U, "GN", "vals[r * GN + {j}]", f'{{j}} // {n} * {m} + T.Cast("int32", idx[r * GN + {{j}}])', "r", "bias[r]", act=p.get("act")), 4)
     return s + _ind(body, 4)
 
 
@@ -619,8 +647,7 @@ for br in T.parallel(NBP - 1):
         for i in range({r}):
             if br * {r} + i < N:
                 for q in range({MT}):
-                    y[mt * {MT} + q, br * {r} + i] = acc[i * {MT} + q] + bias[br * {r} + i]
-"""
+""" + _ind(_epilogue(f"y[mt * {MT} + q, br * {r} + i]", f"acc[i * {MT} + q] + bias[br * {r} + i]", p.get("act")), 20)
     return s + _ind(body, 4)
 
 
@@ -655,6 +682,8 @@ def kernel_source(fmt: str, params: dict, index_dtype: str = "uint16") -> str:
     """TVMScript text (without the import line; T is the tirx namespace) of one kernel."""
     mode = "mm" if params.get("mt", 0) else "mv"
     perm = bool(params.get("perm", False))
+    if params.get("act") is not None and mode == "mv":
+        raise SparsecompError(f"activation epilogues exist for the M > 1 kernels only (params {params})")
     gen = {
         ("csr", "mv"): lambda: _csr_mv(params, index_dtype),
         ("csr", "mm"): lambda: _csr_mm(params, index_dtype),

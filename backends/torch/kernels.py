@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sparsecomp import patterns
 from sparsecomp.lowering import TIR_GEMV
 
-__all__ = ["Candidate", "candidates", "tir_available"]
+__all__ = ["Candidate", "candidates", "tir_available", "with_gelu"]
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -120,3 +120,19 @@ def candidates(weight: torch.Tensor, m: int, *, use_tir: bool = True, only: set[
     if only is not None:
         cands = [c for c in cands if c.name in only]
     return cands
+
+
+def with_gelu(cand: Candidate) -> Candidate | None:
+    """`cand` with GELU (erf form) applied in its kernel's epilogue: `make(w, b)(x)` computes
+    gelu(x @ w.T + b) in one pass. Only the TIR M > 1 kernels have epilogues; None for others."""
+    if not cand.name.startswith("tir-") or not cand.params.get("mt"):
+        return None
+    params = {**cand.params, "act": "gelu"}
+
+    def make(w, b, fmt=cand.fmt):
+        from sparsecomp.backends import tir
+
+        kernel = tir.make_linear(fmt, w, params)
+        return lambda x: kernel(x, b)
+
+    return Candidate(cand.name, cand.fmt, params, make)

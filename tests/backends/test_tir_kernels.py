@@ -52,6 +52,8 @@ def _check(tir, fmt, params, w, M, bias=True, lead=()):
     lin = tir.make_linear(fmt, w, params)
     y = lin(x, b)
     ref = torch.nn.functional.linear(x, w, b)
+    if params.get("act") == "gelu":
+        ref = torch.nn.functional.gelu(ref)
     assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous()
     scale = max(ref.abs().max().item(), 1e-6)
     err = (y - ref).abs().max().item()
@@ -121,6 +123,32 @@ def test_mm(tir, fmt, params):
     _check(tir, fmt, params, _weights("zero", ""), 9)
     if fmt != "nm":
         _check(tir, fmt, params, _weights("dense", ""), 9)
+
+
+@pytest.mark.parametrize("fmt,params", [(f, ps[-1]) for f, ps in MM.items()] + [("csr", MM["csr"][0])], ids=str)
+def test_mm_gelu_epilogue(tir, fmt, params):
+    """An M > 1 kernel with `act="gelu"` computes gelu(x @ W.T + b) (erf form), with the same
+    edge cases as test_mm; without the epilogue the same kernel output does not match."""
+    params = {**params, "act": "gelu"}
+    w = _weights("sparse", _pattern(fmt, params))
+    _check(tir, fmt, params, w, 19)
+    _check(tir, fmt, params, w, 1)
+    _check(tir, fmt, params, _weights("zero", ""), 9)  # gelu(bias)
+    x = torch.randn(19, K) * 4  # wide range: both tails of erf
+    plain = tir.make_linear(fmt, w, {k: v for k, v in params.items() if k != "act"})(x)
+    fused = tir.make_linear(fmt, w, params)(x)
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w))
+    assert (fused - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (plain - ref).abs().max() > 1e-2 * ref.abs().max()  # the epilogue is really applied
+
+
+def test_epilogue_errors(tir):
+    from sparsecomp.backends.tir import _codegen
+
+    with pytest.raises(SparsecompError, match="M > 1 kernels only"):
+        _codegen.kernel_source("csr", {"mt": 0, "act": "gelu", "vec": 8, "unroll": 1, "gather": "sw"})
+    with pytest.raises(SparsecompError, match="no kernel epilogue for activation 'silu'"):
+        _codegen.kernel_source("csr", {"mt": 8, "unroll": 1, "act": "silu"})
 
 
 def _logical(xt: torch.Tensor) -> torch.Tensor:

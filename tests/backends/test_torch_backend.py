@@ -338,3 +338,65 @@ def test_others_cpu_reads_the_machine():
     with OthersCpu() as mon:
         sum(range(10**5))
     assert mon.share != mon.share or 0.0 <= mon.share <= 1.0  # NaN where /proc/stat is unreadable
+
+
+class _GeluFFN(nn.Module):
+    """Linear -> GELU -> Linear, with an optional second consumer of the first linear's output
+    (then the GELU may not be fused) and a choice of GELU form (tanh is not the epilogue's)."""
+
+    def __init__(self, approximate="none", second_use=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(96, 160), nn.Linear(160, 96)
+        self.approximate, self.second_use = approximate, second_use
+        patterns.impose(self, "unstructured:0.8")
+        with torch.no_grad():
+            self.up.weight[7].zero_()  # an all-zero row: its outputs are gelu(bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        y = self.down(torch.nn.functional.gelu(h, approximate=self.approximate))
+        return y + h[..., :96] if self.second_use else y
+
+
+def _gelu_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.ops.aten.gelu.default]
+
+
+@pytest.mark.parametrize("batch", [3, 64])
+def test_gelu_is_fused_into_an_mm_kernels_epilogue(batch, tmp_path):
+    pytest.importorskip("tvm")
+    m = _GeluFFN().eval()
+    x = torch.randn(batch, 96)
+    cm = sc.compile(m, (x,), kernels="tir-csr", cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    assert _gelu_nodes(cm.gm) == [] and kinds(cm) == (2, 0)  # the GELU node is gone, into layer "up"
+    rows = {r["layer"]: r for r in cm.report.rows}
+    assert "act=gelu" in rows["up"]["kernel"] and "GELU fused" in rows["up"]["reason"]
+    assert "act=gelu" not in rows["down"]["kernel"]
+    lowered = CompiledModel(cm.gm, cm.report, "torch")
+    for xb in (x, torch.randn(1, 96), torch.randn(17, 96) * 5, torch.zeros(2, 96)):  # batch change, wide range, all-zero
+        ok, err, allowed = compare_outputs(lowered(xb), m(xb))
+        assert ok, (xb.shape, err, allowed)
+    # must not match: the same graph with the GELU dropped (the fused module really applies it)
+    no_gelu = nn.Sequential(m.up, m.down)
+    assert not compare_outputs(lowered(x), no_gelu(x))[0]
+
+
+@pytest.mark.parametrize("approximate,second_use", [("tanh", False), ("none", True)], ids=["tanh-gelu", "second-consumer"])
+def test_gelu_is_not_fused_when_it_is_not_the_epilogues(approximate, second_use, tmp_path):
+    pytest.importorskip("tvm")
+    m = _GeluFFN(approximate, second_use).eval()
+    x = torch.randn(8, 96)
+    cm = sc.compile(m, (x,), kernels="tir-csr", cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    assert len(_gelu_nodes(cm.gm)) == 1
+    assert all("act=" not in r["kernel"] for r in cm.report.rows)
+    assert compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))[0]
+
+
+def test_gelu_stays_a_torch_op_after_a_one_row_kernel(tmp_path):
+    pytest.importorskip("tvm")
+    m = _GeluFFN().eval()
+    x = torch.randn(1, 96)  # M = 1: an "mv" kernel, which has no epilogue
+    cm = sc.compile(m, (x,), kernels="tir-csr", cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    assert len(_gelu_nodes(cm.gm)) == 1 and "act=" not in cm.report.rows[0]["kernel"]
+    assert compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))[0]
