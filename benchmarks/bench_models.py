@@ -258,6 +258,7 @@ class Bench:
         self.u90_onnx: Path | None = None
         self.u90_example = None
         self.u90_ort_ms: float | None = None
+        self.u90_compiled_ms: float | None = None
 
     # -- models
     def bert(self):
@@ -333,7 +334,7 @@ class Bench:
             out["target"] = {"metric": key, "target": target, "measured": out["speedup"][key],
                              "met": out["speedup"][key] >= target}
         if case == "bert-base-u90":
-            self.u90_onnx, self.u90_example, self.u90_ort_ms = sparse_path, example, o
+            self.u90_onnx, self.u90_example, self.u90_ort_ms, self.u90_compiled_ms = sparse_path, example, o, k
         cm = sess_dense = cands = None  # free them before the next case (not del: the lambdas above name them)
         gc.collect()
         return out
@@ -418,6 +419,17 @@ class Bench:
         info["speedup"] = {"vs_ort_dense_same_subprocess": res["ort_dense"]["median_ms"] / res["deepsparse"]["median_ms"]}
         if self.u90_ort_ms:
             info["speedup"]["vs_ort_dense_main_process"] = self.u90_ort_ms / res["deepsparse"]["median_ms"]
+        if self.u90_compiled_ms:
+            # issue #3: compiled bert-base 90% faster than DeepSparse. The two are timed minutes
+            # apart (DeepSparse in its own venv), so besides the plain ratio of medians, each is
+            # also taken relative to the ORT dense timed beside it; both must be >= 1
+            ds_ms, ours = res["deepsparse"]["median_ms"], self.u90_compiled_ms
+            plain = ds_ms / ours
+            normalised = (self.u90_ort_ms / ours) / info["speedup"]["vs_ort_dense_same_subprocess"]
+            info["compiled_vs_deepsparse"] = {"compiled_ms": ours, "deepsparse_ms": ds_ms, "plain": plain,
+                                              "relative_to_ort_dense": normalised}
+            info["target"] = {"metric": "compiled_vs_deepsparse", "target": 1.0, "measured": min(plain, normalised),
+                              "met": min(plain, normalised) >= 1.0}
         info["wall_s"] = time.perf_counter() - t_start
         return info
 
@@ -524,6 +536,10 @@ def print_table(results: dict) -> None:
                 f"back to back {ds['deepsparse_back_to_back']['median_ms']:.2f} ms); "
                 f"engine compile {ds['compile_s']:.1f} s; max abs error vs ORT {ds['max_abs_error_vs_ort_sparse_export']:.2g}; "
                 f"other processes' CPU use meanwhile {ds.get('others_cpu_while_timing', float('nan')):.0%}")
+            cmp = ds.get("compiled_vs_deepsparse")
+            if cmp:
+                log(f"compiled bert-base 90% vs DeepSparse: {cmp['compiled_ms']:.2f} vs {cmp['deepsparse_ms']:.2f} ms "
+                    f"({cmp['plain']:.2f}x); relative to the ORT dense timed beside each: {cmp['relative_to_ort_dense']:.2f}x")
         else:
             log(f"deepsparse: not available ({ds.get('why')})")
     log("")
