@@ -160,10 +160,15 @@ def torch_sparse_apply(S, x, b):
 
 
 def clone_prepared(p):
+    """A copy of a prepared weight for the cold cycle, stored as `prepare` stores it (arrays on
+    huge pages where the system allows, `sparsecomp.memory`): a plain clone sits on 4 KB pages,
+    which is not what a compiled layer reads."""
     import copy
 
+    from sparsecomp.memory import prefer_huge_pages
+
     q = copy.copy(p)
-    q.arrays = [a.clone() for a in p.arrays]
+    q.arrays = [prefer_huge_pages(a.clone()) for a in p.arrays]
     return q
 
 
