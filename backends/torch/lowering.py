@@ -222,11 +222,13 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
                     if chosen.fmt == "dense-tir" else f"{chosen_us and dense_us / chosen_us:.2f}x faster than dense (measured)")
             runner, gelu = choice.runner, _gelu_consumer(node)
             if gelu is not None:
-                fused, fused_runner = _fuse_gelu(chosen, weight, bias, x, rtol)
+                fused, runner_or_why = _fuse_gelu(chosen, weight, bias, x, rtol)
                 if fused is not None:
-                    chosen, runner = fused, fused_runner
+                    chosen, runner = fused, runner_or_why
                     notes.append("GELU fused into the kernel's epilogue")
                 else:
+                    if chosen.params.get("mt"):  # an epilogue was possible but failed its check
+                        notes.append(f"GELU left to torch: {runner_or_why}")
                     gelu = None
             reason = "; ".join([lead, *notes])
             name = f"sparse_{i}_{layer.replace('.', '_')}"

@@ -400,3 +400,23 @@ def test_gelu_stays_a_torch_op_after_a_one_row_kernel(tmp_path):
     cm = sc.compile(m, (x,), kernels="tir-csr", cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
     assert len(_gelu_nodes(cm.gm)) == 1 and "act=" not in cm.report.rows[0]["kernel"]
     assert compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))[0]
+
+
+def test_a_fused_gelu_kernel_that_fails_its_check_is_not_used(tmp_path, monkeypatch):
+    """A GELU epilogue kernel that disagrees with F.gelu on the layer's input is dropped: the GELU
+    stays a torch op, the report says why, and the outputs still match."""
+    pytest.importorskip("tvm")
+    from sparsecomp.backends.torch import lowering
+    from sparsecomp.backends.torch.kernels import Candidate
+
+    def wrong(cand):  # "fused", but the epilogue is missing
+        return Candidate(cand.name, cand.fmt, {**cand.params, "act": "gelu"}, cand.make)
+
+    monkeypatch.setattr(lowering, "with_gelu", wrong)
+    m = _GeluFFN().eval()
+    x = torch.randn(8, 96)
+    cm = sc.compile(m, (x,), kernels="tir-csr", cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    assert len(_gelu_nodes(cm.gm)) == 1
+    row = next(r for r in cm.report.rows if r["layer"] == "up")
+    assert "act=" not in row["kernel"] and "GELU left to torch: max abs error" in row["reason"]
+    assert compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))[0]
