@@ -519,6 +519,14 @@ def _mm_row_loop(MT: int, U: int, count: str, val: str, colx: str, dst_row: str,
     return s
 
 
+def _transpose8(rows: list[str]) -> list[str]:
+    """The 8x8 register transpose both the input transpose and `_block_store` use: given 8
+    expressions of 8 floats each (rows j), the 8 expressions whose lane j is rows[j][i] (column
+    i), one `shufflevector` each (a 3-stage unpack/shuffle network measured no faster here)."""
+    joined = ", ".join(rows)
+    return [f"T.Shuffle([{joined}], [{', '.join(str(j * 8 + i) for j in range(8))}])" for i in range(8)]
+
+
 def _block_store(MT: int, RB: int, row0: str) -> str:
     """Write the block buffer blk[RB, MT] (rows row0 .. row0 + RB of the output, M tile `mt`) to
     y[mt * MT + q, row0 + rr]. A whole block of a multiple of 8 rows goes as 8x8 register
@@ -540,10 +548,9 @@ def _block_store(MT: int, RB: int, row0: str) -> str:
     for q8 in range({MT // 8}):
         for r8 in range({RB // 8}):
 """
-    rows = ", ".join(f"blk[T.Ramp((r8 * 8 + {j}) * {MT} + q8 * 8, 1, 8)]" for j in range(8))
-    for i in range(8):
-        s += (f"            y[mt * {MT} + q8 * 8 + {i}, T.Ramp({row0} + r8 * 8, 1, 8)] = "
-              f"T.Shuffle([{rows}], [{', '.join(str(j * 8 + i) for j in range(8))}])\n")
+    cols = _transpose8([f"blk[T.Ramp((r8 * 8 + {j}) * {MT} + q8 * 8, 1, 8)]" for j in range(8)])
+    for i, col in enumerate(cols):
+        s += f"            y[mt * {MT} + q8 * 8 + {i}, T.Ramp({row0} + r8 * 8, 1, 8)] = {col}\n"
     return s + "else:\n" + _ind(scalar, 4)
 
 
@@ -574,9 +581,10 @@ def _csr_mm(p: dict, idt: str) -> str:
             body = f"""
 for ch in T.parallel({CH}):
     blk = T.alloc_buffer(({RB * MT},), "float32")
+    bpc = T.Bind(((N + {RB - 1}) // {RB} + {CH - 1}) // {CH})
     for mt in range(MP // {MT}):
-        for b in range(((N + {RB - 1}) // {RB} + {CH - 1}) // {CH}):
-            rb = T.Bind(ch * (((N + {RB - 1}) // {RB} + {CH - 1}) // {CH}) + b)
+        for b in range(bpc):
+            rb = T.Bind(ch * bpc + b)
             if rb * {RB} < N:
 """ + _ind(block, 16)
         else:
@@ -667,14 +675,13 @@ def transpose_source(MT: int) -> str:
     """
     if MT % 8:
         raise SparsecompError(f"the transposed input's tile height must be a multiple of 8, got {MT}")
-    rows = ", ".join(f"x[mb * 8 + {j}, T.Ramp(kb * 8, 1, 8)]" for j in range(8))
     s = _header([("x", "M, K", "float32"), ("xt", f"NT, KP, {MT}", "float32")], ["M", "K", "KP", "NT"])
     s += """    for mb in T.parallel(M // 8):
         for kb in range(K // 8):
 """
-    for i in range(8):
-        s += (f"            xt[mb // {MT // 8}, kb * 8 + {i}, T.Ramp(mb % {MT // 8} * 8, 1, 8)] = "
-              f"T.Shuffle([{rows}], [{', '.join(str(j * 8 + i) for j in range(8))}])\n")
+    cols = _transpose8([f"x[mb * 8 + {j}, T.Ramp(kb * 8, 1, 8)]" for j in range(8)])
+    for i, col in enumerate(cols):
+        s += f"            xt[mb // {MT // 8}, kb * 8 + {i}, T.Ramp(mb % {MT // 8} * 8, 1, 8)] = {col}\n"
     return s
 
 

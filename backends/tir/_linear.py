@@ -346,6 +346,7 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
     V = _target.vector_width()
     hw = _target.has_feature("avx2")
     gathers = (["hw"] if hw else []) + ["sw"]
+    chunks = _target.get_num_threads() if M > 1 and fmt == "csr" else 0
     out: list[tuple[float, dict]] = []
     if M <= 1:
         if fmt == "csr":
@@ -423,6 +424,6 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                     # M = 128, mt 32 u1: 3072x768 0.87 -> 0.82 ms with chunks (1.46 ms before
                     # the block store), 768x3072 1.13 -> 1.01 ms; M = 16: 3072x768 mt 16 u2
                     # 0.26 ms vs 0.32 ms for the best unblocked variant (mt 16 u4)
-                    out.append((cost - 0.05, {**p, "rb": 32, "chunks": _target.get_num_threads()}))
+                    out.append((cost - 0.05, {**p, "rb": 32, "chunks": chunks}))
     out.sort(key=lambda t: t[0])
     return [p for _, p in (out if exhaustive else out[:limit])]

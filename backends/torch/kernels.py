@@ -95,12 +95,20 @@ def _tir_candidates(weight: torch.Tensor, m: int, exhaustive: bool) -> list[Cand
         for params in tir.candidates(fmt, n, k, m, exhaustive=exhaustive):
             if fmt == "nm" and patterns.nm_conformance(weight, params["n"], params["m"]) < 1.0:
                 continue  # N:M storage exists only for conformant weights
-            def make(w, b, fmt=fmt, params=params):
-                kernel = tir.make_linear(fmt, w, params)
-                return lambda x: kernel(x, b)
-
-            out.append(Candidate(f"tir-{fmt}", fmt, dict(params), make))
+            out.append(Candidate(f"tir-{fmt}", fmt, dict(params), _tir_make(fmt, params)))
     return out
+
+
+def _tir_make(fmt: str, params: dict):
+    """`make(w, b)` for a TIR kernel variant: pack `w`, build the kernel, return x -> x @ w.T + b
+    (through its epilogue, if `params` has one)."""
+    def make(w, b):
+        from sparsecomp.backends import tir
+
+        kernel = tir.make_linear(fmt, w, params)
+        return lambda x: kernel(x, b)
+
+    return make
 
 
 def candidates(weight: torch.Tensor, m: int, *, use_tir: bool = True, only: set[str] | None = None,
@@ -128,11 +136,4 @@ def with_gelu(cand: Candidate) -> Candidate | None:
     if not cand.name.startswith("tir-") or not cand.params.get("mt"):
         return None
     params = {**cand.params, "act": "gelu"}
-
-    def make(w, b, fmt=cand.fmt):
-        from sparsecomp.backends import tir
-
-        kernel = tir.make_linear(fmt, w, params)
-        return lambda x: kernel(x, b)
-
-    return Candidate(cand.name, cand.fmt, params, make)
+    return Candidate(cand.name, cand.fmt, params, _tir_make(cand.fmt, params))

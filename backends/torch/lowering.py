@@ -222,13 +222,13 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
                     if chosen.fmt == "dense-tir" else f"{chosen_us and dense_us / chosen_us:.2f}x faster than dense (measured)")
             runner, gelu = choice.runner, _gelu_consumer(node)
             if gelu is not None:
-                fused, runner_or_why = _fuse_gelu(chosen, weight, bias, x, rtol)
+                fused, fused_runner, why = _fuse_gelu(chosen, weight, bias, x, rtol)
                 if fused is not None:
-                    chosen, runner = fused, runner_or_why
+                    chosen, runner = fused, fused_runner
                     notes.append("GELU fused into the kernel's epilogue")
                 else:
-                    if chosen.params.get("mt"):  # an epilogue was possible but failed its check
-                        notes.append(f"GELU left to torch: {runner_or_why}")
+                    if why:  # an epilogue exists for this kernel but failed its check
+                        notes.append(f"GELU left to torch: {why}")
                     gelu = None
             reason = "; ".join([lead, *notes])
             name = f"sparse_{i}_{layer.replace('.', '_')}"
@@ -266,14 +266,15 @@ def _gelu_consumer(node: fx.Node) -> fx.Node | None:
 
 
 def _fuse_gelu(chosen: Candidate, weight, bias, x, rtol: float):
-    """(candidate, runner) with GELU in the chosen kernel's epilogue, or (None, why not)."""
+    """(candidate, runner, "") with GELU in the chosen kernel's epilogue; (None, None, "") when the
+    kernel has no epilogue; (None, None, why) when the fused kernel failed its check."""
     fused = with_gelu(chosen)
     if fused is None:
-        return None, "no epilogue for this kernel"
+        return None, None, ""
     with torch.no_grad():
         reference = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
     runner, why = _check(fused.make, weight, bias, x, reference, rtol)
-    return (fused, runner) if runner is not None else (None, why)
+    return (fused, runner, "") if runner is not None else (None, None, why)
 
 
 def _drop_unused_weights(gm: fx.GraphModule, targets: set[str]) -> None:
