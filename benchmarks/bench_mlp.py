@@ -47,7 +47,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -266,7 +265,7 @@ def _ort_pruned(model, ex, x) -> dict:
     import onnx
     from sparsecomp.backends.ort import files, session
 
-    work = Path(tempfile.mkdtemp(prefix="bench_mlp_pruned_"))
+    work = bm.scratch_dir("bench_mlp_pruned_")
     paths = {k: work / f"{k}.onnx" for k in ("ort_dense", "ort_sparse_weights", "ort_both")}
     bo.dense_export(model, ex, paths["ort_dense"])
     sparsecomp.export_onnx(model, ex, paths["ort_sparse_weights"], name="ffn")
@@ -296,7 +295,7 @@ def case_ort(args) -> dict:
     kw = {"seq": 1, "batch": 1, "mlp_bias": -0.7, **({"layers": 4} if args.quick else {})}
     model, ex = models.get("opt-125m-like", **kw)
     log(f"ort: opt-125m-like one-token forward in onnxruntime, {kw}")
-    work = Path(tempfile.mkdtemp(prefix="bench_mlp_ort_"))
+    work = bm.scratch_dir("bench_mlp_ort_")
     dense_path, sparse_path = work / "dense.onnx", work / "exact.onnx"
     bo.dense_export(model, ex, dense_path)
     t0 = time.perf_counter()
@@ -472,7 +471,7 @@ def verdicts(cases: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ["SPARSECOMP_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_mlp_")
+    os.environ["SPARSECOMP_CACHE_DIR"] = str(bm.scratch_dir("bench_mlp_"))
     sparsecomp.set_num_threads(THREADS)
     results = {"schema": 1, "quick": args.quick, "threads": THREADS, "runs": args.runs,
                "machine": {"cpu": bm.cpu_model(), "isa": bm.cpu_isa(), "cores": os.cpu_count(), "platform": platform.platform()},

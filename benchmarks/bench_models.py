@@ -42,6 +42,7 @@ import collections  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import atexit  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -237,6 +238,14 @@ def wait_quiet(max_wait_s: float, threshold: float = 0.1) -> float:
         if background_cpu(1.0) < threshold:
             break
     return time.perf_counter() - t0
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the benchmark exits: exports of bert-size models are about
+    1 GB each, and leaked ones filled the disk of a shared machine."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def log(msg: str) -> None:
