@@ -182,6 +182,11 @@ class CompiledModel(torch.nn.Module):
     `torch_threads`: where compile measured it faster, a call runs torch's own ops on that many
     threads (`torch.set_num_threads`, process-wide, restored after the call: do not share one
     process's torch between this model and other work running at the same time on other Python threads).
+    That holds for calls no larger than the example the choice was measured on (its first input's
+    element count, `end_to_end["torch_threads_max_numel"]`): a larger call (more rows, a longer
+    sequence) keeps torch's threads, since its torch ops, such as the GEMMs of a layer that falls
+    back to dense, then have work to share (the FFN of bench_mlp at 64 rows ran at 0.6x of eager
+    when one thread measured at one row applied to it).
     """
 
     def __init__(self, gm: torch.fx.GraphModule, report: CompileReport, backend: str, eager: torch.nn.Module | None = None,
@@ -191,7 +196,9 @@ class CompiledModel(torch.nn.Module):
         self._eager = [eager]  # a list: not registered as a submodule (its weights are the user's)
         # torch's own ops (layer norm, attention, ...) on this many threads during a call, where
         # compile measured that faster (`_choose_end_to_end`); None: torch's current setting.
-        self.torch_threads = torch_threads if torch_threads is not None else (report.end_to_end or {}).get("torch_threads")
+        e2e = report.end_to_end or {}
+        self.torch_threads = torch_threads if torch_threads is not None else e2e.get("torch_threads")
+        self._threads_max_numel = e2e.get("torch_threads_max_numel")  # None: every call (as while it is measured)
         # torch.export's module re-checks the inputs' pytree structure in a forward pre-hook on
         # every call (key paths, spec equality): ~70 us a call here, twice eager's whole time on a
         # small MLP, and more after a kernel has streamed the caches. Its shape guards
@@ -211,13 +218,21 @@ class CompiledModel(torch.nn.Module):
         if self._eager[0] is not None:
             return self._eager[0](*args, **kwargs)
         n = self.torch_threads
-        if n is None or n == (before := torch.get_num_threads()):
+        if n is None or n == (before := torch.get_num_threads()) or not self._as_measured(args):
             return self._run(args, kwargs)
         torch.set_num_threads(n)  # ~1 us each way
         try:
             return self._run(args, kwargs)
         finally:
             torch.set_num_threads(before)
+
+    def _as_measured(self, args) -> bool:
+        """Whether the thread choice applies to this call: its first input no larger than the
+        example's (see the class docstring)."""
+        limit = self._threads_max_numel
+        if limit is None or not args or not isinstance(args[0], torch.Tensor):
+            return True
+        return args[0].numel() <= limit
 
     def _run(self, args, kwargs):
         try:
@@ -511,6 +526,8 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
     report.end_to_end = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "runs": "compiled" if compiled_ms < eager_ms else "eager"}
     if single is not None:
         report.end_to_end["torch_threads"] = threads
+        if args and isinstance(args[0], torch.Tensor):
+            report.end_to_end["torch_threads_max_numel"] = compiled._threads_max_numel = args[0].numel()
         report.end_to_end["compiled_torch_threads_ms"] = {str(torch.get_num_threads()): t["compiled"].median * 1e3,
                                                           "1": t["compiled, torch ops on 1 thread"].median * 1e3}
     if threads == 1 and compiled_ms < eager_ms:

@@ -144,6 +144,31 @@ class _Strategy:
     def __call__(self, x):
         return self.w.dense_down(self.w.hidden(x))
 
+    # True where the whole M = 1 MLP is one kernel `self.k(x [1, K], *self.args, y [1, N])`
+    # (`_TirUpMV`, `_TirPredictorMV`): `try_row` / `call_fused` below
+    fused = False
+
+    def try_row(self, x):
+        """A fused strategy on one row as it comes: y [1, N], or None where the kernel's own
+        argument check (before it runs) refused x: another dtype, device, rank or layout. No
+        reshape, copy or test on this path: each torch call costs tens of microseconds once a
+        kernel has streamed the caches."""
+        y = torch.empty(1, self.w.N)
+        try:
+            self.k(x, *self.args, y)
+        except (ValueError, TypeError):  # tvm-ffi's argument check (shape / layout, dtype)
+            return None
+        return y
+
+    def call_fused(self, x):
+        """A fused strategy on one float32 CPU row of any layout (made a contiguous [1, K] where
+        the kernel refuses it as it is)."""
+        y = self.try_row(x)
+        if y is None:  # another layout of the row: as a contiguous [1, K] (any other refusal raises here)
+            y = torch.empty(1, self.w.N)
+            self.k(x.reshape(1, -1).contiguous(), *self.args, y)
+        return y
+
 
 class _DownMV:
     """TIR down kernel at M = 1 over a compact list of neurons (idx, values)."""
@@ -223,10 +248,8 @@ class _TirUpMV(_Strategy):
         self.args = ((self.w_up, self.b_up) + ((self.w_gate, self.b_gate) if w.gated else ())
                      + (self.hc, self.idx, self.cnt) + self.down.args())
 
-    def __call__(self, x):
-        y = torch.empty(self.w.N)
-        self.k(x.reshape(-1).contiguous(), *self.args, y)
-        return y.reshape(1, -1)
+    fused = True
+    __call__ = _Strategy.call_fused
 
 
 class _PredictorMV(_Strategy):
@@ -283,7 +306,7 @@ class _TirPredictorMV(_Strategy):
     mask is the predictor's, not the reference's bit for bit (verification on the example input
     still applies, and drops the candidate if it disagrees there)."""
 
-    def __init__(self, w, rows=4, down_rows=4, parts=4, bs=64, serial=False):
+    def __init__(self, w, rows=4, down_rows=4, parts=4, bs=64, serial=False, panel=32):
         from sparsecomp.backends.tir import _mlp
 
         super().__init__(w)
@@ -298,9 +321,10 @@ class _TirPredictorMV(_Strategy):
         half = _half_exact(self.pred_a) and _half_exact(self.bp)
         if half:
             self.pred_a, self.bp = self.pred_a.half(), self.bp.half()
-        prefer_huge_pages(self.bp)
+        self.bp = prefer_huge_pages(_mlp.predictor_panels(self.bp, panel))
         self.down = _DownMV(w, parts, down_rows, serial)
-        self.k = _mlp.build_mlp_kernel("pred_mv", {"z": {"half": half}, "up": {"bs": bs, "rows": rows, "act": w.act_name, "half": half},
+        self.k = _mlp.build_mlp_kernel("pred_mv", {"z": {"half": half}, "up": {"bs": bs, "rows": rows, "act": w.act_name, "half": half,
+                                                                               "panel": panel},
                                                    "down": self.down.params})
         self.w_up = f32(w.w_up)
         self.b_up = f32(w.b_up) if w.b_up is not None else torch.zeros(w.H)
@@ -313,10 +337,8 @@ class _TirPredictorMV(_Strategy):
         self.args = (self.pred_a, self.zero_rk, self.z, self.bp, self.b_up, self.scale, self.thr, self.w_up, self.b_up,
                      self.hc, self.idx, self.cnt) + self.down.args()
 
-    def __call__(self, x):
-        y = torch.empty(self.w.N)
-        self.k(x.reshape(-1).contiguous(), *self.args, y)
-        return y.reshape(1, -1)
+    fused = True
+    __call__ = _Strategy.call_fused
 
 
 class _Union(_Strategy):
@@ -436,6 +458,7 @@ class SparseMLP(torch.nn.Module):
         super().__init__()
         self.layer, self.kernel = layer, kernel
         self._w, self._mv, self._mm = w, mv, mm
+        self._fused_mv = mv if mv is not None and mv.fused else None
 
     def __call__(self, *args, **kwargs):
         # nn.Module's fast path without its two frames when nothing is hooked (~30 us a call after
@@ -448,6 +471,14 @@ class SparseMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (kept lean: at one row per call, each torch call here costs tens of us once a kernel
         # has streamed the caches, a visible share of the whole MLP)
+        if self._fused_mv is not None:
+            sh = x.shape
+            if len(sh) == 2 and sh[0] == 1:
+                # the kernel checks dtype, device and layout itself: the checks below run only
+                # where it refused the row
+                y = self._fused_mv.try_row(x)
+                if y is not None:
+                    return y
         if x.dtype is not torch.float32 or not x.is_cpu:
             raise SparsecompError(
                 f"MLP {self.layer} was compiled for float32 CPU inputs, got {str(x.dtype).replace('torch.', '')} on {x.device}",
@@ -456,8 +487,9 @@ class SparseMLP(torch.nn.Module):
         k = x.shape[-1]
         m = x.numel() // k if k else 0
         if m == 1 and self._mv is not None:
-            y = self._mv(x)  # [1, N]
-            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self._w.N)
+            if x.dim() == 2:
+                return self._mv(x)  # [1, N]
+            return self._mv(x.reshape(1, k)).reshape(*x.shape[:-1], self._w.N)
         lead = x.shape[:-1]
         if m == 0:
             return x.new_empty((*lead, self._w.N))
@@ -617,8 +649,9 @@ def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, do
         if w.mode == "predictor":  # the gather one selected row at a time, or 4 (more streams in flight)
             out += [lambda se=serial, g=g: _PredictorMV(w, serial=se, gather_rows=g) for g in (1, 4)]
             if not w.gated and w.act_name in EXACT_ACTIVATIONS:  # the selection itself in TIR
-                # blocks of 64 or 128 neurons: 128 measured 730 vs 799 us on the bench_mlp FFN (noise ~5%)
-                out += [lambda se=serial, bs=bs: _TirPredictorMV(w, bs=bs, serial=se) for bs in (64, 128)]
+                # blocks of 64-256 neurons: on the bench_mlp FFN, cold, 256 measured 0.82-0.88 ms against
+                # 0.88-0.98 for 128 and 0.91-1.07 for 64 (interleaved; equal when hot)
+                out += [lambda se=serial, bs=bs: _TirPredictorMV(w, bs=bs, serial=se) for bs in (64, 128, 256)]
         out.append(lambda se=serial: _TorchUpMV(w, serial=se))
         if pruned is not None:
             out.append(lambda se=serial: _PrunedMV(w, pruned, serial=se))

@@ -77,20 +77,35 @@ def test_predictor_up_kernel(mlp_kernels, act, bias):
         z = a @ x
         keep = (z @ bt + b) * scale > thr
         want = MLP_ACTIVATIONS[act](w @ x + b) * keep
-        for bs, rows, srows, unroll, sunroll in ((64, 4, 4, 1, 2), (16, 3, 2, 2, 1), (8, 1, 1, 1, 1)):
-            k = mlp_kernels.build_mlp_kernel("pred_up_mv", {"bs": bs, "rows": rows, "score_rows": srows, "unroll": unroll,
-                                                            "score_unroll": sunroll, "act": act})
+        # panels narrower than the block and as wide as it; H not a multiple of the panel
+        for bs, rows, panel, unroll in ((64, 4, 32, 1), (16, 3, 16, 2), (8, 1, 8, 1)):
+            k = mlp_kernels.build_mlp_kernel("pred_up_mv", {"bs": bs, "rows": rows, "panel": panel, "unroll": unroll,
+                                                            "vec": 8, "act": act})
             nb = -(-h // bs)
             hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
-            k(z, bt.t().contiguous(), b, scale, thr, x, w, b, hc, idx, cnt)
+            k(z, mlp_kernels.predictor_panels(bt.t(), panel), b, scale, thr, x, w, b, hc, idx, cnt)
             got = torch.zeros(h)
             for i in range(nb):
                 got[idx[i, : cnt[i]].long()] = hc[i, : cnt[i]]
                 assert (hc[i, : cnt[i]] != 0).all()  # selected neurons that came out zero are not listed
             assert int(cnt.sum()) == int((want != 0).sum())
             _close(got, want)
-    with pytest.raises(Exception, match="score rows"):
-        mlp_kernels.build_mlp_kernel("pred_up_mv", {"bs": 30, "score_rows": 4})
+    with pytest.raises(Exception, match="panel width"):
+        mlp_kernels.build_mlp_kernel("pred_up_mv", {"bs": 48, "panel": 32, "vec": 8})
+    with pytest.raises(Exception, match="panel width"):
+        mlp_kernels.build_mlp_kernel("pred_up_mv", {"bs": 64, "panel": 12, "vec": 8})
+
+
+def test_predictor_panels(mlp_kernels):
+    """The panel layout the predictor kernel reads: panel p, row k, lane q holds bp[p * W + q, k];
+    the padding of the last panel is zero; the dtype is kept."""
+    bp = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)
+    pan = mlp_kernels.predictor_panels(bp.half(), 4)
+    assert pan.shape == (2, 3, 4) and pan.dtype == torch.float16 and pan.is_contiguous()
+    for r in range(7):
+        assert torch.equal(pan[r // 4, :, r % 4].float(), bp[r])
+    assert (pan[1, :, 3] == 0).all()
+    assert not torch.equal(pan.reshape(-1).float(), bp.t().reshape(-1))  # not merely the transpose
 
 
 @pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
@@ -117,17 +132,21 @@ def test_fused_kernels(mlp_kernels, bias):
             nb = -(-h // bs)
             hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
             down = {"rows": rows, "cb": cb, "serial_sum": serial_sum}
-            part, y = torch.empty(parts, np_), torch.full((n_out,), float("nan"))
+            # the fused kernels take x and y as one-row matrices
+            part, y = torch.empty(parts, np_), torch.full((1, n_out), float("nan"))
             k = mlp_kernels.build_mlp_kernel("exact_mv", {"up": {"bs": bs, "rows": rows}, "down": down})
-            k(x, w, b, hc, idx, cnt, wdt, bd, part, y)
-            _close(y, bd + hid @ wdt[:, :n_out])
+            k(x.reshape(1, -1), w, b, hc, idx, cnt, wdt, bd, part, y)
+            _close(y[0], bd + hid @ wdt[:, :n_out])
+            with pytest.raises(ValueError, match="ndim"):  # what the strategies' fallback catches
+                k(x, w, b, hc, idx, cnt, wdt, bd, part, y)
             for half in (False, True):
-                kp = mlp_kernels.build_mlp_kernel("pred_mv", {"z": {"half": half}, "up": {"bs": bs, "rows": rows, "half": half},
-                                                              "down": down})
+                kp = mlp_kernels.build_mlp_kernel("pred_mv", {"z": {"half": half}, "up": {"bs": bs, "rows": rows, "half": half,
+                                                                                         "panel": 8, "vec": 8}, "down": down})
                 dt = torch.float16 if half else torch.float32
                 y.fill_(float("nan"))
-                kp(x, a.to(dt), torch.zeros(rk), torch.empty(rk), bp.to(dt), b, scale, thr, w, b, hc, idx, cnt, wdt, bd, part, y)
-                _close(y, bd + (hid * keep) @ wdt[:, :n_out])
+                kp(x.reshape(1, -1), a.to(dt), torch.zeros(rk), torch.empty(rk), mlp_kernels.predictor_panels(bp.to(dt), 8), b,
+                   scale, thr, w, b, hc, idx, cnt, wdt, bd, part, y)
+                _close(y[0], bd + (hid * keep) @ wdt[:, :n_out])
                 assert int(cnt.sum()) == int(((hid * keep) != 0).sum())
 
 
@@ -318,6 +337,23 @@ def test_tir_predictor_strategy(tmp_path):
         assert listed == mod._w.hidden(x)[0].nonzero().reshape(-1).tolist()
     xb = torch.randn(5, K)
     _close(mod(xb), mod._w.dense_down(mod._w.hidden(xb)))
+    # the fused kernel takes the row as it comes ([1, K], contiguous); any other layout of one row
+    # goes through the strategy's fallback (a strided row, a 1-D or 3-D one) with the same result
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(7))
+    want = mod._w.dense_down(mod._w.hidden(x))
+    strided = torch.randn(1, 2 * K)[:, ::2].copy_(x)
+    assert not strided.is_contiguous()
+    for other in (strided, x.reshape(K), x.reshape(1, 1, K)):
+        _close(s(other), want)
+    _close(mod(x.reshape(1, 1, K)), want.reshape(1, 1, N))
+    assert mod(x.reshape(1, 1, K)).shape == (1, 1, N)
+    assert not torch.allclose(s(strided), mod._w.dense_down(mod._w.hidden(strided * 0.5)))  # the row's values count
+    _close(mod(strided), want)  # the module's fast path hands a refused row to the checked path
+    # the fast path leaves dtype checks to the kernel: a float64 row still gets the clear error
+    with pytest.raises(sc.SparsecompError, match="float32 CPU inputs"):
+        mod(x.double())
+    with pytest.raises(Exception, match="Mismatched"):  # a wrong width is refused, never computed
+        s(torch.randn(1, K + 1))
     # the pass left the predictor float16-representable: the kernel reads it as float16; a
     # predictor that is not (set by hand here) runs the float32 variant, with the same result
     assert mod.kernel.endswith(",f16}")

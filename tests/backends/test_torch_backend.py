@@ -114,6 +114,14 @@ def test_torch_ops_thread_count_is_measured(kernels, single_ms, expect, tmp_path
     ok, err, allowed = compare_outputs(cm(x), m(x))
     assert ok, (err, allowed)
     assert set_calls == ([1, max(before, 2)] if expect == 1 else [])  # one thread for the call, then the setting back
+    # a call larger than the example keeps torch's threads (the choice was measured at 4 rows);
+    # a smaller one gets the choice
+    set_calls.clear()
+    assert cm.report.end_to_end["torch_threads_max_numel"] == x.numel()
+    big, small = torch.randn(64, 96), torch.randn(1, 96)
+    assert compare_outputs(cm(big), m(big))[0] and set_calls == []
+    assert compare_outputs(cm(small), m(small))[0]
+    assert set_calls == ([1, max(before, 2)] if expect == 1 else [])
 
 
 def test_measured_choice_is_always_correct(tmp_path):
