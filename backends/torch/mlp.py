@@ -472,13 +472,17 @@ class SparseMLP(torch.nn.Module):
         # (kept lean: at one row per call, each torch call here costs tens of us once a kernel
         # has streamed the caches, a visible share of the whole MLP)
         if self._fused_mv is not None:
+            # one row: the kernel checks dtype, device and layout itself, and the checks below run
+            # only where it refused the row
             sh = x.shape
             if len(sh) == 2 and sh[0] == 1:
-                # the kernel checks dtype, device and layout itself: the checks below run only
-                # where it refused the row
                 y = self._fused_mv.try_row(x)
                 if y is not None:
                     return y
+            elif len(sh) > 2 and all(d == 1 for d in sh[:-1]):  # [1, 1, K]: a decoder's one token
+                y = self._fused_mv.try_row(x.reshape(1, sh[-1]))
+                if y is not None:
+                    return y.reshape(*sh[:-1], self._w.N)
         if x.dtype is not torch.float32 or not x.is_cpu:
             raise SparsecompError(
                 f"MLP {self.layer} was compiled for float32 CPU inputs, got {str(x.dtype).replace('torch.', '')} on {x.device}",

@@ -350,8 +350,9 @@ def test_tir_predictor_strategy(tmp_path):
     assert not torch.allclose(s(strided), mod._w.dense_down(mod._w.hidden(strided * 0.5)))  # the row's values count
     _close(mod(strided), want)  # the module's fast path hands a refused row to the checked path
     # the fast path leaves dtype checks to the kernel: a float64 row still gets the clear error
-    with pytest.raises(sc.SparsecompError, match="float32 CPU inputs"):
-        mod(x.double())
+    for bad in (x.double(), x.double().reshape(1, 1, K)):
+        with pytest.raises(sc.SparsecompError, match="float32 CPU inputs"):
+            mod(bad)
     with pytest.raises(Exception, match="Mismatched"):  # a wrong width is refused, never computed
         s(torch.randn(1, K + 1))
     # the pass left the predictor float16-representable: the kernel reads it as float16; a
