@@ -38,11 +38,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import sparsecomp  # noqa: E402  (first, before torch: it sets torch's OpenMP spin count, sparsecomp/omp.py)
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import collections  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import atexit  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402

@@ -524,12 +524,12 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
         single_ms = t["compiled, torch ops on 1 thread"].median * 1e3
         tir = any(str(r.get("kernel") or "").startswith("tir") for r in report.rows)  # TVM's pool will spin
         if (compiled_ms * MULTI_THREAD_MARGIN >= single_ms) if tir else (single_ms * SINGLE_THREAD_MARGIN < compiled_ms):
-            compiled, compiled_ms, threads = single, single_ms, 1
+            compiled_ms, threads = single_ms, 1
     report.end_to_end = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "runs": "compiled" if compiled_ms < eager_ms else "eager"}
     if single is not None:
         report.end_to_end["torch_threads"] = threads
         if args and isinstance(args[0], torch.Tensor):
-            report.end_to_end["torch_threads_max_numel"] = compiled._threads_max_numel = args[0].numel()
+            report.end_to_end["torch_threads_max_numel"] = args[0].numel()
         report.end_to_end["compiled_torch_threads_ms"] = {str(torch.get_num_threads()): t["compiled"].median * 1e3,
                                                           "1": t["compiled, torch ops on 1 thread"].median * 1e3}
     if threads == 1 and compiled_ms < eager_ms:
@@ -539,7 +539,7 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
         report.notes.append(f"the compiled graph measured slower end to end ({compiled_ms:.2f} ms vs eager {eager_ms:.2f} ms "
                             "on the example inputs): calls go to the original model")
         return CompiledModel(gm, report, backend, eager=model)
-    return compiled
+    return CompiledModel(gm, report, backend)  # its thread choice and the call size it holds for, from the report
 
 
 def sparsify(model, method: str = "magnitude", sparsity: float | None = None, pattern: str = "unstructured", calibration=None, *,

@@ -144,30 +144,34 @@ class _Strategy:
     def __call__(self, x):
         return self.w.dense_down(self.w.hidden(x))
 
-    # True where the whole M = 1 MLP is one kernel `self.k(x [1, K], *self.args, y [1, N])`
-    # (`_TirUpMV`, `_TirPredictorMV`): `try_row` / `call_fused` below
-    fused = False
+
+class _FusedMV(_Strategy):
+    """An M = 1 strategy whose whole MLP is one kernel `self.k(x [1, K], *self.args, y [1, N])`
+    (`_TirUpMV`, `_TirPredictorMV`). `SparseMLP` hands it a one-row input as it comes
+    (`try_row`): no reshape, copy or test on that path, where each torch call costs tens of
+    microseconds once a kernel has streamed the caches."""
+
+    k = None  # the kernel
+    args: tuple = ()  # its arguments between x and y
+
+    def run_row(self, x):
+        y = torch.empty(1, self.w.N)
+        self.k(x, *self.args, y)
+        return y
 
     def try_row(self, x):
-        """A fused strategy on one row as it comes: y [1, N], or None where the kernel's own
-        argument check (before it runs) refused x: another dtype, device, rank or layout. No
-        reshape, copy or test on this path: each torch call costs tens of microseconds once a
-        kernel has streamed the caches."""
-        y = torch.empty(1, self.w.N)
+        """y [1, N], or None where the kernel's own argument check (before it runs) refused x:
+        another dtype, device, rank or layout."""
         try:
-            self.k(x, *self.args, y)
+            return self.run_row(x)
         except (ValueError, TypeError):  # tvm-ffi's argument check (shape / layout, dtype)
             return None
-        return y
 
-    def call_fused(self, x):
-        """A fused strategy on one float32 CPU row of any layout (made a contiguous [1, K] where
-        the kernel refuses it as it is)."""
+    def __call__(self, x):
+        """One float32 CPU row of any layout (made a contiguous [1, K] where the kernel refuses it
+        as it is; any other refusal raises)."""
         y = self.try_row(x)
-        if y is None:  # another layout of the row: as a contiguous [1, K] (any other refusal raises here)
-            y = torch.empty(1, self.w.N)
-            self.k(x.reshape(1, -1).contiguous(), *self.args, y)
-        return y
+        return y if y is not None else self.run_row(x.reshape(1, -1).contiguous())
 
 
 class _DownMV:
@@ -220,7 +224,7 @@ class _TorchUpMV(_Strategy):
         return self.down.flat(h[idx].contiguous(), idx.to(torch.int32)).reshape(1, -1)
 
 
-class _TirUpMV(_Strategy):
+class _TirUpMV(_FusedMV):
     """M = 1, exact mode: the TIR up kernel (activation + per-block compaction), then the TIR down
     kernel, both phases of one fused kernel (`exact_mv`): one call from Python."""
 
@@ -247,9 +251,6 @@ class _TirUpMV(_Strategy):
 
         self.args = ((self.w_up, self.b_up) + ((self.w_gate, self.b_gate) if w.gated else ())
                      + (self.hc, self.idx, self.cnt) + self.down.args())
-
-    fused = True
-    __call__ = _Strategy.call_fused
 
 
 class _PredictorMV(_Strategy):
@@ -293,7 +294,7 @@ def _half_exact(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(h).all()) and torch.equal(h.float(), t)
 
 
-class _TirPredictorMV(_Strategy):
+class _TirPredictorMV(_FusedMV):
     """M = 1, predictor mode, ReLU family, not gated: the whole selection in TIR, one fused kernel
     (`pred_mv`) in three phases. `dense_mv` makes the predictor's rank vector z = pred_a . x;
     `pred_up_mv` scores each neuron from z, computes the up rows of the selected ones only and
@@ -336,9 +337,6 @@ class _TirPredictorMV(_Strategy):
         self.label = f"tir-predictor+{self.down.tag}{{rows={rows},bs={bs}{',f16' if half else ''}}}"
         self.args = (self.pred_a, self.zero_rk, self.z, self.bp, self.b_up, self.scale, self.thr, self.w_up, self.b_up,
                      self.hc, self.idx, self.cnt) + self.down.args()
-
-    fused = True
-    __call__ = _Strategy.call_fused
 
 
 class _Union(_Strategy):
@@ -458,7 +456,7 @@ class SparseMLP(torch.nn.Module):
         super().__init__()
         self.layer, self.kernel = layer, kernel
         self._w, self._mv, self._mm = w, mv, mm
-        self._fused_mv = mv if mv is not None and mv.fused else None
+        self._fused_mv = mv if isinstance(mv, _FusedMV) else None
 
     def __call__(self, *args, **kwargs):
         # nn.Module's fast path without its two frames when nothing is hooked (~30 us a call after
