@@ -404,6 +404,49 @@ def test_decision_is_cached(tmp_path):
     assert not r1["cached"] and r2["cached"] and r1["kernel"] == r2["kernel"]
 
 
+class TwinMLPs(nn.Module):
+    """Two MLPs of one shape on the same input: the second is of the first one's family."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Plain(-0.5), Plain(-0.5)
+        self.b.load_state_dict(self.a.state_dict())
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize("second_timing", ["sparse", "dense"])
+def test_family_choice_that_loses_to_dense_is_timed_again(tmp_path, monkeypatch, second_timing):
+    """A later MLP of the same family times only the earlier choice against dense; when dense wins
+    there (one noisy timing did so, and was cached for 4 of opt-125m-like's MLPs), every candidate
+    is timed again and that second timing decides, either way."""
+    from sparsecomp.backends.torch import mlp
+    from sparsecomp.cache import DecisionCache
+
+    monkeypatch.setattr(DecisionCache, "get", lambda self, key, validate=None: None)  # the twin is not a cache hit
+    calls = []
+
+    def fake(strategies, x, min_runs, max_seconds, flush):
+        labels = sorted(strategies)
+        calls.append(labels)
+        dense_wins = len(calls) == 2 or (len(calls) == 3 and second_timing == "dense")
+        return {k: (1.0 if k == "dense" else 2.0 + labels.index(k)) if dense_wins else (5.0 if k == "dense" else 1.0 + labels.index(k))
+                for k in labels}
+
+    monkeypatch.setattr(mlp, "_time_strategies", fake)
+    model = TwinMLPs().eval()
+    x = torch.randn(1, K)
+    cm = sc.compile(model, (x,), activation_sparsity="exact", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    rows = [r for r in cm.report.rows if str(r.get("pattern", "")).startswith("mlp")]
+    assert len(rows) == 2 and len(calls) == 3
+    assert len(calls[0]) > 2 and len(calls[1]) == 2 and calls[2] == calls[0]  # full, then choice vs dense, then full again
+    assert rows[0]["decision"] == "sparse" and "timed again" in rows[1]["reason"]
+    assert rows[1]["decision"] == ("sparse" if second_timing == "sparse" else "dense")
+    assert len(_mlp_modules(cm)) == (2 if second_timing == "sparse" else 1)
+    _close(cm(x), model(x))
+
+
 def test_one_row_mlp_of_a_cold_model_is_timed_cold(tmp_path, monkeypatch):
     """In a model whose weights exceed the last-level cache, a one-row MLP small enough to stay in
     cache between timed calls is timed with a flush before every call, and the decision is cached
