@@ -114,3 +114,48 @@ def test_cache_flush_reads_past_the_cache_and_pauses(monkeypatch):
     assert time.perf_counter() - t0 >= 0.01
     buf = next(c.cell_contents for c in flush.__closure__ if hasattr(c.cell_contents, "numel"))
     assert buf.numel() * buf.element_size() == 2 << 20
+
+
+def _fake_cache(monkeypatch, reported_mib: int, cached_mib: int):
+    """sysfs reports `reported_mib`; buffers up to `cached_mib` read at 48 GB/s hot, larger at 24."""
+    from sparsecomp import timing
+
+    sizes = []
+    monkeypatch.delenv("SPARSECOMP_LLC_BYTES", raising=False)
+    monkeypatch.setattr(timing, "_llc_memo", {})
+    monkeypatch.setattr(timing, "_sysfs_llc_bytes", lambda: reported_mib << 20)
+    monkeypatch.setattr(timing, "_hot_bandwidth", lambda n: sizes.append(n) or (48e9 if n <= cached_mib << 20 else 24e9))
+    return timing, sizes
+
+
+def test_llc_reported_by_sysfs_is_trusted_up_to_the_threshold(monkeypatch):
+    timing, sizes = _fake_cache(monkeypatch, 32, 8)
+    assert timing.l3_bytes() == 32 << 20 and not sizes  # an ordinary cache: nothing measured
+
+
+def test_llc_of_a_vm_reporting_the_whole_socket_is_measured(monkeypatch):
+    """A 2-vCPU VM that reports 480 MiB but keeps only ~64 MiB hot counts on 64 MiB (measured once
+    per process); a cache that really is as large as reported keeps its size; a cache that never
+    reads faster than memory counts as 8 MiB, the smallest size tried."""
+    timing, sizes = _fake_cache(monkeypatch, 480, 64)
+    assert timing.l3_bytes() == 64 << 20
+    n = len(sizes)
+    assert n and timing.l3_bytes() == 64 << 20 and len(sizes) == n  # memoised
+    assert max(sizes) == 960 << 20  # the memory reference: twice the reported size (<= 1 GiB)
+    timing, _ = _fake_cache(monkeypatch, 128, 128)
+    assert timing.l3_bytes() == 128 << 20
+    timing, _ = _fake_cache(monkeypatch, 480, 0)
+    assert timing.l3_bytes() == 8 << 20
+
+
+def test_llc_override_and_its_error(monkeypatch):
+    import pytest
+
+    from sparsecomp.errors import SparsecompError
+
+    timing, sizes = _fake_cache(monkeypatch, 480, 64)
+    monkeypatch.setenv("SPARSECOMP_LLC_BYTES", str(16 << 20))
+    assert timing.l3_bytes() == 16 << 20 and not sizes
+    monkeypatch.setenv("SPARSECOMP_LLC_BYTES", "32M")
+    with pytest.raises(SparsecompError, match="SPARSECOMP_LLC_BYTES"):
+        timing.l3_bytes()
