@@ -346,6 +346,7 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
     V = _target.vector_width()
     hw = _target.has_feature("avx2")
     gathers = (["hw"] if hw else []) + ["sw"]
+    hw16 = _target.has_feature("avx512f")  # the 16-lane gather (SELL delta only, so far)
     chunks = _target.get_num_threads() if M > 1 and fmt == "csr" else 0
     out: list[tuple[float, dict]] = []
     if M <= 1:
@@ -360,15 +361,20 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
             # hw 1.35, sell-16 hw 1.39-1.40, torch CSR 1.69-1.71, dense 3.2-3.3; 90%: sell-32 sw
             # 0.48-0.50 ms, delta-16 sw 0.49-0.51, delta-8 hw 0.50-0.52, torch CSR 0.72. So two
             # more variants to time, never displacing sell-32 sw (the limit of 8 keeps all)
-            for g, C, u, sg in (("hw", 32, 1, 64), ("sw", 16, 1, 1)):
-                if g == "hw" and not hw:
+            # Software prefetch and the AVX-512 gather (16 rows per gather): cold, 4096x4096, Intel
+            # Xeon VM, interleaved: 90% hw16 C=16 pf 256-512 405-411 us, hw C=32 pf 256 465, hw C=32
+            # 517; 70%: 973, 1129, 1220 (`_codegen._sell_delta_mv`)
+            for g, C, pf, cost in (("hw16", 16, 256, 0.02), ("hw16", 16, 512, 0.03), ("hw", 32, 256, 0.04), ("hw", 32, 0, 0.1),
+                                   ("sw", 16, 0, 0.6)):
+                if (g == "hw" and not hw) or (g == "hw16" and not hw16):
                     continue
-                out.append((0.1 if g == "hw" else 0.6,
-                            {"scheme": "delta", "slice_height": C, "unroll": u, "gather": g, "sigma": sg}))
+                out.append((cost, {"scheme": "delta", "slice_height": C, "unroll": 1, "gather": g, "sigma": 64 if g != "sw" else 1,
+                                   **({"prefetch": pf} if pf else {})}))
             for C in (8, 16, 32):
                 for g in gathers:
                     vv = 8 if g == "hw" else min(V, C)
                     out.append(((0.0 if g == "hw" else 0.5) + abs(C - 16) / 32, {"slice_height": C, "vec": vv, "unroll": 1, "gather": g}))
+            limit = max(limit, len(out))  # all of them: each of these won somewhere (AMD: plain sell-32 sw at 90%)
         elif fmt == "bsr":
             r, c = block or (16, 1)
             if r >= 4:

@@ -67,7 +67,11 @@ MV = {
              # uint8 column deltas, lanes over 8 rows
              {"scheme": "delta", "slice_height": 8, "unroll": 2, "gather": "hw", "sigma": 16},
              {"scheme": "delta", "slice_height": 16, "unroll": 3, "gather": "sw"},
-             {"scheme": "delta", "slice_height": 32, "unroll": 1, "gather": "hw", "sigma": 64}],
+             {"scheme": "delta", "slice_height": 32, "unroll": 1, "gather": "hw", "sigma": 64},
+             # software prefetch; the AVX-512 gather, 16 rows per vector
+             {"scheme": "delta", "slice_height": 32, "unroll": 1, "gather": "hw", "sigma": 64, "prefetch": 256},
+             {"scheme": "delta", "slice_height": 16, "unroll": 1, "gather": "hw16", "sigma": 64, "prefetch": 256},
+             {"scheme": "delta", "slice_height": 32, "unroll": 2, "gather": "hw16", "prefetch": 16}],
     "nm": [{"n": 2, "m": 4, "vec": 8, "unroll": 2, "gather": "hw"}, {"n": 2, "m": 4, "vec": 8, "unroll": 1, "gather": "sw"},
            {"n": 4, "m": 8, "vec": 4, "unroll": 2, "gather": "sw"}, {"n": 3, "m": 8, "vec": 8, "unroll": 1, "gather": "sw"},
            # gather-free permute kernel (AVX2): packed metadata (n even), one slot per byte (n odd), m = 2/4/8
@@ -99,13 +103,14 @@ def _pattern(fmt, params):
 
 
 def _hw_ok(tir, params):
-    return params.get("gather") != "hw" or tir._target.has_feature("avx2")
+    need = {"hw": "avx2", "hw16": "avx512f"}.get(params.get("gather"))
+    return need is None or tir._target.has_feature(need)
 
 
 @pytest.mark.parametrize("fmt,params", [(f, p) for f, ps in MV.items() for p in ps], ids=str)
 def test_mv(tir, fmt, params):
     if not _hw_ok(tir, params):
-        pytest.skip("no AVX2")
+        pytest.skip(f"this CPU has no {'AVX-512' if params['gather'] == 'hw16' else 'AVX2'} gather")
     w = _weights("sparse", _pattern(fmt, params))
     _check(tir, fmt, params, w, 1)
     _check(tir, fmt, params, w, 1, bias=False, lead=(2,))  # leading dims, M = 1 per row
@@ -241,7 +246,8 @@ def test_sell_delta_long_gaps(tir):
     w[5, 0] = 2.0  # only column 0 (delta 0)
     x = torch.randn(2, 2000, generator=g)
     for params in ({"scheme": "delta", "slice_height": 8, "unroll": 1, "gather": "hw"},
-                   {"scheme": "delta", "slice_height": 16, "unroll": 2, "gather": "sw", "sigma": 8}):
+                   {"scheme": "delta", "slice_height": 16, "unroll": 2, "gather": "sw", "sigma": 8},
+                   {"scheme": "delta", "slice_height": 16, "unroll": 1, "gather": "hw16", "prefetch": 64}):
         if not _hw_ok(tir, params):
             continue
         y = tir.make_linear("sell", w, params)(x)
@@ -259,12 +265,24 @@ def test_candidates_are_valid(tir):
     for M in (1, 16, 128):
         for fmt, kw in cases:
             cands = tir.candidates(fmt, 4096, 4096, M, **kw)
-            assert 1 <= len(cands) <= 8
+            assert 1 <= len(cands) <= (11 if (fmt, M) == ("sell", 1) else 8)  # M = 1 SELL: every variant is kept
+            assert any(p.get("gather") == "hw16" for p in cands) == ((fmt, M) == ("sell", 1) and tir._target.has_feature("avx512f"))
             for p in cands:
                 tir._codegen.kernel_source(fmt, tir._build._normalise(fmt, p))  # generates
     # one of each actually runs on a matching weight
     w = _weights("sparse", "block:16x1:0.6")
     _check(tir, "bsr", tir.candidates("bsr", N, K, 1, block=(16, 1))[0], w, 1)
+
+
+def test_sell_delta_prefetch_and_gather_width_in_the_source(tir):
+    base = {"scheme": "delta", "slice_height": 32, "unroll": 1, "gather": "hw"}
+    src = lambda p: tir._codegen.kernel_source("sell", tir._build._normalise("sell", p))  # noqa: E731
+    assert "llvm.prefetch" not in src(base) and src(base).count("llvm.prefetch") == 0
+    assert src({**base, "prefetch": 256}).count("llvm.prefetch") == 32 * 4 // 64 + 1  # one per 64-byte line of values, one for deltas
+    wide = src({**base, "gather": "hw16"})
+    assert "avx512.mask.gather.dps.512" in wide and "avx2.gather" not in wide
+    with pytest.raises(SparsecompError, match="multiple of 16"):
+        src({**base, "slice_height": 8, "gather": "hw16"})
 
 
 def test_mismatched_kernel_and_storage(tir):
