@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sparsecomp.patterns import impose_pattern  # noqa: E402
-from sparsecomp.timing import l3_bytes, read_bandwidth  # noqa: E402
+from sparsecomp.timing import l3_bytes, read_bandwidth, settle  # noqa: E402
 
 THREADS = 2
 
@@ -59,10 +59,13 @@ def n_copies(bytes_per_copy: int, l3: int) -> int:
 def run_interleaved(methods: dict, rounds: int, min_batch_s: float = 2e-3, gap_s: float = 0.0) -> dict:
     """methods: name -> zero-arg callable (one call = one layer application). Median us per call.
 
-    gap_s: pause between two methods' batches, so that the spin-waiting worker threads of one
+    gap_s: settle between two methods' batches, so that the spin-waiting worker threads of one
     runtime (torch's OpenMP, ORT's and TVM's pools all spin for a while after a call) have gone
-    to sleep before the next runtime is timed on the same two cores.
+    to sleep before the next runtime is timed on the same two cores; the cores are kept busy
+    meanwhile (`sparsecomp.timing.settle`: after a plain sleep, the Intel VM ran torch's cold
+    GEMV at 4.6 instead of 2.2 ms).
     """
+    gap = settle(gap_s) if gap_s else None
     batch = {}
     for name, fn in methods.items():  # warm-up, and the batch size that takes ~min_batch_s
         for _ in range(3):
@@ -75,8 +78,8 @@ def run_interleaved(methods: dict, rounds: int, min_batch_s: float = 2e-3, gap_s
     for _ in range(rounds):
         for name, fn in methods.items():
             k = batch[name]
-            if gap_s:
-                time.sleep(gap_s)
+            if gap is not None:
+                gap()
                 fn()
             t0 = time.perf_counter()
             for _ in range(k):

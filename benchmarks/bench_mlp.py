@@ -2,7 +2,7 @@
 
 Conventions as `bench_models.py`: one process, 2 threads everywhere (torch and TVM through
 `sparsecomp.set_num_threads(2)`, OpenBLAS 1), contenders timed interleaved round-robin with a
-short settle pause between them (`bench_models.timed`: medians of >= `--runs` rounds after
+short settle between them, the cores kept busy (`bench_models.timed`: medians of >= `--runs` rounds after
 warm-up); only ratios measured in the same case mean anything here (read bandwidth swings from
 minute to minute), so each case records the load and the bandwidth it ran under. Compiles start
 from an empty SPARSECOMP_CACHE_DIR, so the compile time includes measuring and building kernels.

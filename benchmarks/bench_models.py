@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sparsecomp import models  # noqa: E402
-from sparsecomp.timing import OthersCpu, compare, read_bandwidth  # noqa: E402
+from sparsecomp.timing import OthersCpu, compare, read_bandwidth, settle  # noqa: E402
 
 THREADS = 2
 RESULTS = Path(__file__).parent / "results" / "bench_models.json"
@@ -68,7 +68,7 @@ TARGETS = {  # issue #3: compiled vs ORT dense (sparse cases), compiled vs eager
 }
 DS_PYTHON = "/tmp/ds/bin/python"
 DS_SPEC = "deepsparse==1.8.0"
-SETTLE_S = 0.05  # pause between contenders in a round (spin-waiting pools park meanwhile)
+SETTLE_S = 0.05  # settle between contenders in a round (spin-waiting pools park meanwhile; `timing.settle`)
 
 
 # ---------------------------------------------------------------- machine
@@ -203,14 +203,15 @@ def summarize_compile(cm, compile_s: float) -> dict:
 def timed(cands: dict, runs: int, warmup: int, settle_s: float = SETTLE_S) -> dict:
     """Interleaved medians (ms) with p10/p90; never cut short by time (>= runs rounds).
 
-    Before every timed call the round sleeps `settle_s` (untimed; `compare`'s `between`), and each
-    round runs the contenders in a new order: ORT's, OpenMP's and TVM's pools spin-wait after a
-    call, and measured here a spinning ORT pool made the next eager torch call 2x slower. The
-    sleep lets them park first.
+    Before every timed call the round settles for `settle_s` (untimed; `compare`'s `between`),
+    and each round runs the contenders in a new order: ORT's, OpenMP's and TVM's pools spin-wait
+    after a call, and measured here a spinning ORT pool made the next eager torch call 2x slower.
+    The settle lets them park first, with the cores kept busy (`sparsecomp.timing.settle`: a
+    plain sleep made the next call pay for the cores' wake-up, up to 2x on the Intel VM).
     """
     with torch.no_grad():
         res = compare(cands, warmup=warmup, min_runs=runs, max_seconds=float("inf"),
-                      between=(lambda: time.sleep(settle_s)) if settle_s > 0 else None)
+                      between=settle(settle_s) if settle_s > 0 else None)
     return {k: {"median_ms": m.median * 1e3, "p10_ms": m.p10 * 1e3, "p90_ms": m.p90 * 1e3, "runs": m.runs}
             for k, m in res.items() if k in cands}
 
@@ -480,9 +481,15 @@ DS_SCRIPT = textwrap.dedent('''
         for _ in range(warmup):
             fn()
     samples = {k: [] for k in cands}
+    busy = np.ones(1 << 20, dtype=np.float32)
     for _ in range(runs):
         for k, fn in cands.items():
-            time.sleep(settle)  # DeepSparse's and ORT's workers spin after a call: let them park
+            # DeepSparse's and ORT's workers spin after a call: let them park, the cores kept busy
+            # (sparsecomp.timing.settle, which this venv does not have)
+            end = time.perf_counter() + settle
+            while time.perf_counter() < end:
+                busy.sum()
+            time.sleep(0.002)
             t = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t)

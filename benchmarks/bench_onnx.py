@@ -47,11 +47,11 @@ import numpy as np
 import torch
 
 from sparsecomp import models
-from sparsecomp.timing import compare, read_bandwidth
+from sparsecomp.timing import compare, read_bandwidth, settle
 
 THREADS = int(os.environ["SPARSECOMP_NUM_THREADS"])
 RESULTS = Path(__file__).parent / "results" / "onnx.json"
-SETTLE_S = 0.05
+SETTLE_S = 0.05  # cores kept busy while spinning pools park (`sparsecomp.timing.settle`)
 
 CASES = {  # name: (zoo model, overrides, pattern)
     "bert-base-u90": ("bert-base", {}, "unstructured:0.9"),
@@ -100,7 +100,7 @@ def max_rel_err(out, ref) -> float:
 
 
 def timed(cands: dict, runs: int, warmup: int) -> dict:
-    res = compare(cands, warmup=warmup, min_runs=runs, max_seconds=float("inf"), between=lambda: time.sleep(SETTLE_S))
+    res = compare(cands, warmup=warmup, min_runs=runs, max_seconds=float("inf"), between=settle(SETTLE_S))
     return {k: {"median_ms": m.median * 1e3, "p10_ms": m.p10 * 1e3, "p90_ms": m.p90 * 1e3, "runs": m.runs}
             for k, m in res.items() if k in cands}
 

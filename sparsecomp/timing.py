@@ -19,7 +19,8 @@ from typing import Callable
 
 from sparsecomp.errors import SparsecompError
 
-__all__ = ["Measurement", "OthersCpu", "cold_copies", "compare", "l3_bytes", "measure", "model_is_cold", "read_bandwidth"]
+__all__ = ["Measurement", "OthersCpu", "cold_copies", "compare", "l3_bytes", "measure", "model_is_cold", "read_bandwidth",
+           "settle"]
 
 
 @dataclass
@@ -210,6 +211,38 @@ def cache_flush(pause_s: float = 0.001) -> Callable[[], None]:
         time.sleep(pause_s)
 
     return flush
+
+
+def settle(seconds: float = 0.05, quiet_s: float = 0.002) -> Callable[[], None]:
+    """A `between` for `compare` (the benchmarks): before each timed call, keep the cores busy for
+    `seconds` summing a 4 MiB buffer (cache-sized: nothing is evicted from memory's point of view),
+    then sleep `quiet_s`. Meanwhile the thread pools that spin after a call (torch's OpenMP, TVM's,
+    ORT's) park, as they did during the plain 50 ms sleep this replaces, but the cores never idle.
+
+    Why: on an Intel Xeon VM here, a core that idled for 30-50 ms runs slowly for the next 10-30 ms
+    (the host lowers its clock or deschedules the vCPU), so a sleep measured that ramp rather than
+    the code. Measured there, interleaved medians:
+
+        opt-125m-like, one token          back to back   sleep 50 ms   busy 50 ms + sleep 2 ms
+          eager                              15.96 ms       30.67 ms        17.21 ms
+          exact mode, torch's 2 threads      15.32          34.72           17.28
+        4096x4096 M = 1, cold copies: torch's GEMV 2.24 ms back to back, 4.6 ms after a 30 ms sleep
+        even with 3 ms of warm-up calls; the TIR BSR kernel 288 vs 604 us.
+        bert-base eager after an ORT call: sleep 50 ms 90.9 ms, busy + 2 ms 89.2, nothing 112.7.
+
+    (On the AMD VM of earlier sessions the sleep cost each call only ~0.3-0.4 ms.)
+    """
+    import torch
+
+    buf = torch.ones(1 << 20)
+
+    def wait() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            buf.sum()
+        time.sleep(quiet_s)
+
+    return wait
 
 
 class ColdTiming:

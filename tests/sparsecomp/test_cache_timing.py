@@ -159,3 +159,15 @@ def test_llc_override_and_its_error(monkeypatch):
     monkeypatch.setenv("SPARSECOMP_LLC_BYTES", "32M")
     with pytest.raises(SparsecompError, match="SPARSECOMP_LLC_BYTES"):
         timing.l3_bytes()
+
+
+def test_settle_keeps_the_cores_busy_then_pauses():
+    """`settle` (the benchmarks' `between`) works for about `seconds`, then sleeps `quiet_s`."""
+    from sparsecomp.timing import settle
+
+    wait = settle(0.02, 0.005)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    wait()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    assert wall >= 0.025
+    assert cpu >= 0.01  # busy, not asleep, for most of the 20 ms (a plain sleep uses ~no CPU)
