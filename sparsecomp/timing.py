@@ -215,8 +215,7 @@ def cache_flush(pause_s: float = 0.001) -> Callable[[], None]:
 
 def settle(seconds: float = 0.05, quiet_s: float = 0.002) -> Callable[[], None]:
     """A `between` for `compare` (the benchmarks): before each timed call, keep the cores busy for
-    `seconds` summing a 4 MiB buffer (cache-sized: nothing is evicted from memory's point of view),
-    then sleep `quiet_s`. Meanwhile the thread pools that spin after a call (torch's OpenMP, TVM's,
+    `seconds` summing a 4 MiB buffer (it stays in the cores' own caches), then sleep `quiet_s`. Meanwhile the thread pools that spin after a call (torch's OpenMP, TVM's,
     ORT's) park, as they did during the plain 50 ms sleep this replaces, but the cores never idle.
 
     Why: on an Intel Xeon VM here, a core that idled for 30-50 ms runs slowly for the next 10-30 ms

@@ -359,8 +359,8 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
             # SELL with uint8 column deltas (5 bytes per entry instead of 6). Measured cold,
             # 4096x4096, interleaved, 2 rounds at load 1.5-1.8: 70%: delta-32 hw 1.33 ms, delta-8
             # hw 1.35, sell-16 hw 1.39-1.40, torch CSR 1.69-1.71, dense 3.2-3.3; 90%: sell-32 sw
-            # 0.48-0.50 ms, delta-16 sw 0.49-0.51, delta-8 hw 0.50-0.52, torch CSR 0.72. So two
-            # more variants to time, never displacing sell-32 sw (the limit of 8 keeps all)
+            # 0.48-0.50 ms, delta-16 sw 0.49-0.51, delta-8 hw 0.50-0.52, torch CSR 0.72. So the delta
+            # variants are timed too, never displacing sell-32 sw (every M = 1 variant is kept).
             # Software prefetch and the AVX-512 gather (16 rows per gather): cold, 4096x4096, Intel
             # Xeon VM, interleaved: 90% hw16 C=16 pf 256-512 405-411 us, hw C=32 pf 256 465, hw C=32
             # 517; 70%: 973, 1129, 1220 (`_codegen._sell_delta_mv`)
