@@ -796,10 +796,10 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                     s.cost = dict(entry["cost"])
         else:
             family = (w.K, w.H, w.N, m, w.mode, w.gated, round(density, 1), pruned is not None)
-            trial = checked
+            trial, family_note = checked, None
             if family in family_choice and family_choice[family] in checked:
                 trial = {k: v for k, v in checked.items() if k in (family_choice[family], "dense")}
-                notes.append("timed only the choice of an earlier layer of this shape and density against dense")
+                family_note = "timed only the choice of an earlier layer of this shape and density against dense"
             measured = _time_strategies(trial, x, min_runs, max_seconds, flush)
             best = min((k for k in measured if k in eligible), key=measured.get, default="dense")
             if trial is not checked and best != family_choice[family]:
@@ -808,8 +808,10 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                 # a cached 1.0x where the other 8 measured 1.55x; a second, full timing decides.
                 measured = _time_strategies(checked, x, 2 * min_runs, 2 * max_seconds, flush)
                 best = min((k for k in measured if k in eligible), key=measured.get, default="dense")
-                notes[-1] = (f"the choice of an earlier layer of this shape and density ({family_choice[family]}) lost to dense "
-                             f"in a first timing; every candidate was timed again")
+                family_note = (f"the choice of an earlier layer of this shape and density ({family_choice[family]}) lost to dense "
+                               f"in a first timing; every candidate was timed again")
+            if family_note:
+                notes.append(family_note)
             family_choice.setdefault(family, best)
             dense_us, chosen_us = measured["dense"], measured[best]
             if cache is not None:

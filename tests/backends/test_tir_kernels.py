@@ -277,7 +277,7 @@ def test_candidates_are_valid(tir):
 def test_sell_delta_prefetch_and_gather_width_in_the_source(tir):
     base = {"scheme": "delta", "slice_height": 32, "unroll": 1, "gather": "hw"}
     src = lambda p: tir._codegen.kernel_source("sell", tir._build._normalise("sell", p))  # noqa: E731
-    assert "llvm.prefetch" not in src(base) and src(base).count("llvm.prefetch") == 0
+    assert "llvm.prefetch" not in src(base)
     assert src({**base, "prefetch": 256}).count("llvm.prefetch") == 32 * 4 // 64 + 1  # one per 64-byte line of values, one for deltas
     wide = src({**base, "gather": "hw16"})
     assert "avx512.mask.gather.dps.512" in wide and "avx2.gather" not in wide
