@@ -12,7 +12,7 @@ import torch
 
 from sparsecomp.frontend import capture
 from sparsecomp.errors import NotYetAvailableError, SparsecompError
-from sparsecomp import omp
+from sparsecomp import callpath, omp
 from sparsecomp.pass_manager import Instrument, PassContext, PassManager
 from sparsecomp.ir import global_module_hooks, normalize_inputs
 from sparsecomp.lowering import TIR_GEMV
@@ -133,45 +133,6 @@ def run_pipeline(model: torch.nn.Module, example_inputs: Any, pipeline: str, *, 
     return gm, ctx
 
 
-def _unwrap_guards(gm: torch.nn.Module) -> None:
-    """Call torch.export's shape guards without their dynamo wrapper. The guard function itself
-    (`L['x'].size()[1] == 2048`-style asserts) costs ~1 us; torch wraps it in a dynamo config patch
-    (so that dynamo would trace into it when re-exporting) whose enter/exit costs ~10 us a call,
-    and 80-190 us after a kernel has streamed the caches (bench_mlp's FFN). Where the wrapper is
-    not the expected closure over one plain function, it is left alone."""
-    import inspect
-
-    guards = getattr(gm, "_guards_fn", None)
-    fwd = getattr(guards, "forward", None)
-    cells = [c.cell_contents for c in (getattr(fwd, "__closure__", None) or ())]
-    raw = [c for c in cells if inspect.isfunction(c)]
-    if len(raw) == 1 and len(cells) == 2 and type(cells[1 - cells.index(raw[0])]).__name__ == "DynamoConfigPatchProxy":
-        guards.forward = raw[0]
-
-
-def _drop_export_hooks(gm: torch.nn.Module) -> None:
-    """Remove torch.export's per-call hooks where they do nothing: the input-constraints pre-hook
-    (off once `validate_inputs` is False) and the enter / exit pair that registers nn.Module-typed
-    graph inputs with pytree, when there are none (their closure holds an empty collection). A
-    module with no hooks left is called on nn.Module's fast path: ~70 us less per call after a
-    kernel has streamed the caches (bench_mlp's FFN). A hook that is not one of these, or whose
-    closure is not as expected, stays."""
-    def removable(hook) -> bool:
-        if getattr(hook, "__module__", "") != "torch.export._unlift":
-            return False
-        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
-            return getattr(gm, "validate_inputs", True) is False
-        cells = [c.cell_contents for c in (getattr(hook, "__closure__", None) or ())]
-        return (getattr(hook, "__name__", "") == "<lambda>" and len(cells) == 1
-                and isinstance(cells[0], (set, frozenset, list, tuple, dict)) and len(cells[0]) == 0)
-
-    for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
-        for key in [k for k, h in hooks.items() if removable(h)]:
-            del hooks[key]
-            for extra in (gm._forward_pre_hooks_with_kwargs, gm._forward_hooks_with_kwargs, gm._forward_hooks_always_called):
-                extra.pop(key, None)
-
-
 class CompiledModel(torch.nn.Module):
     """What `compile` returns: call it like the model; `report` says what was done per layer.
 
@@ -207,10 +168,20 @@ class CompiledModel(torch.nn.Module):
         # (`_guards_fn`, a node of the graph) still run on every call; the structure check runs
         # only when a call fails, to say why (`_explain_failure`).
         self._check_structure = hasattr(gm, "validate_inputs") and hasattr(gm, "_guards_fn") and hasattr(gm, "_in_spec")
+        if isinstance(gm, torch.fx.GraphModule):
+            callpath.bind_attribute_paths(gm)
         if self._check_structure:
             gm.validate_inputs = False
-            _unwrap_guards(gm)
-            _drop_export_hooks(gm)
+            callpath.unwrap_guards(gm)
+            callpath.drop_export_hooks(gm)
+
+    def __call__(self, *args, **kwargs):
+        # nn.Module's fast path without its two frames when nothing is hooked (see `callpath`);
+        # hooks, tracing and torch.compile still go through nn.Module
+        if (self._forward_pre_hooks or self._forward_hooks or self._backward_hooks or self._backward_pre_hooks
+                or self._compiled_call_impl is not None or global_module_hooks() or torch._C._get_tracing_state()):
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args, **kwargs)
 
     @property
     def runs(self) -> str:

@@ -20,7 +20,7 @@ from sparsecomp.errors import SparsecompError
 from sparsecomp.memory import prefer_huge_pages
 
 from . import _target
-from ._build import Kernel, _normalise, build_source
+from ._build import Kernel, OutputStock, _normalise, bound_args, build_source
 from ._codegen import transpose_source
 
 __all__ = ["PreparedWeight", "prepare", "SparseLinearKernel", "candidates", "FORMATS", "begin_transpose_reuse",
@@ -231,6 +231,13 @@ class SparseLinearKernel:
         self.kernel = kernel
         self.mt = int(kernel.params.get("mt", 0))
         self._func = kernel.func
+        # the weight's arrays and the zero bias converted once (see `bound_args`); a bias given to
+        # calls is converted at its first call and reused while the same tensor comes again
+        self._arrays = bound_args(*prepared.arrays)
+        self._zero_bias = bound_args(prepared.zero_bias)[0]
+        self._bias_in = self._bias_t = None
+        n = prepared.shape[0]
+        self._out = OutputStock((1, n), view=(n,)) if self.mt == 0 else None  # one-row outputs
 
     @property
     def out_features(self) -> int:
@@ -252,16 +259,24 @@ class SparseLinearKernel:
             x2 = x2.float()
         M = x2.shape[0]
         if bias is None:
-            b = self.prepared.zero_bias
+            b = self._zero_bias
+        elif bias is self._bias_in:
+            b = self._bias_t
         else:
             b = _aligned(bias.detach().to(torch.float32).reshape(N))
+            if b.data_ptr() == bias.data_ptr():  # a view of the caller's bias: in-place changes stay visible
+                self._bias_in, self._bias_t = bias, bound_args(b)[0]
         if M == 0:
             return x2.new_empty((*lead, N))
         kp = self.prepared.kp
-        arrays = self.prepared.arrays
+        arrays = self._arrays
         if self.mt == 0:
             if kp != K:
                 x2 = torch.nn.functional.pad(x2, (0, kp - K))
+            if M == 1:  # one row: a stocked output and no per-row views (see `OutputStock`)
+                y, yt = self._out.take()
+                self._func(_aligned(x2.reshape(kp)), *arrays, b, yt)
+                return y if len(lead) == 1 else y.reshape(*lead, N)
             y = torch.empty((M, N), dtype=torch.float32)
             for i in range(M):
                 self._func(_aligned(x2[i]), *arrays, b, y[i])

@@ -45,6 +45,8 @@ class TirDenseLinear(torch.nn.Module):
     empty inputs) run `F.linear` on the same weight."""
 
     def __init__(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None, kernel):
+        from sparsecomp.backends.tir._build import OutputStock, bound_args
+
         super().__init__()
         self.layer, self.kernel = layer, KERNEL
         self._w = prefer_huge_pages(weight.detach().contiguous())  # in place: see sparsecomp.memory
@@ -52,6 +54,8 @@ class TirDenseLinear(torch.nn.Module):
         self._n = self._w.shape[0]
         self._b_or_zero = self._b if self._b is not None else torch.zeros(self._n)
         self._k = kernel
+        self._bound = bound_args(self._w, self._b_or_zero)  # converted once (see bound_args)
+        self._out = OutputStock((self._n,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (kept lean: at one row per call this wrapper's own cost is a visible share of the layer)
@@ -63,8 +67,8 @@ class TirDenseLinear(torch.nn.Module):
         n = x.shape[-1]
         if x.numel() != n or n == 0:
             return F.linear(x, self._w, self._b)
-        y = torch.empty(self._n)
-        self._k(x.reshape(n).contiguous(), self._w, self._b_or_zero, y)
+        y, yt = self._out.take()
+        self._k(x.reshape(n).contiguous(), *self._bound, yt)
         return y.reshape(*x.shape[:-1], self._n)
 
     def extra_repr(self) -> str:

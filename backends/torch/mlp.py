@@ -152,11 +152,31 @@ class _FusedMV(_Strategy):
     microseconds once a kernel has streamed the caches."""
 
     k = None  # the kernel
-    args: tuple = ()  # its arguments between x and y
+    _args: tuple = ()
+    _bound: tuple = ()
+
+    @property
+    def args(self) -> tuple:
+        """The kernel's arguments between x and y (torch tensors); setting them also binds them
+        (`bound_args`: converted once, not on every call)."""
+        return self._args
+
+    @args.setter
+    def args(self, value) -> None:
+        from sparsecomp.backends.tir._build import bound_args
+
+        self._args = tuple(value)
+        self._bound = bound_args(*self._args)
+
+    def __init__(self, w: _Weights):
+        from sparsecomp.backends.tir._build import OutputStock
+
+        super().__init__(w)
+        self._out = OutputStock((1, w.N))
 
     def run_row(self, x):
-        y = torch.empty(1, self.w.N)
-        self.k(x, *self.args, y)
+        y, yt = self._out.take()
+        self.k(x, *self._bound, yt)
         return y
 
     def try_row(self, x):
@@ -182,7 +202,8 @@ class _DownMV:
         # as a phase of a fused kernel (`exact_mv`, `pred_mv`) the partials are summed on the
         # calling thread: a second launch for N * P adds cost more than the adds
         self.params = {"rows": rows, "cb": _CB, "serial": serial, "serial_sum": True}
-        self._k = None  # the standalone kernel (`blocks`): built on first use, never for a fused phase
+        self._k = self._bound = None  # the standalone kernel (`blocks`) and its constant arguments:
+        # made on first use, never for a fused phase
         self.part = torch.empty(1 if serial else parts, w.NP)
         self.tag = "serial-down" if serial else "tir-down"
 
@@ -194,9 +215,12 @@ class _DownMV:
         if self._k is None:
             from sparsecomp.backends.tir import _mlp
 
+            from sparsecomp.backends.tir._build import bound_args
+
             self._k = _mlp.build_mlp_kernel("down_mv", {k: v for k, v in self.params.items() if k != "serial_sum"})
+            self._bound = bound_args(*self.args())
         y = torch.empty(self.w.N)
-        self._k(hc, idx, cnt, self.w.wdt_p, self.w.b_down, self.part, y)
+        self._k(hc, idx, cnt, *self._bound, y)
         return y
 
     def flat(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -260,6 +284,7 @@ class _PredictorMV(_Strategy):
 
     def __init__(self, w, parts=4, rows=4, serial=False, gather_rows=1):
         from sparsecomp.backends.tir import _mlp
+        from sparsecomp.backends.tir._build import bound_args
 
         super().__init__(w)
         self.gather = _mlp.build_mlp_kernel("gather_up_mv", {"unroll": 4 if gather_rows == 1 else 1, "rows": gather_rows})
@@ -269,6 +294,8 @@ class _PredictorMV(_Strategy):
         if w.gated:
             self.w_gate = w.w_gate.detach().float().contiguous()
             self.b_gate = w.b_gate.detach().float().contiguous() if w.b_gate is not None else torch.zeros(w.H)
+        self._up = bound_args(self.w_up, self.b_up)
+        self._gate = bound_args(self.w_gate, self.b_gate) if w.gated else None
         self.label = f"predictor+tir-gather+{self.down.tag}{{rows={rows}" + (f",gather_rows={gather_rows}}}" if gather_rows > 1 else "}")
 
     def __call__(self, x):
@@ -278,10 +305,10 @@ class _PredictorMV(_Strategy):
         if n == 0:
             return self.w.b_down.clone().reshape(1, -1)
         u = torch.empty(n)
-        self.gather(x, self.w_up, self.b_up, idx, u)
+        self.gather(x, *self._up, idx, u)
         if self.w.gated:
             g = torch.empty(n)
-            self.gather(x, self.w_gate, self.b_gate, idx, g)
+            self.gather(x, *self._gate, idx, g)
             h = self.w.act(g) * u
         else:
             h = self.w.act(u)
@@ -354,9 +381,11 @@ class _Union(_Strategy):
         self.cost = {"dense": 0.0, "one": 1.0, "all": 1.0}
         if kind == "tir":
             from sparsecomp.backends.tir import _mlp
+            from sparsecomp.backends.tir._build import bound_args
 
             self.kernels = {mt: _mlp.build_mlp_kernel("down_mm", {"mt": mt, "rows": rows, "cb": _CB}) for mt in (4, 8)}
             self.parts = {mt: torch.empty(parts, mt, w.NP) for mt in (4, 8)}
+            self._bound = {mt: bound_args(w.wdt_p, w.b_down, self.parts[mt]) for mt in (4, 8)}
             self.label = f"union-tir{{rows={rows}}}"
         else:
             self.label = "union-torch"
@@ -372,7 +401,7 @@ class _Union(_Strategy):
         hc = torch.zeros(mt, idx.numel())
         hc[:m] = h[:, idx]
         y = torch.empty(mt, w.N)
-        self.kernels[mt](hc, idx.to(torch.int32), w.wdt_p, w.b_down, self.parts[mt], y)
+        self.kernels[mt](hc, idx.to(torch.int32), *self._bound[mt], y)
         return y[:m]
 
     def chunks(self, h: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -417,12 +446,14 @@ class _PerRow(_Strategy):
 
     def __init__(self, w, rows: int = 2):
         from sparsecomp.backends.tir import _mlp
+        from sparsecomp.backends.tir._build import bound_args
 
         super().__init__(w)
         self.kind = "per-row"
         self.k = _mlp.build_mlp_kernel("down_rows", {"rows": rows, "cb": _CB})
         self.bias_p = torch.zeros(w.NP)
         self.bias_p[: w.N] = w.b_down
+        self._bound = bound_args(w.wdt_p, self.bias_p)
         self.label = f"per-row-tir{{rows={rows}}}"
         self.cost = {"dense": 0.0, "one": 1.0, "all": 1.0}  # measured by `_calibrate_crossover`
 
@@ -439,7 +470,7 @@ class _PerRow(_Strategy):
         m = h.shape[0]
         sidx = torch.empty(m, self.w.H, dtype=torch.int32)
         y = torch.empty(m, self.w.NP)
-        self.k(h, sidx, self.w.wdt_p, self.bias_p, y)
+        self.k(h, sidx, *self._bound, y)
         return y[:, : self.w.N] if self.w.NP != self.w.N else y
 
     def __call__(self, x):
@@ -592,12 +623,14 @@ class _PrunedMV(_Strategy):
 
     def __init__(self, w, pruned: _Pruned, serial: bool = False):
         from sparsecomp.backends.tir import _mlp
+        from sparsecomp.backends.tir._build import bound_args
 
         super().__init__(w)
         self.p = pruned
         if pruned.rows is not None:
             self.k = _mlp.build_mlp_kernel("down_sparse_mv", {"serial": serial})
             self.ptr, self.col, self.val = pruned.rows if not serial else _pack_sparse_rows(w.wdt, 1)
+            self._bound = bound_args(self.ptr, self.col, self.val, w.b_down)
             tag = "sparse-down" if not serial else "serial-sparse-down"
             self.down = None
         else:
@@ -614,8 +647,7 @@ class _PrunedMV(_Strategy):
         if n == 0:
             return self.w.b_down.clone().reshape(1, -1)
         y = torch.empty(self.w.N)
-        self.k(h[idx].reshape(1, n).contiguous(), idx.reshape(1, n), torch.tensor([n], dtype=torch.int32),
-               self.ptr, self.col, self.val, self.w.b_down, y)
+        self.k(h[idx].reshape(1, n).contiguous(), idx.reshape(1, n), torch.tensor([n], dtype=torch.int32), *self._bound, y)
         return y.reshape(1, -1)
 
 

@@ -63,6 +63,9 @@ def test_one_row_layers_move_to_the_tir_gemv_when_it_wins(monkeypatch, tmp_path)
         assert ok, (x.shape, err, allowed)
     with pytest.raises(sc.SparsecompError, match="float32 CPU inputs"):
         lowered_modules(cm)[0](torch.randn(1, 37, dtype=torch.float64))
+    xs = [torch.randn(1, 37) for _ in range(12)]  # one-row outputs the caller keeps stay as they were
+    ys = [lowered(x) for x in xs]
+    assert all(compare_outputs(y, m(x))[0] for x, y in zip(xs, ys))
     # the decision is cached: a second compile times nothing
     cm2 = sc.compile(m, (torch.randn(1, 37),), cache_dir=str(tmp_path))
     assert len(calls) == 2 and len(lowered_modules(cm2)) == 2

@@ -368,3 +368,43 @@ def test_tvm_spin_follows_torchs_openmp_spin(tir, order, env, want):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**{k: v for k, v in os.environ.items() if k not in drop}, **env})
     assert out.stdout.strip() == want
+
+
+def test_one_row_outputs_are_never_reused(tir):
+    """The M = 1 path hands out stocked outputs (`OutputStock`): each call returns a tensor no
+    earlier call returned, so results a caller keeps are never overwritten, past a refill too;
+    and a bias given to calls is bound once but in-place changes to it are still seen."""
+    w = _weights("sparse", "unstructured:0.8")
+    b = torch.randn(N)
+    lin = tir.make_linear("sell", w, tir.candidates("sell", N, K, 1)[0])
+    xs = [torch.randn(1, K, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    ys = [lin(x, b) for x in xs]  # 20 calls: more than one stock batch (8)
+    assert len({y.data_ptr() for y in ys}) == len(ys)
+    for x, y in zip(xs, ys):
+        assert y.shape == (1, N) and torch.allclose(y, torch.nn.functional.linear(x, w, b), atol=1e-5)
+    y3 = lin(xs[0].reshape(1, 1, K), b)  # leading dims: same values, shaped like the input
+    assert y3.shape == (1, 1, N) and torch.allclose(y3[0], ys[0], atol=1e-6)
+    with torch.no_grad():
+        b.add_(1.0)  # in place: the bound bias is the same memory
+    assert torch.allclose(lin(xs[1], b), ys[1] + 1.0, atol=1e-5)
+    b2 = torch.randn(N)  # another bias tensor: converted for it, not the first one's
+    assert torch.allclose(lin(xs[1], b2), torch.nn.functional.linear(xs[1], w, b2), atol=1e-5)
+
+
+def test_bound_args_and_output_stock(tir):
+    """`bound_args` wraps tensors once, sharing their memory (in-place writes are seen), passes
+    anything else through, and keeps a tensor TVM refuses (not 64-byte aligned) as it is;
+    `OutputStock` hands out distinct tensors, its TVM side being the same memory in `view`."""
+    from sparsecomp.backends.tir._build import OutputStock, bound_args
+
+    t = torch.zeros(64)
+    odd = torch.zeros(65)[1:]  # 4 bytes past an aligned allocation
+    bt, bodd, three = bound_args(t, odd, 3)
+    assert not isinstance(bt, torch.Tensor) and bodd is odd and three == 3
+    t[5] = 7.0
+    assert torch.from_dlpack(bt)[5].item() == 7.0
+    stock = OutputStock((1, 6), batch=3, view=(6,))
+    pairs = [stock.take() for _ in range(7)]
+    assert len({y.data_ptr() for y, _ in pairs}) == 7
+    for y, yt in pairs:
+        assert y.shape == (1, 6) and tuple(yt.shape) == (6,) and torch.from_dlpack(yt).data_ptr() == y.data_ptr()
