@@ -235,7 +235,7 @@ class SparseLinearKernel:
         # calls is converted at its first call and reused while the same tensor comes again
         self._arrays = bound_args(*prepared.arrays)
         self._zero_bias = bound_args(prepared.zero_bias)[0]
-        self._bias_in = self._bias_t = None
+        self._bias_pair: tuple = (None, None)  # (bias given, its bound form): one attribute, swapped whole
         n = prepared.shape[0]
         self._out = OutputStock((1, n), view=(n,)) if self.mt == 0 else None  # one-row outputs
 
@@ -260,12 +260,12 @@ class SparseLinearKernel:
         M = x2.shape[0]
         if bias is None:
             b = self._zero_bias
-        elif bias is self._bias_in:
-            b = self._bias_t
+        elif bias is (pair := self._bias_pair)[0]:
+            b = pair[1]
         else:
             b = _aligned(bias.detach().to(torch.float32).reshape(N))
             if b.data_ptr() == bias.data_ptr():  # a view of the caller's bias: in-place changes stay visible
-                self._bias_in, self._bias_t = bias, bound_args(b)[0]
+                self._bias_pair = (bias, bound_args(b)[0])
         if M == 0:
             return x2.new_empty((*lead, N))
         kp = self.prepared.kp
