@@ -505,22 +505,29 @@ et = T.Bind(ez * ez)
 
 
 def _mm_row_loop(MT: int, U: int, count: str, val: str, colx: str, dst_row: str, bias: str,
-                 mt_loop: bool = True, blk_row: str | None = None, act: str | None = None) -> str:
+                 mt_loop: bool = True, blk_row: str | None = None, act: str | None = None,
+                 prefetch: tuple[int, list[str]] = (0, [])) -> str:
     """Inner part for one output row: loops over M tiles and the row's `count` entries.
 
     `val` / `colx` are expressions of the entry number `j` (0-based within the row). With
     mt_loop=False the caller's loop binds `mt` (row blocking, see `_csr_mm`). With `blk_row`, the
     row's MT outputs go to row `blk_row` of the caller's block buffer `blk` (one vector store)
     instead of MT scalar stores down a column of y (`_block_store` writes the block out). `act`:
-    an activation applied to each output on its way out (`_epilogue`).
+    an activation applied to each output on its way out (`_epilogue`). `prefetch` = (entries
+    ahead, element templates of `j` such as "vals[s + {j}]"): each step prefetches those elements
+    that many entries ahead (past the row's end they are the next rows' entries).
     """
     UM = U * MT
+    pf, pf_targets = prefetch
     s = f"""for mt in range({"MP // " + str(MT) if mt_loop else "mt, mt + 1"}):
     acc = T.alloc_buffer(({UM},), "float32")
     for q in T.vectorized({UM}):
         acc[q] = T.float32(0)
     for jb in range({count} // {U}):
 """
+    for t in pf_targets if pf else ():
+        s += (f'        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", '
+              f'T.address_of({t.format(j=f"(jb * {U} + {pf})")}), T.int32(0), T.int32(3), T.int32(1)))\n')
     for u in range(U):
         j = f"(jb * {U} + {u})"
         s += f"""        c{u} = T.Bind({colx.format(j=j)})
@@ -593,7 +600,8 @@ def _csr_mm(p: dict, idt: str) -> str:
         # [KP, MT] tile of xt is live at a time (the block's weights are re-read from L1/L2); the
         # block's outputs for a tile collect in blk[RB, MT] and go out together (`_block_store`)
         rows = (_ind(_mm_row_loop(MT, U, "cnt", "vals[s + {j}]", 'T.Cast("int32", col[s + {j}])', f"rb * {RB} + rr",
-                                  f"bias[rb * {RB} + rr]", mt_loop=False, blk_row="rr", act=p.get("act")), 8))
+                                  f"bias[rb * {RB} + rr]", mt_loop=False, blk_row="rr", act=p.get("act"),
+                                  prefetch=(p.get("prefetch", 0), ["vals[s + {j}]", "col[s + {j}]"])), 8))
         block = f"""for rr in range({RB}):
     if rb * {RB} + rr < N:
         s = T.Bind(ptr[rb * {RB} + rr])

@@ -446,5 +446,12 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                     # the block store), 768x3072 1.13 -> 1.01 ms; M = 16: 3072x768 mt 16 u2
                     # 0.26 ms vs 0.32 ms for the best unblocked variant (mt 16 u4)
                     out.append((cost - 0.05, {**p, "rb": 32, "chunks": chunks}))
+                    if mt <= 2 * V and M <= 2 * V:
+                        # few rows: the weight's stream is what the kernel waits on, and a software
+                        # prefetch 512 entries ahead helps as it did the one-row SELL kernel.
+                        # 4096x4096 at 90%, M = 16, mt 16 u4, cold, Intel Xeon VM, interleaved:
+                        # 1.05-1.21 ms against 1.22-1.30 without (torch CSR 1.50-1.63); at M = 128
+                        # (3072x768, mt 64) it changed nothing (1.158 vs 1.159 ms)
+                        out.append((cost - 0.06, {**p, "rb": 32, "chunks": chunks, "prefetch": 512}))
     out.sort(key=lambda t: t[0])
     return [p for _, p in (out if exhaustive else out[:limit])]

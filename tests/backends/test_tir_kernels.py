@@ -86,7 +86,9 @@ MV = {
 }
 MM = {
     "csr": [{"mt": 8, "unroll": 4}, {"mt": 16, "unroll": 1}, {"mt": 8, "unroll": 2, "rb": 8}, {"mt": 16, "unroll": 1, "rb": 5},
-            {"mt": 16, "unroll": 2, "rb": 16, "chunks": 3}, {"mt": 8, "unroll": 1, "rb": 8, "chunks": 2}],
+            {"mt": 16, "unroll": 2, "rb": 16, "chunks": 3}, {"mt": 8, "unroll": 1, "rb": 8, "chunks": 2},
+            # software prefetch of values and columns ahead (past a row's end: the next rows')
+            {"mt": 16, "unroll": 4, "rb": 32, "chunks": 2, "prefetch": 512}, {"mt": 8, "unroll": 3, "rb": 8, "prefetch": 16}],
     "sell": [{"slice_height": 8, "mt": 8, "unroll": 2}, {"slice_height": 16, "sigma": 32, "mt": 8, "unroll": 1}],
     "nm": [{"n": 2, "m": 4, "mt": 8, "unroll": 2}, {"n": 4, "m": 8, "mt": 16, "unroll": 1}],
     "bsr": [{"block": (16, 1), "mt": 8}, {"block": (4, 4), "mt": 16}, {"block": (3, 5), "mt": 8}],
