@@ -17,7 +17,7 @@ TVM is imported on first use; without it `available()` is False and the calls ra
 
 from __future__ import annotations
 
-from ._build import Kernel, build, cache_dir, clear_memory_cache
+from ._build import Kernel, OutputStock, bound_args, build, cache_dir, clear_memory_cache
 from ._linear import (FORMATS, PreparedWeight, SparseLinearKernel, begin_transpose_reuse, candidates,
                       end_transpose_reuse, prepare)
 from ._target import available, get_num_threads, host_target, set_num_threads, vector_width
@@ -25,10 +25,12 @@ from ._target import available, get_num_threads, host_target, set_num_threads, v
 __all__ = [
     "FORMATS",
     "Kernel",
+    "OutputStock",
     "PreparedWeight",
     "SparseLinearKernel",
     "available",
     "begin_transpose_reuse",
+    "bound_args",
     "build",
     "cache_dir",
     "candidates",

@@ -45,7 +45,7 @@ class TirDenseLinear(torch.nn.Module):
     empty inputs) run `F.linear` on the same weight."""
 
     def __init__(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None, kernel):
-        from sparsecomp.backends.tir._build import OutputStock, bound_args
+        from sparsecomp.backends.tir import OutputStock, bound_args
 
         super().__init__()
         self.layer, self.kernel = layer, KERNEL

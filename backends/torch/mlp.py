@@ -155,6 +155,12 @@ class _FusedMV(_Strategy):
     _args: tuple = ()
     _bound: tuple = ()
 
+    def __init__(self, w: _Weights):
+        from sparsecomp.backends.tir import OutputStock
+
+        super().__init__(w)
+        self._out = OutputStock((1, w.N))  # one-row outputs, each handed out once
+
     @property
     def args(self) -> tuple:
         """The kernel's arguments between x and y (torch tensors); setting them also binds them
@@ -163,16 +169,10 @@ class _FusedMV(_Strategy):
 
     @args.setter
     def args(self, value) -> None:
-        from sparsecomp.backends.tir._build import bound_args
+        from sparsecomp.backends.tir import bound_args
 
         self._args = tuple(value)
         self._bound = bound_args(*self._args)
-
-    def __init__(self, w: _Weights):
-        from sparsecomp.backends.tir._build import OutputStock
-
-        super().__init__(w)
-        self._out = OutputStock((1, w.N))
 
     def run_row(self, x):
         y, yt = self._out.take()
@@ -213,9 +213,7 @@ class _DownMV:
 
     def blocks(self, hc, idx, cnt) -> torch.Tensor:
         if self._k is None:
-            from sparsecomp.backends.tir import _mlp
-
-            from sparsecomp.backends.tir._build import bound_args
+            from sparsecomp.backends.tir import _mlp, bound_args
 
             self._k = _mlp.build_mlp_kernel("down_mv", {k: v for k, v in self.params.items() if k != "serial_sum"})
             self._bound = bound_args(*self.args())
@@ -283,8 +281,7 @@ class _PredictorMV(_Strategy):
     activation on that compact vector, and the TIR down kernel: both projections skip."""
 
     def __init__(self, w, parts=4, rows=4, serial=False, gather_rows=1):
-        from sparsecomp.backends.tir import _mlp
-        from sparsecomp.backends.tir._build import bound_args
+        from sparsecomp.backends.tir import _mlp, bound_args
 
         super().__init__(w)
         self.gather = _mlp.build_mlp_kernel("gather_up_mv", {"unroll": 4 if gather_rows == 1 else 1, "rows": gather_rows})
@@ -380,8 +377,7 @@ class _Union(_Strategy):
         # neuron and with every neuron active. Until measured, the union path never runs.
         self.cost = {"dense": 0.0, "one": 1.0, "all": 1.0}
         if kind == "tir":
-            from sparsecomp.backends.tir import _mlp
-            from sparsecomp.backends.tir._build import bound_args
+            from sparsecomp.backends.tir import _mlp, bound_args
 
             self.kernels = {mt: _mlp.build_mlp_kernel("down_mm", {"mt": mt, "rows": rows, "cb": _CB}) for mt in (4, 8)}
             self.parts = {mt: torch.empty(parts, mt, w.NP) for mt in (4, 8)}
@@ -445,8 +441,7 @@ class _PerRow(_Strategy):
     down-projection runs dense."""
 
     def __init__(self, w, rows: int = 2):
-        from sparsecomp.backends.tir import _mlp
-        from sparsecomp.backends.tir._build import bound_args
+        from sparsecomp.backends.tir import _mlp, bound_args
 
         super().__init__(w)
         self.kind = "per-row"
@@ -622,8 +617,7 @@ class _PrunedMV(_Strategy):
     are both skipped."""
 
     def __init__(self, w, pruned: _Pruned, serial: bool = False):
-        from sparsecomp.backends.tir import _mlp
-        from sparsecomp.backends.tir._build import bound_args
+        from sparsecomp.backends.tir import _mlp, bound_args
 
         super().__init__(w)
         self.p = pruned

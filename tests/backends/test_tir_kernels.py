@@ -397,15 +397,13 @@ def test_bound_args_and_output_stock(tir):
     """`bound_args` wraps tensors once, sharing their memory (in-place writes are seen), passes
     anything else through, and keeps a tensor TVM refuses (not 64-byte aligned) as it is;
     `OutputStock` hands out distinct tensors, its TVM side being the same memory in `view`."""
-    from sparsecomp.backends.tir._build import OutputStock, bound_args
-
     t = torch.zeros(64)
     odd = torch.zeros(65)[1:]  # 4 bytes past an aligned allocation
-    bt, bodd, three = bound_args(t, odd, 3)
+    bt, bodd, three = tir.bound_args(t, odd, 3)
     assert not isinstance(bt, torch.Tensor) and bodd is odd and three == 3
     t[5] = 7.0
     assert torch.from_dlpack(bt)[5].item() == 7.0
-    stock = OutputStock((1, 6), batch=3, view=(6,))
+    stock = tir.OutputStock((1, 6), batch=3, view=(6,))
     pairs = [stock.take() for _ in range(7)]
     assert len({y.data_ptr() for y, _ in pairs}) == 7
     for y, yt in pairs:
