@@ -51,6 +51,8 @@ and caches the decision (`DecisionCache`, keyed by shapes, M, mode and activatio
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import fx
 
@@ -160,6 +162,7 @@ class _FusedMV(_Strategy):
 
         super().__init__(w)
         self._out = OutputStock((1, w.N))  # one-row outputs, each handed out once
+        self._lock = threading.Lock()  # see `run_row`
 
     @property
     def args(self) -> tuple:
@@ -176,7 +179,11 @@ class _FusedMV(_Strategy):
 
     def run_row(self, x):
         y, yt = self._out.take()
-        self.k(x, *self._bound, yt)
+        # TVM releases the GIL while a kernel runs, and the kernel's scratch (compacted activations,
+        # partial sums) is this strategy's: two threads calling one compiled MLP at once got each
+        # other's results before this lock (tests/backends/test_sparse_mlp_torch.py)
+        with self._lock:
+            self.k(x, *self._bound, yt)
         return y
 
     def try_row(self, x):
@@ -204,7 +211,8 @@ class _DownMV:
         self.params = {"rows": rows, "cb": _CB, "serial": serial, "serial_sum": True}
         self._k = self._bound = None  # the standalone kernel (`blocks`) and its constant arguments:
         # made on first use, never for a fused phase
-        self.part = torch.empty(1 if serial else parts, w.NP)
+        self.part = torch.empty(1 if serial else parts, w.NP)  # scratch: calls hold `_lock` (see _FusedMV.run_row)
+        self._lock = threading.Lock()
         self.tag = "serial-down" if serial else "tir-down"
 
     def args(self) -> tuple:
@@ -218,7 +226,8 @@ class _DownMV:
             self._k = _mlp.build_mlp_kernel("down_mv", {k: v for k, v in self.params.items() if k != "serial_sum"})
             self._bound = bound_args(*self.args())
         y = torch.empty(self.w.N)
-        self._k(hc, idx, cnt, *self._bound, y)
+        with self._lock:
+            self._k(hc, idx, cnt, *self._bound, y)
         return y
 
     def flat(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -382,6 +391,7 @@ class _Union(_Strategy):
             self.kernels = {mt: _mlp.build_mlp_kernel("down_mm", {"mt": mt, "rows": rows, "cb": _CB}) for mt in (4, 8)}
             self.parts = {mt: torch.empty(parts, mt, w.NP) for mt in (4, 8)}
             self._bound = {mt: bound_args(w.wdt_p, w.b_down, self.parts[mt]) for mt in (4, 8)}
+            self._lock = threading.Lock()  # the partial sums are scratch (see _FusedMV.run_row)
             self.label = f"union-tir{{rows={rows}}}"
         else:
             self.label = "union-torch"
@@ -397,7 +407,9 @@ class _Union(_Strategy):
         hc = torch.zeros(mt, idx.numel())
         hc[:m] = h[:, idx]
         y = torch.empty(mt, w.N)
-        self.kernels[mt](hc, idx.to(torch.int32), *self._bound[mt], y)
+        idx32 = idx.to(torch.int32)
+        with self._lock:
+            self.kernels[mt](hc, idx32, *self._bound[mt], y)
         return y[:m]
 
     def chunks(self, h: torch.Tensor) -> tuple[int, torch.Tensor]:

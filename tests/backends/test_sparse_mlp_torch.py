@@ -571,3 +571,37 @@ def test_dense_weights_get_no_pruned_strategy(tmp_path):
     row = next(r for r in cm.report.rows if r["pattern"].startswith("mlp"))
     assert row["kernel"] == "dense"
     _close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("kernels", ["tir-up+tir-down", "torch-up+tir-down"])
+def test_concurrent_calls_from_threads(kernels, tmp_path):
+    """TVM releases the GIL while a kernel runs, so two threads may run one compiled MLP at once:
+    the kernels' scratch buffers (compacted activations, partial sums) are per strategy, and each
+    thread's outputs must still be its own inputs' (a lock serialises one layer's kernel calls)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = Plain(-0.5).eval()
+    cm = sc.compile(model, (torch.randn(1, K),), activation_sparsity="exact", kernels=kernels, cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    lowered = CompiledModel(cm.gm, cm.report, "torch")
+    (mod,) = _mlp_modules(cm)
+    if mod._mm is not None and mod._mm.kind == "tir":  # force the union path at 3 rows (its crossover says dense here)
+        mod._mm.cost = {"dense": 1e6, "one": 1.0, "all": 2.0}
+    xs = [torch.randn(m, K, generator=torch.Generator().manual_seed(i)) for i, m in enumerate((1, 1, 3, 3))]
+    refs = [model(x) for x in xs]  # one row (fused / down kernels) and three (the union path)
+    bad = []
+
+    def work(i):
+        for r in range(300):
+            j = i + 2 * (r % 2)
+            y = lowered(xs[j])
+            if not torch.allclose(y, refs[j], atol=1e-4, rtol=1e-4):
+                bad.append(j)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad, f"{len(bad)} wrong outputs"
