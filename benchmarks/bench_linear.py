@@ -112,6 +112,13 @@ def ort_sessions(K: int, N: int):
         o.intra_op_num_threads = THREADS
         o.inter_op_num_threads = 1
         o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Its pool sleeps between calls instead of spin-waiting: a session here runs one MatMul
+        # per call, so spinning buys it nothing, and its spinning threads slowed the contender
+        # timed after it despite the settle. Measured on the Intel VM (cold, 4096x4096, M = 1,
+        # interleaved, 2 rounds): TIR BSR 16x1 687-688 us beside a spinning ORT, 520-551 us beside
+        # a sleeping one; ORT itself 2648-2852 us spinning, 2601 us sleeping (its first round
+        # without spinning took 4838 us while warming up).
+        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return o
 
     def hot(wt: np.ndarray, b: np.ndarray):
