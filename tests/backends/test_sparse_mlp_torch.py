@@ -605,3 +605,30 @@ def test_concurrent_calls_from_threads(kernels, tmp_path):
     for t in threads:
         t.join()
     assert not bad, f"{len(bad)} wrong outputs"
+
+
+@pytest.mark.parametrize("rows,unroll,down_rows", [(4, 1, 8), (2, 2, 8), (2, 2, 4)])
+def test_tir_exact_strategy_variants(rows, unroll, down_rows, tmp_path):
+    """Every exact-mode TIR variant compile may choose (the down phase 4 or 8 rows at a time) equals
+    the model: on inputs with some, no and all neurons active (H = 203 rows: 8 does not divide it)."""
+    from sparsecomp.backends.torch.mlp import _TirUpMV
+
+    torch.manual_seed(0)
+    model = Plain(-0.5).eval()
+    cm = sc.compile(model, (torch.randn(1, K),), activation_sparsity="exact", kernels="tir-up+tir-down",
+                    cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    (mod,) = _mlp_modules(cm)
+    s = _TirUpMV(mod._w, rows=rows, unroll=unroll, down_rows=down_rows)
+    assert s.label.endswith(",down_rows=8}" if down_rows == 8 else f"unroll={unroll}}}")
+    for x in (torch.randn(1, K), torch.full((1, K), -100.0), torch.zeros(1, K)):
+        _close(s(x), model(x))
+    with torch.no_grad():
+        mod._w.b_up.add_(100.0)  # every neuron active (the strategy reads the same bias tensor)
+    try:
+        x = torch.randn(1, K)
+        with torch.no_grad():  # (the bias may be the model's own tensor: the reference reads it as it is now)
+            ref = model.fc2(torch.relu(F.linear(x, model.fc1.weight, mod._w.b_up)))
+        _close(_TirUpMV(mod._w, rows=rows, unroll=unroll, down_rows=down_rows)(x), ref)
+    finally:
+        with torch.no_grad():
+            mod._w.b_up.sub_(100.0)
