@@ -215,8 +215,12 @@ def cache_flush(pause_s: float = 0.001) -> Callable[[], None]:
 
 def settle(seconds: float = 0.05, quiet_s: float = 0.002) -> Callable[[], None]:
     """A `between` for `compare` (the benchmarks): before each timed call, keep the cores busy for
-    `seconds` summing a 4 MiB buffer (it stays in the cores' own caches), then sleep `quiet_s`. Meanwhile the thread pools that spin after a call (torch's OpenMP, TVM's,
-    ORT's) park, as they did during the plain 50 ms sleep this replaces, but the cores never idle.
+    `seconds` summing a 4 MiB buffer on torch's threads, then sleep `quiet_s`. The cores never
+    idle, and TVM's and ORT's pools, spinning after the previous contender's call, are made to
+    yield or park meanwhile. Caveats measured since: torch's own workers are the ones kept
+    warm (they spin through the 2 ms quiet); every Python step of the next call then misses the
+    caches (`sparsecomp.callpath`); and an ORT session that spins between calls still slowed the
+    next contender in bench_linear, which now runs its ORT sessions without spinning.
 
     Why: on an Intel Xeon VM here, a core that idled for 30-50 ms runs slowly for the next 10-30 ms
     (the host lowers its clock or deschedules the vCPU), so a sleep measured that ramp rather than

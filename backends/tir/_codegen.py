@@ -87,6 +87,12 @@ def _hw_gather(lanes: int, idx_vec: str, x: str = "x") -> str:
             f"T.address_of({x}[0]), {idx_vec}, {mask}, {scale})")
 
 
+def _prefetch(element: str) -> str:
+    """A statement: software prefetch (read, keep in all cache levels) of the line holding
+    `element`, a buffer access such as "vals[s + 512]"; an address past the buffer is harmless."""
+    return f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of({element}), T.int32(0), T.int32(3), T.int32(1)))\n'
+
+
 def _gather(x: str, V: int, gather: str, idx_expr_v: str, ib: str) -> tuple[str, str]:
     """(statements, vector expr) reading x at V indices; idx_expr_v uses loop var `v`.
 
@@ -235,10 +241,8 @@ def _sell_delta_mv(p: dict, perm: bool) -> str:
         # step reads) and of the deltas as many bytes ahead. Cold, 4096x4096 at 90% (Intel Xeon
         # VM, 2 threads, interleaved): hw16 C=16 429-411 us with pf 256 vs 512-519 without;
         # at 70%: 973-1024 vs 1283. The hardware prefetchers alone left the loop waiting on memory.
-        lines = [f"{o} + {pf + 16 * i}" for i in range(max(1, U * C // 16))]
-        return "".join(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of({b}[{e}]), '
-                       f"T.int32(0), T.int32(3), T.int32(1)))\n"
-                       for b, e in [("vals", e) for e in lines] + [("col", f"{o} + {4 * pf}")])
+        lines = [f"vals[{o} + {pf + 16 * i}]" for i in range(max(1, U * C // 16))]
+        return "".join(_prefetch(e) for e in lines + [f"col[{o} + {4 * pf}]"])
 
     body = f"""
 for sl in T.parallel(NSP - 1):
@@ -526,8 +530,7 @@ def _mm_row_loop(MT: int, U: int, count: str, val: str, colx: str, dst_row: str,
     for jb in range({count} // {U}):
 """
     for t in pf_targets if pf else ():
-        s += (f'        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", '
-              f'T.address_of({t.format(j=f"(jb * {U} + {pf})")}), T.int32(0), T.int32(3), T.int32(1)))\n')
+        s += "        " + _prefetch(t.format(j=f"(jb * {U} + {pf})"))
     for u in range(U):
         j = f"(jb * {U} + {u})"
         s += f"""        c{u} = T.Bind({colx.format(j=j)})

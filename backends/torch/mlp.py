@@ -850,14 +850,17 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                 trial = {k: v for k, v in checked.items() if k in fam or k == "dense"}
                 family_note = (f"timed only the {'two fastest candidates' if len(fam) > 1 else 'choice'} of the previous "
                                f"layer of this shape and density ({', '.join(fam)}) against dense")
+            def fastest(measured: dict) -> str:
+                return min((k for k in measured if k in eligible), key=measured.get, default="dense")
+
             measured = _time_strategies(trial, x, min_runs, max_seconds, flush)
-            best = min((k for k in measured if k in eligible), key=measured.get, default="dense")
+            best = fastest(measured)
             if trial is not checked and best == "dense":
                 # The earlier layers of this family measured the opposite. One noisy timing (a slow
                 # phase of the VM) once sent 4 of opt-125m-like's 12 MLPs, 10-11% active, to dense at
                 # a cached 1.0x where the other 8 measured 1.55x; a second, full timing decides.
                 measured = _time_strategies(checked, x, 2 * min_runs, 2 * max_seconds, flush)
-                best = min((k for k in measured if k in eligible), key=measured.get, default="dense")
+                best = fastest(measured)
                 family_note = (f"the choice of the previous layer of this shape and density ({', '.join(fam)}) lost to dense "
                                f"in a first timing; every candidate was timed again")
             if family_note:
