@@ -200,7 +200,8 @@ def cache_flush(pause_s: float = 0.001) -> Callable[[], None]:
     """A `between` for `compare` that makes every timed call start cold: it reads a buffer of
     twice the last-level cache (so a small op's weights, left in cache by its previous call, are
     evicted, as they are inside a model whose weights exceed the cache), then pauses `pause_s` so
-    the OpenMP workers the read used can park. ~3 ms per call here: for ops whose copies would be
+    the OpenMP workers the read used can park (0: the call starts as inside a model, right after
+    a torch op, its workers still spinning). ~3 ms per call here: for ops whose copies would be
     costly to cycle (`cold_copies`), e.g. a whole MLP with its strategies' packed weights."""
     import torch
 
@@ -208,7 +209,8 @@ def cache_flush(pause_s: float = 0.001) -> Callable[[], None]:
 
     def flush() -> None:
         buf.sum()
-        time.sleep(pause_s)
+        if pause_s > 0:
+            time.sleep(pause_s)
 
     return flush
 
@@ -253,17 +255,19 @@ class ColdTiming:
     `flush(rows, nbytes)` is a `cache_flush` (one per model, made on first need) for an op that
     sees one row per call in a model whose weights exceed the last-level cache, when its own
     weights (`nbytes`) are under twice that cache (so the timing loop would keep them there);
-    None otherwise (larger weights are cold in any timing loop)."""
+    None otherwise (larger weights are cold in any timing loop). `pause_s`: the flush's pause
+    (`cache_flush`), which the backend picks for where its kernels' threads run."""
 
-    def __init__(self, module):
+    def __init__(self, module, pause_s: float = 0.001):
         self.model_cold = model_is_cold(module)
+        self.pause_s = pause_s
         self._flush = None
 
     def flush(self, rows: int, nbytes: int) -> Callable[[], None] | None:
         if not (rows == 1 and self.model_cold and nbytes < 2 * l3_bytes()):
             return None
         if self._flush is None:
-            self._flush = cache_flush()
+            self._flush = cache_flush(self.pause_s)
         return self._flush
 
 

@@ -12,7 +12,8 @@ the caller times them on its real weight and keeps the fastest.
     y = lin(x, bias)                                 # x [..., K] -> y [..., N]
 
 TVM is imported on first use; without it `available()` is False and the calls raise
-`SparsecompError`. Threads: `set_num_threads(n)` (see `_target` for how TVM's pool is sized).
+`SparsecompError`. Threads: `set_num_threads(n)` (see `_target` for how TVM's pool is sized); where the kernels'
+parallel loops run (torch's OpenMP threads, else TVM's pool): `_pool`, `pool_status()`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from ._build import Kernel, OutputStock, bound_args, build, cache_dir, clear_memory_cache
 from ._linear import (FORMATS, PreparedWeight, SparseLinearKernel, begin_transpose_reuse, candidates,
                       end_transpose_reuse, prepare)
+from ._pool import status as pool_status, tag as pool_tag
 from ._target import available, get_num_threads, host_target, set_num_threads, vector_width
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "get_num_threads",
     "host_target",
     "make_linear",
+    "pool_status",
+    "pool_tag",
     "prepare",
     "set_num_threads",
     "vector_width",

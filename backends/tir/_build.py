@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sparsecomp.errors import SparsecompError
 
-from . import _target
+from . import _pool, _target
 from ._codegen import kernel_source
 
 __all__ = ["Kernel", "OutputStock", "bound_args", "build", "build_source", "cache_dir", "clear_memory_cache"]
@@ -148,7 +148,9 @@ def _load(path: Path, meta: Path):
         if _sha256_file(path) != want:
             _log.warning("kernel cache %s is damaged (hash mismatch); rebuilding", path.name)
             return None
-        return tvm.runtime.load_module(str(path))["main"]
+        func = tvm.runtime.load_module(str(path))["main"]
+        _pool.attach(str(path))
+        return func
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - corrupt json / dlopen failure: rebuild
@@ -170,7 +172,9 @@ def _store(lib, path: Path, meta: Path):
             json.dump({"sha256": digest, "tvm": tvm.__version__}, f)
         os.replace(tmp, path)
         os.replace(tmpm, meta)
-        return tvm.runtime.load_module(str(path))["main"]
+        func = tvm.runtime.load_module(str(path))["main"]
+        _pool.attach(str(path))
+        return func
     except Exception as exc:  # noqa: BLE001 - no C compiler / read-only disk: stay in memory
         _log.warning("cannot cache kernel on disk (%s); using it from memory", exc)
         for t in (tmp,):
@@ -248,6 +252,7 @@ def build_source(label: str, params: dict, source: str, key_prefix: str = "") ->
             if func is None:
                 func = lib.mod["main"] if hasattr(lib, "mod") else lib["main"]
                 path = None
+                _pool.attach(None)  # stays on TVM's pool: recorded for `_pool.status`
         k = Kernel(fmt=label, params=params, dtype="float32", source=source, key=key, func=func,
                    path=str(path) if path else None)
         _memory[key] = k

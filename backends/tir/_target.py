@@ -145,6 +145,9 @@ def set_num_threads(n: int) -> None:
     os.environ["TVM_NUM_THREADS"] = str(n)
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)
     os.environ["TVM_NUM_THREADS"] = str(n)
+    from . import _pool
+
+    _pool.set_threads(n)  # the kernels on torch's OpenMP threads (`_pool`) use n as well
 
 
 @functools.cache

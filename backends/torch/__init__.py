@@ -16,7 +16,7 @@ from sparsecomp.backends.tir import begin_transpose_reuse, end_transpose_reuse
 from sparsecomp.ir import plain_call_convention
 from sparsecomp.lowering import LayerDecision, Lowered
 
-from .kernels import tir_available
+from .kernels import pool_tag, tir_available
 from .lowering import SparseLinear, lower_sparse_linear
 from .dense import KERNEL as DENSE_KERNEL
 from .dense import TirDenseLinear, lower_dense_linear
@@ -54,4 +54,9 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, use_tir: bool = 
     notes = []
     if use_tir and not tir_available():
         notes.append("TVM is not installed: sparse candidates were limited to torch.sparse CSR (pip install 'sparsecomp[tvm]')")
+    elif use_tir and pool_tag() == "tvm" and any(isinstance(m, (SparseLinear, SparseMLP, TirDenseLinear)) for m in gm.modules()):
+        from sparsecomp.backends.tir import pool_status
+
+        notes.append(f"{pool_status()}: inside a model each kernel then waits for torch's OpenMP workers to give up the "
+                     "cores (opt-125m-like's exact-mode MLPs: ~10% slower); see backends/tir/_pool.py")
     return Lowered(gm, decisions, notes)

@@ -34,6 +34,7 @@ from sparsecomp.lowering import TIR_GEMV as KERNEL  # the report's kernel label
 from sparsecomp.lowering import LayerDecision
 from sparsecomp.memory import prefer_huge_pages
 from sparsecomp.timing import cold_copies, compare, model_is_cold
+from .kernels import pool_tag as _pool_tag
 
 __all__ = ["KERNEL", "MARGIN", "TirDenseLinear", "lower_dense_linear"]
 MARGIN = 1.05  # the TIR GEMV must beat torch's by 5%: timing noise must not flip a layer
@@ -132,7 +133,7 @@ def lower_dense_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache
             notes.append("decided by an earlier layer of this shape")
         else:
             key = cache.key(op="dense_linear", shape=list(shape), m=1, dtype="float32", bias=b is not None, cold=cold,
-                            version=VERSION) if cache is not None else None
+                            version=VERSION, pool=_pool_tag()) if cache is not None else None
             entry = cache.get(key, validate=lambda e: e.get("kernel") in ("dense", KERNEL) and "dense_us" in e) if key else None
             cached = entry is not None
             if entry is None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sparsecomp import patterns
 from sparsecomp.lowering import TIR_GEMV
 
-__all__ = ["Candidate", "candidates", "tir_available", "with_gelu"]
+__all__ = ["Candidate", "candidates", "flush_pause_s", "pool_tag", "tir_available", "with_gelu"]
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,6 +84,27 @@ def tir_available() -> bool:
     except ImportError:
         return False
     return tir.available()
+
+
+def pool_tag() -> str:
+    """Where the TIR kernels' parallel loops run ("openmp", "tvm"; "none" without TVM): part of
+    every decision-cache key here, since the measured times depend on it (`backends/tir/_pool.py`)."""
+    if not tir_available():
+        return "none"
+    from sparsecomp.backends import tir
+
+    return tir.pool_tag()
+
+
+def flush_pause_s() -> float:
+    """The pause after each cold-timing flush (`sparsecomp.timing.ColdTiming`). With the kernels on
+    torch's OpenMP threads (`backends/tir/_pool.py`), none: inside a model a kernel starts right
+    after a torch op, on workers still spinning from it, and a pause that let them sleep made the
+    timing pay a wake-up the model does not (opt-125m-like's MLPs then chose kernels whose down
+    phase runs on the calling thread, which measured slower inside the model: 14.3-14.8 ms against
+    13.4-13.9 ms for the whole forward). On TVM's pool, 1 ms, so that torch's workers, spinning
+    after the flush's read, do not take the cores the kernel's own workers need."""
+    return 0.0 if pool_tag() == "openmp" else 0.001
 
 
 def _tir_candidates(weight: torch.Tensor, m: int, exhaustive: bool) -> list[Candidate]:

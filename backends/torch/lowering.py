@@ -42,6 +42,8 @@ from sparsecomp.timing import ColdTiming, compare
 
 from .dense import MARGIN as DENSE_MARGIN
 from .kernels import Candidate, candidates, with_gelu
+from .kernels import pool_tag as _pool_tag
+from .kernels import flush_pause_s
 
 __all__ = ["CANDIDATE_SET_VERSION", "KernelChoice", "LayerDecision", "SparseLinear", "choose_kernel", "lower_sparse_linear"]
 
@@ -125,7 +127,8 @@ def choose_kernel(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
 
         def key_for(labels):
             return cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
-                             pattern=phash, version=CANDIDATE_SET_VERSION, candidates=sorted(labels), cold=flush is not None)
+                             pattern=phash, version=CANDIDATE_SET_VERSION, candidates=sorted(labels), cold=flush is not None,
+                             pool=_pool_tag())
 
         key = key_for(by_label)
         lookups = [(key, by_label)]
@@ -200,7 +203,7 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
     # kernels alike: the first one searches every candidate, the others only its fastest few. This
     # cut compile time several-fold (each candidate costs an LLVM build and a check) at no measured loss.
     shortlists: dict[tuple, list[str]] = {}
-    cold = ColdTiming(gm)
+    cold = ColdTiming(gm, pause_s=flush_pause_s())
     for i, node in enumerate(nodes):
         layer, weight, bias = sparse_linear_args(gm, node)
         x = inputs[node]

@@ -21,11 +21,14 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
   and the compaction of the nonzero ones all in TIR (torch's GEMVs and `nonzero` cost more than
   the skipped work saves at this size); its scores round differently from the reference's, so a
   neuron whose score is within rounding of its threshold may be kept by one and not the other.
-- Each M = 1 strategy comes twice: with the down kernel on TVM's thread pool and on the calling
-  thread (`serial-down`): with few active rows, or on a busy machine, a pool launch can cost more
-  than the work. The serial variant is a candidate only while the down rows it reads are few
-  (`SERIAL_DOWN_MAX_BYTES`): one thread cannot draw the machine's read bandwidth from a cold
-  weight.
+- Where the kernels run on TVM's own thread pool (`backends/tir/_pool.py`), each M = 1 strategy
+  comes twice: with the down kernel on the pool and on the calling thread (`serial-down`): with
+  few active rows, or on a busy machine, waking the pool can cost more than the work. The serial
+  variant is a candidate only while the down rows it reads are few (`SERIAL_DOWN_MAX_BYTES`): one
+  thread cannot draw the machine's read bandwidth from a cold weight. On torch's OpenMP threads
+  (the default) a launch inside a model finds the workers awake, and the serial variants, still
+  chosen by the isolated timing for some layers, measured slower in the model: opt-125m-like's
+  one-token forward 14.3-14.8 ms with them against 13.4-13.9 ms without (interleaved).
 - In a model whose weights exceed the last-level cache, one-row MLPs smaller than twice that
   cache are timed cold: a flush before every timed call (`timing.cache_flush`), since inside the
   model their weights come from memory (the cache key records it).
@@ -65,6 +68,8 @@ from sparsecomp.lowering import MLPDecision
 from sparsecomp.memory import prefer_huge_pages
 from sparsecomp.timing import ColdTiming, compare
 
+from .kernels import pool_tag as _pool_tag
+from .kernels import flush_pause_s
 from .kernels import tir_available
 
 __all__ = ["SPARSE_MLP", "MLPDecision", "SparseMLP", "lower_sparse_mlp"]
@@ -683,7 +688,7 @@ def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, do
         return out
     # each with the down kernel on the thread pool and, for few rows, on the calling thread (see `_down_mv`)
     row_bytes = w.NP * 4 * (float((w.wdt != 0).float().mean()) if pruned is not None else 1.0)  # pruned: nonzeros only
-    serial_ok = down_fraction * w.H * row_bytes <= SERIAL_DOWN_MAX_BYTES
+    serial_ok = down_fraction * w.H * row_bytes <= SERIAL_DOWN_MAX_BYTES and _pool_tag() != "openmp"
     for serial in (False, True) if serial_ok else (False,):
         if w.mode == "exact" and w.act_name in EXACT_ACTIVATIONS:
             variants = [(4, 1), (2, 2)] if not w.gated else [(1, 4), (1, 2)]
@@ -762,7 +767,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
     decisions = []
     family_choice: dict[tuple, list[str]] = {}  # family -> the previous layer's two fastest candidates
     linear_shortlists: dict[tuple, list[str]] = {}  # pruned MLPs' projections, as in lower_sparse_linear
-    cold = ColdTiming(gm)
+    cold = ColdTiming(gm, pause_s=flush_pause_s())
     for i, node in enumerate(nodes):
         info = node.meta.get("sparsecomp.sparse_mlp", {})
         layer = info.get("layer", node.name)
@@ -812,7 +817,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         key, cached, entry = None, False, None
         if cache is not None:
             key = cache.key(op="sparse_mlp", shape=[w.K, w.H, w.N], m=m, mode=w.mode, activation=w.act_name, gated=w.gated,
-                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies), cold=flush is not None,
+                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies), cold=flush is not None, pool=_pool_tag(),
                             weights=[round(float((t != 0).float().mean()), 2) for t in (w.w_up, w.wdt)] if pruned else None)
             labels = set(strategies)
             entry = cache.get(key, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)

@@ -146,7 +146,7 @@ def test_one_row_layers_of_a_cold_model_are_timed_cold(tmp_path, monkeypatch):
     from sparsecomp import timing
 
     flushes = []
-    monkeypatch.setattr(timing, "cache_flush", lambda: (lambda: flushes.append(1)))
+    monkeypatch.setattr(timing, "cache_flush", lambda pause_s=0.001: (lambda: flushes.append(1)))
     m = net()
     x1 = torch.randn(1, 96)
     warm = sc.compile(m, (x1,), cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
