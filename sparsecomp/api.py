@@ -452,7 +452,8 @@ def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
     return rows
 
 
-# A lowered graph with TIR kernels runs torch's own ops on one thread unless torch's threads
+# A lowered graph with TIR kernels on TVM's own pool (`backends/tir/_pool.py`: only where they
+# cannot run on torch's OpenMP threads) runs torch's own ops on one thread unless torch's threads
 # measure this much faster end to end. TVM's workers spin (sched_yield) between kernels on the
 # same cores torch's OpenMP workers need: profiled on bert-base at 90% (torch's 2 threads), an add
 # took 594 us instead of 99, a GELU 1.22 ms instead of 0.33, a layer norm 485 us instead of 50,
@@ -460,9 +461,11 @@ def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
 # thread gave 80-85 ms every time. With the margin on the other side (one thread had to win by
 # 3%), a noisy measurement kept torch's threads for bert-base at 70%, which then ran at 0.88x of
 # eager. A model whose torch ops are heavy (GEMMs of layers left dense over many rows) still gets
-# torch's threads: those run nearly twice as fast on two.
+# torch's threads: those run nearly twice as fast on two. With the kernels on torch's OpenMP
+# threads there is no second pool, and the choice is the plain one below: on bert-base at 70%,
+# 61.8 ms on torch's 2 threads against 67.5 ms on 1, which the 10% margin had turned into 1.
 MULTI_THREAD_MARGIN = 1.10
-SINGLE_THREAD_MARGIN = 1.03  # without TIR kernels (torch CSR only): one thread must win by 3% instead
+SINGLE_THREAD_MARGIN = 1.03  # otherwise (torch CSR only, or the kernels on torch's threads): one thread must win by 3%
 
 
 def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backend: str, example) -> CompiledModel:
@@ -480,9 +483,9 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
     cands = {"eager": lambda: model(*args, **kwargs), "compiled": lambda: compiled(*args, **kwargs)}
     single = None
     if backend == "torch" and torch.get_num_threads() > 1:
-        # torch's ops between TIR kernels on one thread: its OpenMP workers and TVM's then do not
-        # take turns on the same cores (opt-125m-like at one token, all Linears on TIR kernels:
-        # 17.6 instead of 27.1 ms; what torch still computes there is too small to gain from 2).
+        # torch's ops between TIR kernels on one thread: where the kernels run on TVM's own pool,
+        # its workers and torch's then do not take turns on the same cores (opt-125m-like at one
+        # token, all Linears on TIR kernels: 17.6 instead of 27.1 ms on TVM's pool).
         # Where torch still does heavy work (GEMMs over many rows, torch sparse kernels), the
         # measurement keeps its threads.
         single = CompiledModel(gm, report, backend, torch_threads=1)
@@ -493,8 +496,12 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
     threads = None
     if single is not None:
         single_ms = t["compiled, torch ops on 1 thread"].median * 1e3
-        tir = any(str(r.get("kernel") or "").startswith("tir") for r in report.rows)  # TVM's pool will spin
-        if (compiled_ms * MULTI_THREAD_MARGIN >= single_ms) if tir else (single_ms * SINGLE_THREAD_MARGIN < compiled_ms):
+        tvm_pool = any(str(r.get("kernel") or "").startswith("tir") for r in report.rows)
+        if tvm_pool:  # kernels whose workers will spin beside torch's (see MULTI_THREAD_MARGIN)
+            from sparsecomp.backends.tir import pool_tag
+
+            tvm_pool = pool_tag() == "tvm"
+        if (compiled_ms * MULTI_THREAD_MARGIN >= single_ms) if tvm_pool else (single_ms * SINGLE_THREAD_MARGIN < compiled_ms):
             compiled_ms, threads = single_ms, 1
     report.end_to_end = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "runs": "compiled" if compiled_ms < eager_ms else "eager"}
     if single is not None:

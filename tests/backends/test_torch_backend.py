@@ -80,18 +80,24 @@ def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
     assert "0.weight" not in names and "4.weight" in names
 
 
-@pytest.mark.parametrize("kernels,single_ms,expect", [
-    ("torch-csr", 5.0, 1), ("torch-csr", 7.9, None),  # no TIR kernel: one thread must win by 3%
-    ("tir-csr", 8.5, 1), ("tir-csr", 9.0, None),  # TIR kernels (TVM's pool spins): torch's threads must win by 10%
-], ids=["csr-one-thread-wins", "csr-within-margin", "tir-threads-within-margin", "tir-threads-win"])
-def test_torch_ops_thread_count_is_measured(kernels, single_ms, expect, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernels,pool,single_ms,expect", [
+    ("torch-csr", None, 5.0, 1), ("torch-csr", None, 7.9, None),  # no TIR kernel: one thread must win by 3%
+    ("tir-csr", "tvm", 8.5, 1), ("tir-csr", "tvm", 9.0, None),  # on TVM's pool (it spins): torch's threads must win by 10%
+    ("tir-csr", "openmp", 8.5, None), ("tir-csr", "openmp", 7.7, 1),  # on torch's threads: as without TIR
+], ids=["csr-one-thread-wins", "csr-within-margin", "tvm-pool-threads-within-margin", "tvm-pool-threads-win",
+        "openmp-threads-win", "openmp-one-thread-wins"])
+def test_torch_ops_thread_count_is_measured(kernels, pool, single_ms, expect, tmp_path, monkeypatch):
     """compile times the lowered graph with torch's own ops on its thread count and on one thread
-    (against eager). Without TIR kernels one thread is kept only when it wins by its margin; with
-    them (TVM's workers spin between kernels on the cores torch's workers need) torch's threads
-    are kept only when they win by theirs. A call with one thread runs torch's ops on one thread
-    and restores the user's setting afterwards."""
+    (against eager). Without TIR kernels, or with them on torch's OpenMP threads, one thread is
+    kept only when it wins by its margin; with them on TVM's own pool (its workers spin between
+    kernels on the cores torch's workers need) torch's threads are kept only when they win by
+    theirs. A call with one thread runs torch's ops on one thread and restores the user's setting
+    afterwards."""
     import sparsecomp.timing as timing
     from sparsecomp.timing import Measurement
+
+    if pool is not None:
+        monkeypatch.setattr("sparsecomp.backends.tir.pool_tag", lambda: pool)
 
     fake = {"eager": 10.0, "compiled": 8.0, "compiled, torch ops on 1 thread": single_ms}
     real = timing.compare
