@@ -238,6 +238,7 @@ def build_source(label: str, params: dict, source: str, key_prefix: str = "") ->
 
     The cache key is the source text with the target and TVM version: every kernel family
     (`build` above, the sparse-MLP kernels, the transpose) goes through here."""
+    _pool.setting()  # a misspelt SPARSECOMP_TIR_POOL fails here, before any fallback can hide it
     key = key_prefix + _source_key(source)
     with _lock:
         hit = _memory.get(key)

@@ -36,7 +36,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["attach", "set_threads", "status", "tag", "uses_openmp"]
+__all__ = ["attach", "set_threads", "setting", "status", "tag", "uses_openmp"]
 
 _log = logging.getLogger("sparsecomp.tir")
 
@@ -111,10 +111,22 @@ def _addr(lib: ctypes.CDLL, name: str) -> int:
     return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
 
 
+def setting() -> str:
+    """SPARSECOMP_TIR_POOL, checked: "openmp" (the default) or "tvm". `build_source` asks before
+    compiling anything, so a misspelt value fails at once, not inside the kernel cache's fallbacks."""
+    choice = os.environ.get("SPARSECOMP_TIR_POOL", "openmp").strip().lower() or "openmp"
+    if choice not in ("openmp", "tvm"):
+        from sparsecomp.errors import SparsecompError
+
+        raise SparsecompError(f"SPARSECOMP_TIR_POOL must be 'openmp' or 'tvm', got {choice!r}",
+                              hint="unset it (torch's OpenMP threads, the default) or set it to tvm (TVM's own pool)")
+    return choice
+
+
 @functools.cache
 def _shim() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded shim, "") or (None, why not)."""
-    if os.environ.get("SPARSECOMP_TIR_POOL", "openmp").strip().lower() == "tvm":
+    if setting() == "tvm":
         return None, "SPARSECOMP_TIR_POOL=tvm"
     import torch  # noqa: F401  (its libgomp must be loaded to be found)
 

@@ -32,6 +32,8 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, use_tir: bool = 
     """Lower every sparsecomp op in `gm` (in place); the lowered graph is the runner.
 
     `tune`: search every kernel variant (see `lower_sparse_linear`)."""
+    if use_tir:
+        pool_tag()  # where the TIR kernels run; a misspelt SPARSECOMP_TIR_POOL fails here, naming it
     decisions = lower_sparse_linear(gm, example, cache=cache, max_seconds=max_seconds, use_tir=use_tir, only=only,
                                     progress=progress, tune=tune)
     decisions += lower_sparse_mlp(gm, example, cache=cache, max_seconds=max_seconds, use_tir=use_tir, only=only,

@@ -117,3 +117,14 @@ def test_tvm_pool_fallback(env, why, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     tag, status, noted = res.stdout.strip().splitlines()[-3:]
     assert tag == "tvm" and why in status and noted == "True"
+
+
+def test_unknown_pool_setting_is_a_clear_error(tmp_path):
+    env = {**os.environ, "SPARSECOMP_CACHE_DIR": str(tmp_path / "cache"), "SPARSECOMP_TIR_POOL": "gomp"}
+    code = ("import torch, sparsecomp as sc\n"
+            "from sparsecomp.backends import tir\n"
+            "try:\n    tir.make_linear('csr', torch.eye(64))\nexcept sc.SparsecompError as e:\n    print('ERR', e)\n"
+            "try:\n    sc.compile(torch.nn.Linear(64, 64), (torch.randn(1, 64),))\nexcept sc.SparsecompError as e:\n    print('ERR', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("ERR SPARSECOMP_TIR_POOL must be 'openmp' or 'tvm', got 'gomp'") == 2  # kernel and compile
