@@ -32,7 +32,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS spin-waits starve the other pools
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPARSECOMP_NUM_THREADS", "2")
-import sparsecomp  # noqa: E402  (first, before torch: it sets torch's OpenMP spin count, sparsecomp/omp.py)
+import sparsecomp  # noqa: E402  (first, before torch: it may set torch's OpenMP spin count, sparsecomp/omp.py)
 
 import argparse
 import gc

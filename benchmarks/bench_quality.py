@@ -36,7 +36,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-import sparsecomp  # noqa: E402  (first, before torch: it sets torch's OpenMP spin count, sparsecomp/omp.py)
+import sparsecomp  # noqa: E402  (first, before torch: it may set torch's OpenMP spin count, sparsecomp/omp.py)
 
 import torch  # noqa: E402
 from sparsecomp.models import minilm, text  # noqa: E402

@@ -334,8 +334,8 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     report.notes.extend(f"lossy (asked for): {what}" for what in lossy)
     report.rows = _report_rows(ctx, lowered.decisions)
     spin = omp.spin_note()
-    if spin and backend == "torch" and any(r.get("decision") == "sparse" for r in report.rows):
-        report.notes.append(spin)
+    if spin and backend == "torch" and any(r.get("decision") == "sparse" for r in report.rows) and _tir_pool() != "openmp":
+        report.notes.append(spin)  # (on torch's own threads the kernels share torch's spin: nothing to contend with)
     quality = ctx.results.get("sparse-mlp-quality")
     if quality:
         report.notes.append("activation-sparsity quality vs dense on calibration batches: "
@@ -468,6 +468,13 @@ MULTI_THREAD_MARGIN = 1.10
 SINGLE_THREAD_MARGIN = 1.03  # otherwise (torch CSR only, or the kernels on torch's threads): one thread must win by 3%
 
 
+def _tir_pool() -> str:
+    """Where the torch backend's TIR kernels run ("openmp", "tvm", "none": `backends/tir/_pool.py`)."""
+    from sparsecomp.backends.torch.kernels import pool_tag
+
+    return pool_tag()
+
+
 def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backend: str, example) -> CompiledModel:
     """Run the lowered graph only if it is measured faster end to end than the original model."""
     from sparsecomp.timing import compare
@@ -496,11 +503,8 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
     threads = None
     if single is not None:
         single_ms = t["compiled, torch ops on 1 thread"].median * 1e3
-        tvm_pool = any(str(r.get("kernel") or "").startswith("tir") for r in report.rows)
-        if tvm_pool:  # kernels whose workers will spin beside torch's (see MULTI_THREAD_MARGIN)
-            from sparsecomp.backends.tir import pool_tag
-
-            tvm_pool = pool_tag() == "tvm"
+        # TIR kernels whose workers will spin beside torch's (see MULTI_THREAD_MARGIN)
+        tvm_pool = any(str(r.get("kernel") or "").startswith("tir") for r in report.rows) and _tir_pool() == "tvm"
         if (compiled_ms * MULTI_THREAD_MARGIN >= single_ms) if tvm_pool else (single_ms * SINGLE_THREAD_MARGIN < compiled_ms):
             compiled_ms, threads = single_ms, 1
     report.end_to_end = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "runs": "compiled" if compiled_ms < eager_ms else "eager"}

@@ -1,13 +1,18 @@
 """How long torch's OpenMP workers spin-wait after an op, set before torch loads.
 
-Why: a compiled model alternates torch ops (layer norm, attention, GELU) with TIR kernels, and
-the two runtimes keep separate thread pools on the same cores. After every parallel op, torch's
-OpenMP (libgomp) workers spin for `GOMP_SPINCOUNT` iterations, 300,000 by default (several ms
-on this AMD CPU, whose `pause` is slow), before they sleep. A TIR kernel launched meanwhile
-shares its cores with a spinning thread and runs up to 2x slower. (TVM's own workers already
-sleep at once: `backends/tir/_target.py`.)
+By default the TIR kernels run their parallel loops on torch's own OpenMP threads
+(`backends/tir/_pool.py`): one pool, and then torch's spin is left as libgomp sets it (300,000
+iterations). Measured on the Intel VM with the kernels on torch's threads: bert-base compiled at
+90% 32.2 ms with the default spin against 32.6 ms with 10,000, at 70% 64.9 ms with both, eager
+the same; opt-125m-like one token, eager 15.4-15.9 against 16.1-16.3 ms and exact mode 12.6-12.9
+against 13.4 ms (longer spins keep the workers awake between a decoder's small ops).
 
-Measured on zoo bert-base, every encoder Linear 90% unstructured, seq 128, 2 cores, eager and
+Where the kernels will run on TVM's own pool instead (SPARSECOMP_TIR_POOL=tvm, no C compiler,
+not Linux: `openmp_pool_expected`), `import sparsecomp` shortens the spin, since two pools then
+share the cores: after every parallel op torch's workers spin 300,000 iterations (several ms on
+the AMD CPU of the first sessions, whose `pause` is slow) before they sleep, and a TIR kernel
+launched meanwhile shares its cores with a spinning thread and runs up to 2x slower. Measured
+there on zoo bert-base, every encoder Linear 90% unstructured, seq 128, 2 cores, eager and
 compiled interleaved in one process, three processes per setting:
 
     GOMP_SPINCOUNT   eager dense (ms)   compiled (ms)
@@ -15,13 +20,11 @@ compiled interleaved in one process, three processes per setting:
     10000               185-205            96-110
     passive (0)         255-259           135-145   (eager's ops then wake sleeping workers)
 
-So 10,000 keeps eager torch as fast as before and takes about 30% off the compiled model. The
-cost: eager one-token decoding (opt-125m-like, M = 1, whose ops leave gaps long enough for the
-workers to fall asleep) measured 31-32 ms against 25-32 ms with the default, so up to about 5%
-slower; a user who prefers the default sets GOMP_SPINCOUNT=300000 (never overridden). libgomp
-reads the variable once, when torch loads it, so `import sparsecomp` sets it (unless the user
-already did) only while torch is not yet imported; when torch came first, `spin_note()` tells
-`compile` to say so in the report.
+So 10,000 kept eager torch as fast and took about 30% off the compiled model, at a cost to eager
+one-token decoding (31-32 ms against 25-32 ms). libgomp reads the variable once, when torch loads
+it, so `import sparsecomp` sets it (unless the user set it or OMP_WAIT_POLICY) only while torch is
+not yet imported; when torch came first with the default spin and the kernels end up on TVM's
+pool, `spin_note()` tells `compile` to say so in the report.
 """
 
 from __future__ import annotations
@@ -34,19 +37,32 @@ _VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 # Whether torch's OpenMP runtime started with its default spin (decided at `import sparsecomp`).
 _default_spin: bool | None = None
+_torch_first = False  # torch was imported before sparsecomp (its spin could not be set)
+
+
+def openmp_pool_expected() -> bool:
+    """Whether the TIR kernels will run on torch's OpenMP threads (`backends/tir/_pool.py` decides
+    for sure later; this is its guess before torch loads): Linux (torch's wheels use libgomp
+    there), a C compiler for the launch shim, and SPARSECOMP_TIR_POOL not "tvm"."""
+    import shutil
+
+    if os.environ.get("SPARSECOMP_TIR_POOL", "").strip().lower() == "tvm" or not sys.platform.startswith("linux"):
+        return False
+    return bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
 
 
 def configure() -> None:
-    """Set GOMP_SPINCOUNT before torch loads libgomp (a no-op if the user set either variable)."""
-    global _default_spin
+    """Set GOMP_SPINCOUNT before torch loads libgomp where the kernels will run on TVM's pool (a
+    no-op if the user set either variable)."""
+    global _default_spin, _torch_first
     if _default_spin is not None:
         return
     user_set = any(v in os.environ for v in _VARS)
-    if "torch" in sys.modules:
+    _torch_first = "torch" in sys.modules
+    if _torch_first or user_set or openmp_pool_expected():
         _default_spin = not user_set
         return
-    if not user_set:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     _default_spin = False
 
 
@@ -61,8 +77,10 @@ def torch_spin_is_short() -> bool:
 
 
 def spin_note() -> str | None:
-    """A report note when torch was imported before sparsecomp with libgomp's default spin."""
-    if not _default_spin:
+    """A report note for kernels on TVM's pool beside torch's workers at libgomp's default spin
+    (torch imported before sparsecomp); `compile` adds it only where the kernels did run on TVM's
+    pool."""
+    if not (_default_spin and _torch_first):
         return None
     return ("torch was imported before sparsecomp, so its OpenMP workers spin 300,000 iterations after each op "
             "and take the cores the sparse kernels run on (zoo bert-base at 90%: the compiled model ran about "

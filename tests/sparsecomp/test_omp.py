@@ -1,4 +1,5 @@
-"""torch's OpenMP spin count, set at `import sparsecomp` before torch loads (sparsecomp/omp.py)."""
+"""torch's OpenMP spin count, set at `import sparsecomp` before torch loads where the TIR kernels will run
+on TVM's own pool, left alone where they run on torch's threads (sparsecomp/omp.py)."""
 
 import os
 import subprocess
@@ -17,8 +18,18 @@ def _probe(code: str, **env) -> list[str]:
 READ = "import os; print(os.environ.get('GOMP_SPINCOUNT')); print(sparsecomp.omp.spin_note() is not None)"
 
 
-def test_sparsecomp_first_sets_the_spin_count_before_torch_loads():
-    assert _probe("import sparsecomp, torch; " + READ) == ["10000", "False"]
+def test_sparsecomp_first_sets_the_spin_count_before_torch_loads_for_tvms_pool():
+    # the kernels on TVM's own pool: torch's workers must not spin on the cores its workers need
+    assert _probe("import sparsecomp, torch; " + READ, SPARSECOMP_TIR_POOL="tvm") == ["10000", "False"]
+
+
+def test_kernels_on_torchs_threads_leave_its_spin_alone():
+    from sparsecomp import omp
+
+    if not omp.openmp_pool_expected():
+        pytest.skip("no C compiler or not Linux: the kernels would run on TVM's pool here")
+    assert _probe("import sparsecomp, torch; " + READ) == ["None", "False"]
+    assert _probe("import sparsecomp, torch; " + READ, SPARSECOMP_TIR_POOL="openmp") == ["None", "False"]
 
 
 def test_torch_first_keeps_its_default_and_compile_will_say_so():
@@ -43,6 +54,8 @@ def test_compile_report_carries_the_note_only_when_sparse_kernels_run(tmp_path, 
     from sparsecomp import omp, patterns
 
     monkeypatch.setattr(omp, "_default_spin", True)
+    monkeypatch.setattr(omp, "_torch_first", True)
+    monkeypatch.setattr("sparsecomp.backends.tir.pool_tag", lambda: "tvm")  # the note is about TVM's pool
     torch.manual_seed(0)
     sparse = nn.Sequential(nn.Linear(256, 256)).eval()
     patterns.impose(sparse, "unstructured:0.95")
@@ -53,6 +66,9 @@ def test_compile_report_carries_the_note_only_when_sparse_kernels_run(tmp_path, 
     dense = sc.compile(nn.Sequential(nn.Linear(256, 256)).eval(), (x,), cache_dir=str(tmp_path / "d"),
                        max_seconds_per_layer=0.02)
     assert omp.spin_note() not in dense.report.notes  # no sparse kernel, nothing to contend with
+    monkeypatch.setattr("sparsecomp.backends.tir.pool_tag", lambda: "openmp")  # one pool: nothing to contend with
+    on_torch_threads = sc.compile(sparse, (x,), kernels="torch-csr", cache_dir=str(tmp_path / "o"), max_seconds_per_layer=0.02)
+    assert omp.spin_note() not in on_torch_threads.report.notes
     monkeypatch.setattr(omp, "_default_spin", False)
     again = sc.compile(sparse, (x,), kernels="torch-csr", cache_dir=str(tmp_path / "s"), max_seconds_per_layer=0.02)
     assert not [n for n in again.report.notes if "GOMP_SPINCOUNT" in n]
