@@ -12,6 +12,8 @@ Why these choices:
   exists, to `SPARSECOMP_NUM_THREADS` or every CPU we may use, so the pool is as large as the
   machine; `set_num_threads(n)` then narrows or widens the number of workers actually used at
   run time through TVM's `runtime.config_threadpool` (it cannot grow past the pool's size).
+- By default the kernels' parallel loops run on torch's OpenMP threads, not on TVM's pool
+  (`_pool.py`); what follows about TVM's pool holds where they fall back to it.
 - TVM's idle workers spin 300,000 iterations after each kernel (`TVM_THREAD_POOL_SPIN_COUNT`)
   and torch's OpenMP threads spin after each op: in a graph that alternates torch ops and TVM
   kernels on the same cores, each runtime's spinning threads starve the other's. Measured on
