@@ -40,15 +40,24 @@ _default_spin: bool | None = None
 _torch_first = False  # torch was imported before sparsecomp (its spin could not be set)
 
 
+def requested_pool() -> str:
+    """SPARSECOMP_TIR_POOL as given, lower case ("openmp" when unset); `backends/tir/_pool.setting`
+    checks it."""
+    return os.environ.get("SPARSECOMP_TIR_POOL", "openmp").strip().lower() or "openmp"
+
+
+def c_compiler() -> str | None:
+    """The C compiler the TIR launch shim is built with: $CC, else cc, gcc or clang on PATH."""
+    import shutil
+
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 def openmp_pool_expected() -> bool:
     """Whether the TIR kernels will run on torch's OpenMP threads (`backends/tir/_pool.py` decides
     for sure later; this is its guess before torch loads): Linux (torch's wheels use libgomp
     there), a C compiler for the launch shim, and SPARSECOMP_TIR_POOL not "tvm"."""
-    import shutil
-
-    if os.environ.get("SPARSECOMP_TIR_POOL", "").strip().lower() == "tvm" or not sys.platform.startswith("linux"):
-        return False
-    return bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+    return requested_pool() != "tvm" and sys.platform.startswith("linux") and c_compiler() is not None
 
 
 def configure() -> None:

@@ -28,17 +28,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["attach", "set_threads", "setting", "status", "tag", "uses_openmp"]
+from sparsecomp import omp
 
-_log = logging.getLogger("sparsecomp.tir")
+__all__ = ["attach", "set_threads", "setting", "status", "tag", "uses_openmp"]
 
 # TVM's C ABI for a parallel loop body: FTVMParallelLambda(task_id, TVMParallelGroupEnv*, cdata),
 # the env being {sync_handle, num_task}; a launch returns 0 on success.
@@ -93,7 +91,7 @@ def _compile_shim(cache: Path) -> Path:
     path = cache / f"omp-launch-{hashlib.sha1(src).hexdigest()[:16]}.so"
     if path.exists():
         return path
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = omp.c_compiler()
     if not cc:
         raise OSError("no C compiler (cc, gcc or clang; or set CC)")
     cache.mkdir(parents=True, exist_ok=True)
@@ -114,7 +112,7 @@ def _addr(lib: ctypes.CDLL, name: str) -> int:
 def setting() -> str:
     """SPARSECOMP_TIR_POOL, checked: "openmp" (the default) or "tvm". `build_source` asks before
     compiling anything, so a misspelt value fails at once, not inside the kernel cache's fallbacks."""
-    choice = os.environ.get("SPARSECOMP_TIR_POOL", "openmp").strip().lower() or "openmp"
+    choice = omp.requested_pool()
     if choice not in ("openmp", "tvm"):
         from sparsecomp.errors import SparsecompError
 
