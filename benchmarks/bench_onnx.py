@@ -13,6 +13,12 @@ In ONE process, 2 threads (one shared ORT thread pool for every session; OpenBLA
 - "sparsecomp": `sparsecomp.export_onnx(model, example, path)` (per-layer lowering timed in
   onnxruntime, from an empty decision cache unless `--cache-dir`), compile time recorded.
 
+Both run in `sparsecomp.backends.ort.session`, the same session settings: onnxruntime fusions
+measured slower on this machine are left off for both (`runner.fusion_choice`: SkipLayerNormFusion
+here, recorded as "ort_fusions" in the JSON). The dense file is also timed with onnxruntime's
+default fusions ("dense_stock_session", what a plain `InferenceSession(path)` gives), and the
+speedup against it is printed beside the target ratio.
+
 Both files are timed in onnxruntime side by side, interleaved round-robin with the core harness
 (`sparsecomp.timing.compare`): medians of >= 20 rounds after warm-up, a 50 ms pause between
 contenders so the other's spinning pool parks. File sizes are the .onnx plus external data. The
@@ -145,6 +151,7 @@ def run_case(case: str, args, work: Path) -> dict:
         ref = model(**example) if isinstance(example, dict) else model(*example)
     ref = ref[0] if isinstance(ref, (tuple, list)) else ref
     s_dense = session(str(dense_path))
+    s_dense_stock = session(str(dense_path), disabled_optimizers=[])  # onnxruntime's default fusions
     s_sparse = session(str(sparse_path))
     s_sparse_noopt = session(str(sparse_path), optimize=False)
     f_dense, f_sparse = feeds_for(s_dense, example), feeds_for(s_sparse, example)
@@ -156,10 +163,11 @@ def run_case(case: str, args, work: Path) -> dict:
     s_sparse_noopt = None
     out["bandwidth_gbs"] = read_bandwidth(reps=3) / 1e9
     log(f"  timing dense vs sparsecomp interleaved, {args.runs} rounds ...")
-    t = timed({"dense": lambda: s_dense.run(None, f_dense), "sparsecomp": lambda: s_sparse.run(None, f_sparse)},
-              args.runs, args.warmup)
+    t = timed({"dense": lambda: s_dense.run(None, f_dense), "sparsecomp": lambda: s_sparse.run(None, f_sparse),
+               "dense_stock_session": lambda: s_dense_stock.run(None, f_dense)}, args.runs, args.warmup)
     out["times"] = t
     out["speedup"] = t["dense"]["median_ms"] / t["sparsecomp"]["median_ms"]
+    out["speedup_vs_stock_session"] = t["dense_stock_session"]["median_ms"] / t["sparsecomp"]["median_ms"]
     out["never_slower"] = out["speedup"] >= NEVER_SLOWER
     if case in TARGETS:
         metric, thr = TARGETS[case]
@@ -167,13 +175,14 @@ def run_case(case: str, args, work: Path) -> dict:
             out["target"] = {"metric": "speedup", "target": thr, "measured": out["speedup"], "met": out["speedup"] >= thr}
         else:
             out["target"] = {"metric": "file_ratio", "target": thr, "measured": out["file_ratio"], "met": out["file_ratio"] <= thr}
-    log(f"  dense {t['dense']['median_ms']:.2f} ms, sparsecomp {t['sparsecomp']['median_ms']:.2f} ms: {out['speedup']:.2f}x; "
+    log(f"  dense {t['dense']['median_ms']:.2f} ms (with onnxruntime's default fusions {t['dense_stock_session']['median_ms']:.2f} ms), "
+        f"sparsecomp {t['sparsecomp']['median_ms']:.2f} ms: {out['speedup']:.2f}x ({out['speedup_vs_stock_session']:.2f}x); "
         f"errors {', '.join(f'{k} {v:.1e}' for k, v in errs.items())}")
     return out
 
 
 def table(results: dict) -> str:
-    head = f"{'case':18} {'dense ms':>9} {'sparsecomp ms':>14} {'speedup':>8} {'dense MiB':>10} {'ours MiB':>9} {'file':>6} {'sparse layers':>14}  target"
+    head = f"{'case':18} {'dense ms':>9} {'sparsecomp ms':>14} {'speedup':>8} {'vs stock':>9} {'dense MiB':>10} {'ours MiB':>9} {'file':>6} {'sparse layers':>14}  target"
     lines = [head, "-" * len(head)]
     for case, r in results.items():
         if "error" in r:
@@ -182,7 +191,7 @@ def table(results: dict) -> str:
         tgt = r.get("target")
         tgt_s = f"{tgt['metric']} {'<=' if tgt['metric'] == 'file_ratio' else '>='} {tgt['target']}: {'met' if tgt['met'] else 'NOT met'}" if tgt else ""
         lines.append(f"{case:18} {r['times']['dense']['median_ms']:9.2f} {r['times']['sparsecomp']['median_ms']:14.2f} "
-                     f"{r['speedup']:7.2f}x {r['bytes']['dense'] / 2**20:10.1f} {r['bytes']['sparsecomp'] / 2**20:9.1f} "
+                     f"{r['speedup']:7.2f}x {r.get('speedup_vs_stock_session', float('nan')):8.2f}x {r['bytes']['dense'] / 2**20:10.1f} {r['bytes']['sparsecomp'] / 2**20:9.1f} "
                      f"{r['file_ratio']:5.2f}x {r['sparse_layers']:>6}/{r['lowered_layers']:<7}  {tgt_s}")
     return "\n".join(lines)
 
@@ -199,7 +208,7 @@ def main() -> None:
     args.runs = args.runs or (5 if args.quick else 20)
     args.warmup = 1 if args.quick else 3
     sparsecomp.set_num_threads(THREADS)
-    from sparsecomp.backends.ort import use_global_thread_pool
+    from sparsecomp.backends.ort import fusion_choice, use_global_thread_pool
 
     use_global_thread_pool(THREADS)  # two models alive side by side: one shared pool, no fighting
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -223,7 +232,7 @@ def main() -> None:
     doc = {"schema": 1, "quick": args.quick, "threads": THREADS, "runs": args.runs, "machine": platform.processor() or platform.machine(),
            "loadavg": os.getloadavg(), "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                                                     "sparsecomp": sparsecomp.__version__, "numpy": np.__version__},
-           "cases": results, "wall_s": time.perf_counter() - t_start}
+           "ort_fusions": fusion_choice(), "cases": results, "wall_s": time.perf_counter() - t_start}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nwrote {args.json}")

@@ -43,9 +43,9 @@ from sparsecomp.lowering import Lowered
 from .export import DEFAULT_OPSET, MIN_OPSET, SPARSE_LINEAR, SPARSE_MLP, export_graph
 from .lowering import decide_layers
 from .mlp import decide_mlps
-from .runner import OrtModule, pool_note, session, threads, use_global_thread_pool
+from .runner import OrtModule, fusion_choice, fusion_note, pool_note, session, threads, use_global_thread_pool
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "NAME", "OrtModule", "lower", "session", "threads", "use_global_thread_pool"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "NAME", "OrtModule", "fusion_choice", "lower", "session", "threads", "use_global_thread_pool"]
 
 NAME = "ort"
 
@@ -89,7 +89,7 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, only=None, progr
     module = OrtModule(model, sess, in_spec=getattr(gm, "_in_spec", None), out_spec=getattr(gm, "_out_spec", None),
                        input_names=[n if n in graph_inputs else None for n in flat_names], label=label,
                        exporter=lambda **kw: exporter(**kw)[0])
-    note = pool_note()
-    if note:
-        notes.append(note)
+    for note in (pool_note(), fusion_note(model)):
+        if note:
+            notes.append(note)
     return Lowered(module, decisions, notes, artifacts={"onnx": model})

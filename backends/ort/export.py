@@ -40,7 +40,7 @@ from torch import fx
 
 from sparsecomp.errors import OnnxError
 
-from .kernels import MIN_OPSET, Candidate, Emitter
+from .kernels import MIN_OPSET, Candidate, Emitter, Orientation
 
 __all__ = ["DEFAULT_OPSET", "METADATA_KEYS", "MIN_OPSET", "Placement", "check_opset", "export_graph"]
 
@@ -52,7 +52,12 @@ DOMAIN = "sparsecomp.placeholder"
 METADATA_KEYS = ("sparsecomp.version", "sparsecomp.backend", "sparsecomp.layers", "sparsecomp.inputs")
 # the decision facts a `sparsecomp.layers` record keeps; an MLP's record has op="sparse_mlp", its
 # shape is [in, hidden, out] and `linears` names its up / gate / down Linears
-RECORD_KEYS = ("input", "output", "density", "m", "dense_us", "chosen_us", "op", "mode", "activation", "linears", "parts")
+RECORD_KEYS = ("input", "output", "density", "m", "dense_us", "chosen_us", "op", "mode", "activation", "linears", "parts",
+               "layout")
+# Elementwise ops (one input, one output, no axis) a transposed activation may pass through between
+# two chained block layers (`chain_orientations`): they give the same values in either layout.
+ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Gelu", "Tanh", "Sigmoid", "Elu", "Selu", "Celu", "Softplus", "Softsign",
+                         "HardSigmoid", "HardSwish", "Mish", "Erf", "Identity", "Abs", "Neg", "Exp"})
 
 
 @dataclass
@@ -355,21 +360,76 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def _placement_of(g: onnx.GraphProto, node: onnx.NodeProto, by_tag: dict[int, Placement]) -> Placement:
+    tag = _tensor_value(g, node.input[1])
+    if tag is None or tag.size == 0 or int(tag.reshape(-1)[0]) not in by_tag:
+        raise OnnxError(f"internal: cannot identify the sparse layer of placeholder {node.name}",
+                        hint="please report it (--debug shows the trace)")
+    return by_tag[int(tag.reshape(-1)[0])]
+
+
+def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> tuple[dict[str, tuple[bool, bool]], set[str]]:
+    """Which lowered layers pass their activation on transposed (`kernels.Orientation`).
+
+    A layer whose kernel `chains` (block formats) and whose output reaches another such layer's
+    input only through `ELEMENTWISE` ops, each tensor on the way read by exactly one node and none a
+    graph output, leaves y^T for it: `Linear -> GELU -> Linear` with both Linears block-sparse keeps
+    the hidden activation [hidden, M] and pays no Transpose between them.
+
+    `placements`: placeholder output name -> its Placement. Returns ({output name: (x_t, y_t)} for
+    every chained layer, the tensors on the way whose shape the chaining changes).
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    orient: dict[str, tuple[bool, bool]] = {}
+    changed: set[str] = set()
+    for out, p in placements.items():
+        if not p.candidate.chains:
+            continue
+        t, way = out, [out]
+        while t not in graph_outputs and len(readers.get(t, [])) == 1:
+            n = readers[t][0]
+            if n.domain == DOMAIN:
+                q = placements.get(n.output[0])
+                if q is not None and q.candidate.chains and list(n.input).index(t) == 0 and t not in n.input[1:]:
+                    orient[out] = (orient.get(out, (False, False))[0], True)
+                    orient[n.output[0]] = (True, orient.get(n.output[0], (False, False))[1])
+                    changed.update(way)
+                break
+            if n.domain not in ("", "ai.onnx") or n.op_type not in ELEMENTWISE or len(n.input) != 1 or len(n.output) != 1:
+                break
+            t = n.output[0]
+            way.append(t)
+    return orient, changed
+
+
 def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement]) -> None:
     g = model.graph
+    placements = {node.output[0]: _placement_of(g, node, by_tag) for node in g.node if node.domain == DOMAIN}
+    orient, changed = chain_orientations(g, placements)
+    lead_of: dict[str, str] = {}  # transposed tensor -> the tensor holding its original leading dims
     new_nodes, new_inits, dropped = [], [], set()
     for node in g.node:
         if node.domain != DOMAIN:
             new_nodes.append(node)
+            if node.input and node.input[0] in lead_of:  # an elementwise op on the way between two block layers
+                lead_of[node.output[0]] = lead_of[node.input[0]]
             continue
-        tag = _tensor_value(g, node.input[1])
-        if tag is None or tag.size == 0 or int(tag.reshape(-1)[0]) not in by_tag:
-            raise OnnxError(f"internal: cannot identify the sparse layer of placeholder {node.name}",
-                            hint="please report it (--debug shows the trace)")
-        p = by_tag[int(tag.reshape(-1)[0])]
+        p = placements[node.output[0]]
         dropped.add(node.input[1])
         e = Emitter(p.layer)
-        p.candidate.emit(e, node.input[0], node.output[0])
+        x_t, y_t = orient.get(node.output[0], (False, False))
+        if x_t or y_t:
+            lead = lead_of[node.input[0]] if x_t else e.node("Shape", [node.input[0]], end=-1)
+            if y_t:
+                lead_of[node.output[0]] = lead
+            p.candidate.emit(e, node.input[0], node.output[0], Orientation(x_t=x_t, y_t=y_t, lead=lead))
+            p.extra["layout"] = {"x": "transposed" if x_t else "plain", "y": "transposed" if y_t else "plain"}
+        else:
+            p.candidate.emit(e, node.input[0], node.output[0])
         new_nodes.extend(e.nodes)
         new_inits.extend(e.initializers)
         p.extra["arrays"] = dict(e.arrays)
@@ -381,7 +441,7 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement]) ->
     gone = dropped - used
     nodes = [n for n in new_nodes if not (n.op_type == "Constant" and n.output[0] in gone)]
     inits = [t for t in g.initializer if t.name not in gone] + new_inits
-    value_info = [v for v in g.value_info if v.name not in gone]
+    value_info = [v for v in g.value_info if v.name not in gone and v.name not in changed]  # chained: [features, M] now
     opsets = [o for o in model.opset_import if o.domain != DOMAIN]
     for field_, items in ((g.node, nodes), (g.initializer, inits), (g.value_info, value_info), (model.opset_import, opsets)):
         del field_[:]

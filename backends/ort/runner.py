@@ -27,7 +27,7 @@ import torch
 
 from sparsecomp.errors import SparsecompError
 
-__all__ = ["OrtModule", "pool_note", "session", "threads", "use_global_thread_pool"]
+__all__ = ["PROBED_FUSIONS", "OrtModule", "fusion_choice", "fusion_note", "pool_note", "session", "threads", "use_global_thread_pool"]
 
 _POOL: dict[str, int] = {}  # {"threads": n} once sessions run on a process-wide pool (-1: size unknown)
 _GLOBAL_POOL_REFUSED = "use_per_session_threads must be false when using a global thread pool"
@@ -64,12 +64,89 @@ def pool_note() -> str | None:
     return None
 
 
-def session(model: Any, *, optimize: bool = True, spinning: bool = True):
+# onnxruntime fusions that sparsecomp's sessions leave off where they measure slower on this machine
+# (`fusion_choice`). SkipLayerNormFusion turns Add + LayerNormalization into com.microsoft
+# SkipLayerNormalization, whose CPU kernel measured ~6x slower than the two ops it replaces in ORT
+# 1.32 on an AVX-512 Xeon (218 us against 37 us at [128, 768]; 3.9 against 1.2 us at one token):
+# ~4.5 ms of a 90 ms bert-base forward, dense or sparse alike.
+PROBED_FUSIONS = ("SkipLayerNormFusion",)
+_FUSIONS: dict[str, Any] = {}
+
+
+def _residual_norm_model(rows: int = 128, hidden: int = 768, layers: int = 8):
+    """`layers` x (residual Add + LayerNormalization): the pattern SkipLayerNormFusion rewrites."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(hidden, np.float32), "beta")]
+    nodes, prev = [], "x"
+    for k in range(layers):
+        nodes.append(helper.make_node("Add", [prev, "skip"], [f"sum{k}"]))
+        nodes.append(helper.make_node("LayerNormalization", [f"sum{k}", "gamma", "beta"], [f"y{k}"], axis=-1, epsilon=1e-12))
+        prev = f"y{k}"
+    shape = [1, rows, hidden]
+    g = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "skip")],
+                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)], inits)
+    opsets = [helper.make_opsetid("", 17)]
+    return helper.make_model(g, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets)), shape
+
+
+def fusion_choice() -> dict:
+    """Which of `PROBED_FUSIONS` to leave off, measured once per process (~0.1 s): the probe
+    model run with the fusion and without, interleaved, medians of 15 runs; a fusion is left off
+    when it is 10% slower. Returns {"disabled": [names], "us": {name: (fused, unfused)}}.
+    `SPARSECOMP_ORT_FUSIONS=default` keeps onnxruntime's defaults without measuring."""
+    if _FUSIONS:
+        return _FUSIONS
+    choice: dict[str, Any] = {"disabled": [], "us": {}}
+    if os.environ.get("SPARSECOMP_ORT_FUSIONS", "").strip().lower() == "default":
+        _FUSIONS.update(choice)
+        return _FUSIONS
+    import time
+
+    model, shape = _residual_norm_model()
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(shape, dtype=np.float32), "skip": rng.standard_normal(shape, dtype=np.float32)}
+    for name in PROBED_FUSIONS:
+        sessions = [_open(model, disabled=[]), _open(model, disabled=[name])]
+        times: list[list[float]] = [[], []]
+        for k in range(18):
+            for i, s in enumerate(sessions):
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                if k >= 3:
+                    times[i].append(time.perf_counter() - t0)
+        fused, unfused = (float(np.median(t)) * 1e6 / 8 for t in times)
+        choice["us"][name] = (fused, unfused)
+        if fused > 1.1 * unfused:
+            choice["disabled"].append(name)
+    _FUSIONS.update(choice)
+    return _FUSIONS
+
+
+def fusion_note(model) -> str | None:
+    """The report's line when a fusion is left off and the model has the pattern it rewrites."""
+    choice = fusion_choice()
+    if "SkipLayerNormFusion" not in choice["disabled"] or not any(n.op_type == "LayerNormalization" for n in model.graph.node):
+        return None
+    fused, unfused = choice["us"]["SkipLayerNormFusion"]
+    return (f"onnxruntime's SkipLayerNormalization fusion is left off in sparsecomp's sessions: measured {fused:.0f} us "
+            f"fused against {unfused:.0f} us unfused per residual Add + LayerNormalization of [128, 768] here; a session "
+            "you open yourself keeps it unless you pass InferenceSession(..., disabled_optimizers=['SkipLayerNormFusion'])")
+
+
+def _open(data, *, disabled: list[str], optimize: bool = True, spinning: bool = True):
+    return session(data, optimize=optimize, spinning=spinning, disabled_optimizers=disabled)
+
+
+def session(model: Any, *, optimize: bool = True, spinning: bool = True, disabled_optimizers: list[str] | None = None):
     """An InferenceSession on the CPU provider (model: ModelProto, bytes or path).
 
     `optimize=False` is ORT_DISABLE_ALL (no constant folding, no fusions): the tests run every
     export both ways, since folding is what turns the narrow stored indices into int32 once.
     `spinning=False` lets the pool's idle workers sleep (sessions that are timed side by side).
+    Fusions measured slower here are left off (`fusion_choice`) unless `disabled_optimizers` names
+    the ones to leave off (`[]`: onnxruntime's defaults, as a plain InferenceSession has them).
     """
     import onnxruntime as ort
 
@@ -89,13 +166,15 @@ def session(model: Any, *, optimize: bool = True, spinning: bool = True):
     data = model.SerializeToString() if hasattr(model, "SerializeToString") else model
     if isinstance(data, (str, os.PathLike)):
         data = str(data)
+    disabled = disabled_optimizers if disabled_optimizers is not None else (fusion_choice()["disabled"] if optimize else [])
+    kw = {"disabled_optimizers": disabled} if disabled else {}
     try:
-        return ort.InferenceSession(data, options(bool(_POOL)), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, options(bool(_POOL)), providers=["CPUExecutionProvider"], **kw)
     except Exception as err:
         if _POOL or _GLOBAL_POOL_REFUSED not in str(err):
             raise
     _POOL.setdefault("threads", -1)  # someone else made the process-wide pool: use it
-    return ort.InferenceSession(data, options(True), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, options(True), providers=["CPUExecutionProvider"], **kw)
 
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.int64: np.int64,

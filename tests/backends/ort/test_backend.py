@@ -202,3 +202,73 @@ def test_bad_opset_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(ort_backend, "decide_layers", lambda *a, **k: pytest.fail("measured before checking the opset"))
     with pytest.raises(OnnxError, match="minimum is opset 16"):
         ort_backend.lower(None, None, opset=12)
+
+
+# ------------------------------------------------------------------------------------------------
+# onnxruntime fusions measured slower are left off (runner.fusion_choice)
+
+
+def _optimized_ops(model, disabled, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+def test_probed_fusion_names_are_ones_onnxruntime_knows(tmp_path):
+    """onnxruntime ignores an unknown name in disabled_optimizers silently: check each name works."""
+    model, _ = runner._residual_norm_model(rows=4, hidden=8, layers=2)
+    assert "SkipLayerNormalization" in _optimized_ops(model, [], tmp_path)
+    for name in runner.PROBED_FUSIONS:
+        ops = _optimized_ops(model, [name], tmp_path)
+        assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 2
+
+
+def test_sessions_take_the_measured_choice_and_report_it(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("disabled_optimizers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    monkeypatch.setattr(runner, "_FUSIONS", {"disabled": ["SkipLayerNormFusion"], "us": {"SkipLayerNormFusion": (200.0, 40.0)}})
+    model, shape = runner._residual_norm_model(rows=4, hidden=8, layers=2)
+    runner.session(model)
+    runner.session(model, optimize=False)  # ORT_DISABLE_ALL: nothing to disable
+    runner.session(model, disabled_optimizers=[])  # onnxruntime's defaults, asked for
+    assert seen == [["SkipLayerNormFusion"], None, None]
+    assert "200 us fused against 40 us unfused" in runner.fusion_note(model)
+
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm = nn.Linear(16, 16), nn.LayerNorm(16)
+
+        def forward(self, x):
+            return self.norm(x + self.lin(x))
+
+    m = Norm().eval()
+    cm = sc.compile(m, (torch.randn(2, 16),), backend="ort", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert any("SkipLayerNormalization fusion is left off" in n for n in cm.report.notes)
+    monkeypatch.setattr(runner, "_FUSIONS", {"disabled": [], "us": {"SkipLayerNormFusion": (40.0, 40.0)}})
+    assert runner.fusion_note(model) is None
+
+
+def test_fusion_probe_measures_once_and_can_be_declined(monkeypatch):
+    monkeypatch.setattr(runner, "_FUSIONS", {})
+    choice = runner.fusion_choice()
+    fused, unfused = choice["us"]["SkipLayerNormFusion"]
+    assert fused > 0 and unfused > 0
+    assert ("SkipLayerNormFusion" in choice["disabled"]) == (fused > 1.1 * unfused)
+    assert runner.fusion_choice() is choice  # measured once per process
+    monkeypatch.setattr(runner, "_FUSIONS", {})
+    monkeypatch.setenv("SPARSECOMP_ORT_FUSIONS", "default")
+    assert runner.fusion_choice() == {"disabled": [], "us": {}}

@@ -137,3 +137,97 @@ def test_external_data_above_the_protobuf_limit(tmp_path, monkeypatch):
     assert os.path.getsize(info["path"]) < 50_000  # the graph only
     assert close(run_file(info["path"], x), m(x))
     assert {l.name for l in sc.analyze(str(tmp_path / "big.onnx")).layers} == {"0", "2"}
+
+
+# ------------------------------------------------------------------------------------------------
+# block layers chained through elementwise ops keep the activation transposed (export.chain_orientations)
+
+
+class _Chain(nn.Module):
+    """Linear -> GELU -> Linear -> ReLU -> Linear, odd widths (not multiples of the 16-row block);
+    `leak` also returns the first activation, a second reader that must stop the first chain."""
+
+    def __init__(self, leak=False):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(96, 200), nn.Linear(200, 72), nn.Linear(72, 40)
+        self.leak = leak
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.a(x))
+        y = self.c(torch.relu(self.b(h)))
+        return (y, h) if self.leak else y
+
+
+def _chain(leak=False, seed=0):
+    torch.manual_seed(seed)
+    m = _Chain(leak).eval()
+    for name in ("a", "b", "c"):
+        patterns.impose(m, "block:16x1:0.9", name)
+    with torch.no_grad():
+        m.b.weight[:16].zero_()  # an all-zero block-row
+    return m
+
+
+def _layouts(model):
+    return {r["layer"]: r.get("layout") for r in files.layers(model)}
+
+
+def _count(model, op):
+    return sum(n.op_type == op for n in model.graph.node)
+
+
+def test_block_layers_pass_the_activation_on_transposed(tmp_path):
+    m, x = _chain(), torch.randn(2, 5, 96)
+    info = sc.export_onnx(m, (x,), tmp_path / "c.onnx", kernels="bsr16x1", cache_dir=str(tmp_path / "cache"), max_seconds_per_layer=0.05)
+    model = onnx.load(info["path"])
+    assert _layouts(model) == {"a": {"x": "plain", "y": "transposed"}, "b": {"x": "transposed", "y": "transposed"},
+                               "c": {"x": "transposed", "y": "plain"}}
+    assert _count(model, "Transpose") == 2  # one into the chain, one out of it (6 unchained)
+    assert {"Gelu", "Relu"} <= {n.op_type for n in model.graph.node}
+    onnx.checker.check_model(info["path"], full_check=True)
+    for xb in (x, torch.randn(1, 1, 96), torch.randn(7, 3, 96), torch.zeros(1, 2, 96)):  # batch 1 and 7, all-zero input
+        for optimize in (True, False):
+            assert close(run_file(info["path"], xb, optimize), m(xb))
+    dense = files.dense_equivalent(model)  # the decoder's view: plain layers, same function
+    s = session(dense)
+    assert close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]), m(x))
+
+
+def test_a_second_reader_keeps_the_activation_plain(tmp_path):
+    m, x = _chain(leak=True), torch.randn(3, 96)
+    info = sc.export_onnx(m, (x,), tmp_path / "c.onnx", kernels="bsr16x1", cache_dir=str(tmp_path / "cache"), max_seconds_per_layer=0.05)
+    model = onnx.load(info["path"])
+    layouts = _layouts(model)
+    assert layouts["a"] is None  # h is a graph output too: a's y stays [M, 200]
+    assert layouts["b"] == {"x": "plain", "y": "transposed"} and layouts["c"] == {"x": "transposed", "y": "plain"}
+    assert _count(model, "Transpose") == 4
+    s = session(info["path"])
+    y, h = s.run(None, {s.get_inputs()[0].name: x.numpy()})
+    ref_y, ref_h = m(x)
+    assert close(torch.from_numpy(y), ref_y) and close(torch.from_numpy(h), ref_h)
+
+
+def test_a_tail_fed_plain_input_as_transposed_is_wrong():
+    """The orientation flags matter: the same arrays read with the wrong orientation give another function."""
+    from onnx import TensorProto, helper
+    from sparsecomp.backends.ort import kernels as K
+
+    torch.manual_seed(1)
+    lin = nn.Sequential(nn.Linear(48, 48)).eval()
+    patterns.impose(lin, "block:16x1:0.75")
+    lin = lin[0]
+    cand = K.by_label(lin.weight, lin.bias, "bsr16x1")
+    x = torch.randn(48, 48)  # square: both readings run, only one is right
+    outs = {}
+    for x_t in (False, True):
+        e = K.Emitter("layer")
+        lead = e.node("Shape", ["x"], end=-1)
+        cand.emit(e, "x", "y", K.Orientation(x_t=x_t, lead=lead))
+        g = helper.make_graph(e.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [48, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], e.initializers)
+        s = session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=9))
+        outs[x_t] = torch.from_numpy(s.run(None, {"x": x.numpy()})[0])
+    ref = lin(x)
+    assert close(outs[False], ref)
+    assert close(outs[True], lin(x.T.contiguous()))  # x read as x^T: the function of the transposed input
+    assert not close(outs[True], ref)

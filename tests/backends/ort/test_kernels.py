@@ -98,10 +98,11 @@ OPS = {  # candidate -> op types it must emit (beyond shape plumbing)
     "dense-compact": {"ScatterElements", "Transpose", "MatMul", "Add", "Cast"},
     "ell": {"GatherElements", "Mul", "ReduceSum", "Add", "Cast"},
     "sell4": {"GatherElements", "Mul", "ReduceSum", "Concat", "Add", "Cast"},
-    "bsr16x1": {"Gather", "MatMul", "Transpose", "Add", "Cast"},
-    "bsr16x1-b4": {"Gather", "MatMul", "Concat", "Transpose", "Add", "Cast"},
+    "bsr16x1": {"Gather", "MatMul", "Transpose", "Pad", "Cast"},  # the bias rides in the GEMM (a ones column)
+    "bsr16x1-b4": {"Gather", "MatMul", "Concat", "Transpose", "Pad", "Cast"},
 }
-NEVER = {"dense": {"Gather", "GatherElements", "Cast"}, "ell": {"MatMul", "Gather"}, "bsr16x1": {"GatherElements", "ReduceSum"}}
+NEVER = {"dense": {"Gather", "GatherElements", "Cast"}, "ell": {"MatMul", "Gather"},
+         "bsr16x1": {"GatherElements", "ReduceSum", "Add"}, "bsr16x1-b4": {"Add"}}
 
 
 def test_graph_structure_and_narrow_storage():
