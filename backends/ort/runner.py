@@ -95,11 +95,16 @@ def fusion_choice() -> dict:
     """Which of `PROBED_FUSIONS` to leave off, measured once per process (~0.1 s): the probe
     model run with the fusion and without, interleaved, medians of 15 runs; a fusion is left off
     when it is 10% slower. Returns {"disabled": [names], "us": {name: (fused, unfused)}}.
-    `SPARSECOMP_ORT_FUSIONS=default` keeps onnxruntime's defaults without measuring."""
+    `SPARSECOMP_ORT_FUSIONS=default` keeps onnxruntime's defaults without measuring (`measure`, the
+    default, measures; anything else is an error)."""
     if _FUSIONS:
         return _FUSIONS
     choice: dict[str, Any] = {"disabled": [], "us": {}}
-    if os.environ.get("SPARSECOMP_ORT_FUSIONS", "").strip().lower() == "default":
+    setting = os.environ.get("SPARSECOMP_ORT_FUSIONS", "").strip().lower()
+    if setting not in ("", "measure", "default"):
+        raise SparsecompError(f"SPARSECOMP_ORT_FUSIONS={os.environ['SPARSECOMP_ORT_FUSIONS']!r} is not a setting",
+                              hint="'measure' (the default: leave off the fusions measured slower) or 'default' (onnxruntime's own)")
+    if setting == "default":
         _FUSIONS.update(choice)
         return _FUSIONS
     import time

@@ -272,3 +272,7 @@ def test_fusion_probe_measures_once_and_can_be_declined(monkeypatch):
     monkeypatch.setattr(runner, "_FUSIONS", {})
     monkeypatch.setenv("SPARSECOMP_ORT_FUSIONS", "default")
     assert runner.fusion_choice() == {"disabled": [], "us": {}}
+    monkeypatch.setattr(runner, "_FUSIONS", {})
+    monkeypatch.setenv("SPARSECOMP_ORT_FUSIONS", "defualt")
+    with pytest.raises(SparsecompError, match="SPARSECOMP_ORT_FUSIONS='defualt' is not a setting"):
+        runner.fusion_choice()
