@@ -17,7 +17,8 @@ weights are not constants) is exported as its reference implementation, with a n
 Steps: (1) a shallow copy of the graph with tags instead of weights; (2) `torch.export` with the
 batch / sequence dims recorded dynamic at capture (size-1 dims traced at size 2, as capture does);
 (3) sparsecomp ops with no ONNX lowering are decomposed into their reference implementation (a
-dense fallback, reported); (4) `torch.onnx.export(..., dynamo=True)`; (5) placeholders replaced,
+dense fallback, reported); (4) `torch.onnx.export(..., dynamo=True)`; (5) placeholders replaced
+(block layers in a row pass their activations on transposed: `chain_orientations`),
 dynamic dims renamed `batch` / `sequence`, metadata attached. (The full `onnx.checker` pass runs
 when the file is written, `files.save`; onnxruntime checks the model as it opens the session.)
 """
@@ -394,7 +395,7 @@ def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> 
             n = readers[t][0]
             if n.domain == DOMAIN:
                 q = placements.get(n.output[0])
-                if q is not None and q.candidate.chains and list(n.input).index(t) == 0 and t not in n.input[1:]:
+                if q is not None and q.candidate.chains and n.input[0] == t and t not in n.input[1:]:
                     orient[out] = (orient.get(out, (False, False))[0], True)
                     orient[n.output[0]] = (True, orient.get(n.output[0], (False, False))[1])
                     changed.update(way)

@@ -9,7 +9,8 @@ with standard ONNX ops only, so stock onnxruntime runs it with no custom-op libr
     ell / sellK  per bucket of rows: GatherElements(x, cols) * values -> ReduceSum(-1);
                  Concat(buckets) -> GatherElements(inverse row order) + b   (constant fan-in)
     bsrRxC[-bK]  per bucket of block-rows: Gather(x^T blocks, axis=0) -> batched MatMul(values, .)
-                 -> Concat -> Gather(inverse order) -> Transpose + b           (R x C blocks)
+                 -> Concat -> Gather(inverse order) -> Transpose               (R x C blocks;
+                 b rides in the MatMul as a column of ones in x^T; `Orientation`: x^T in / y^T out)
 
 Why these shapes (the issue's arithmetic, and measurements with ORT 1.32 on this 2-core VM): a
 gather materialises `rows-per-call x stored entries` floats. For an unstructured 768 -> 3072 layer
