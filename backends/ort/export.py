@@ -369,7 +369,7 @@ def _placement_of(g: onnx.GraphProto, node: onnx.NodeProto, by_tag: dict[int, Pl
     return by_tag[int(tag.reshape(-1)[0])]
 
 
-def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> tuple[dict[str, tuple[bool, bool]], set[str]]:
+def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> tuple[set[str], set[str], set[str]]:
     """Which lowered layers pass their activation on transposed (`kernels.Orientation`).
 
     A layer whose kernel `chains` (block formats) and whose output reaches another such layer's
@@ -377,15 +377,17 @@ def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> 
     graph output, leaves y^T for it: `Linear -> GELU -> Linear` with both Linears block-sparse keeps
     the hidden activation [hidden, M] and pays no Transpose between them.
 
-    `placements`: placeholder output name -> its Placement. Returns ({output name: (x_t, y_t)} for
-    every chained layer, the tensors on the way whose shape the chaining changes).
+    `placements`: placeholder output name -> its Placement. Returns (the outputs of the layers that
+    leave y^T, the outputs of the layers that read x^T, the tensors on the way whose shape the
+    chaining changes).
     """
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     graph_outputs = {o.name for o in g.output}
-    orient: dict[str, tuple[bool, bool]] = {}
+    leave_t: set[str] = set()
+    read_t: set[str] = set()
     changed: set[str] = set()
     for out, p in placements.items():
         if not p.candidate.chains:
@@ -396,21 +398,21 @@ def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> 
             if n.domain == DOMAIN:
                 q = placements.get(n.output[0])
                 if q is not None and q.candidate.chains and n.input[0] == t and t not in n.input[1:]:
-                    orient[out] = (orient.get(out, (False, False))[0], True)
-                    orient[n.output[0]] = (True, orient.get(n.output[0], (False, False))[1])
+                    leave_t.add(out)
+                    read_t.add(n.output[0])
                     changed.update(way)
                 break
             if n.domain not in ("", "ai.onnx") or n.op_type not in ELEMENTWISE or len(n.input) != 1 or len(n.output) != 1:
                 break
             t = n.output[0]
             way.append(t)
-    return orient, changed
+    return leave_t, read_t, changed
 
 
 def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement]) -> None:
     g = model.graph
     placements = {node.output[0]: _placement_of(g, node, by_tag) for node in g.node if node.domain == DOMAIN}
-    orient, changed = chain_orientations(g, placements)
+    leave_t, read_t, changed = chain_orientations(g, placements)
     lead_of: dict[str, str] = {}  # transposed tensor -> the tensor holding its original leading dims
     new_nodes, new_inits, dropped = [], [], set()
     for node in g.node:
@@ -422,7 +424,7 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement]) ->
         p = placements[node.output[0]]
         dropped.add(node.input[1])
         e = Emitter(p.layer)
-        x_t, y_t = orient.get(node.output[0], (False, False))
+        x_t, y_t = node.output[0] in read_t, node.output[0] in leave_t
         if x_t or y_t:
             lead = lead_of[node.input[0]] if x_t else e.node("Shape", [node.input[0]], end=-1)
             if y_t:

@@ -114,7 +114,7 @@ def fusion_choice() -> dict:
     feeds = {"x": rng.standard_normal(shape, dtype=np.float32), "skip": rng.standard_normal(shape, dtype=np.float32)}
     for name in PROBED_FUSIONS:
         # timed side by side: pools that sleep between calls, so neither spins against the other
-        sessions = [_open(model, disabled=[], spinning=False), _open(model, disabled=[name], spinning=False)]
+        sessions = [session(model, spinning=False, disabled_optimizers=d) for d in ([], [name])]
         times: list[list[float]] = [[], []]
         for k in range(18):
             for i, s in enumerate(sessions):
@@ -139,10 +139,6 @@ def fusion_note(model) -> str | None:
     return (f"onnxruntime's SkipLayerNormalization fusion is left off in sparsecomp's sessions: measured {fused:.0f} us "
             f"fused against {unfused:.0f} us unfused per residual Add + LayerNormalization of [128, 768] here; a session "
             "you open yourself keeps it unless you pass InferenceSession(..., disabled_optimizers=['SkipLayerNormFusion'])")
-
-
-def _open(data, *, disabled: list[str], optimize: bool = True, spinning: bool = True):
-    return session(data, optimize=optimize, spinning=spinning, disabled_optimizers=disabled)
 
 
 def session(model: Any, *, optimize: bool = True, spinning: bool = True, disabled_optimizers: list[str] | None = None):
