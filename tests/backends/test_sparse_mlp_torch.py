@@ -61,6 +61,97 @@ def test_up_kernel(mlp_kernels, act, gated, bias):
         _close(got, want)
 
 
+def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crows=3, terms=None):
+    """Run the screened up kernel; returns (hidden [H] rebuilt from the compact lists, cnt)."""
+    h = w.shape[0]
+    k = mlp_kernels.build_mlp_kernel("up_mv", {"act": act, "rows": rows, "unroll": unroll, "bs": bs, "screen": True, "crows": crows})
+    nb = -(-h // bs)
+    hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
+    k(x, w, b, *(terms or mlp_kernels.screen_terms(w, b)), hc, idx, cnt)
+    got = torch.zeros(h)
+    for i in range(nb):
+        got[idx[i, : cnt[i]].long()] = hc[i, : cnt[i]]
+        assert (idx[i, : cnt[i]] // bs == i).all()  # each block lists its own rows
+    return got, cnt
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "relu2"])
+@pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
+def test_screened_up_kernel(mlp_kernels, act, bias):
+    """The float16 screen is lossless: the same active neurons and values as the plain up kernel's
+    reference, on odd shapes (K below and above a vector step, H not a multiple of the rows per
+    step, of the candidates per step or of the block) and group sizes."""
+    from sparsecomp.dialect import MLP_ACTIVATIONS
+
+    g = torch.Generator().manual_seed(3)
+    f = MLP_ACTIVATIONS[act]
+    for k_in, h in ((K, H), (5, 3), (129, 70)):
+        x, w = torch.randn(k_in, generator=g), torch.randn(h, k_in, generator=g)
+        b = torch.randn(h, generator=g) + bias
+        want = f(w @ x + b)
+        for rows, unroll, bs, crows in ((4, 2, 16, 3), (1, 1, 8, 1), (2, 4, 64, 4)):
+            got, cnt = _screened_up(mlp_kernels, x, w, b, act, rows, unroll, bs, crows)
+            assert int(cnt.sum()) == int((want != 0).sum())
+            _close(got, want)
+
+
+def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels):
+    """A neuron whose float16 row rounds its pre-activation from just above 0 to 0 (1 + 2^-12 is
+    1 in float16): the screen's margin keeps it; with the margin zeroed the same kernel drops it,
+    and the output no longer matches (the input that must not match)."""
+    x = torch.ones(K)
+    w = torch.zeros(H, K)
+    w[:, 0], w[:, 1] = -1.0, -1.0  # every other neuron: -2 + 0 < 0, dropped by the screen
+    w[7, 0], w[7, 1] = 1.0 + 2.0 ** -12, -1.0  # pre-activation 2^-12 > 0, float16 sum exactly 0
+    b = torch.zeros(H)
+    want = torch.relu(w @ x + b)
+    assert int((want != 0).sum()) == 1
+    got, cnt = _screened_up(mlp_kernels, x, w, b)
+    assert int(cnt.sum()) == 1
+    _close(got, want)
+    wh, sb, sm = mlp_kernels.screen_terms(w, b)
+    assert float(sm[7]) > 0 and float(wh[7].float() @ x) == 0.0
+    got, cnt = _screened_up(mlp_kernels, x, w, b, terms=(wh, sb, torch.zeros_like(sm)))
+    assert int(cnt.sum()) == 0
+    assert not compare_outputs(got, want)[0]
+
+
+def test_screen_terms_bound_the_gap(mlp_kernels):
+    """sm[r] * |x| bounds the gap between the float32 and float16 pre-activations on random
+    inputs; rows beyond float16's range (or not finite) are never screened out (sm = inf), and the
+    kernel stays exact on them; an input with a NaN gives the plain kernel's NaNs."""
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(H, K, generator=g) * 3, torch.randn(H, generator=g)
+    wh, sb, sm = mlp_kernels.screen_terms(w, b)
+    assert wh.dtype == torch.float16 and sb.dtype == sm.dtype == torch.float32
+    assert (sb >= b).all()
+    for _ in range(20):
+        x = torch.randn(K, generator=g) * 10
+        gap = ((w.double() - wh.double()) @ x.double()).abs()
+        assert (gap <= sm.double() * x.double().norm()).all()
+    w[3, 5], w[9, 0] = 1e6, float("inf")  # past float16's 65504; not finite
+    _, _, sm = mlp_kernels.screen_terms(w, b)
+    assert torch.isinf(sm[[3, 9]]).all() and torch.isfinite(sm[[0, 1, 2, 4]]).all()
+    w[9, 0] = 0.0
+    x = torch.randn(K, generator=g)
+    w[3, 5] = -1e6 * torch.sign(x[5])  # a hugely negative pre-activation: inactive, found exactly
+    want = torch.relu(w @ x + b)
+    got, cnt = _screened_up(mlp_kernels, x, w, b)
+    assert int(cnt.sum()) == int((want != 0).sum())
+    _close(got, want)
+    x[2] = float("nan")
+    got, cnt = _screened_up(mlp_kernels, x, w, b)
+    k = mlp_kernels.build_mlp_kernel("up_mv", {"rows": 4, "unroll": 2, "bs": 16})
+    hc, idx, cnt0 = torch.zeros(13, 16), torch.zeros(13, 16, dtype=torch.int32), torch.zeros(13, dtype=torch.int32)
+    k(x, w, b, hc, idx, cnt0)
+    assert torch.equal(cnt, cnt0)
+
+
+def test_screen_refuses_gated(mlp_kernels):
+    with pytest.raises(Exception, match="non-gated"):
+        mlp_kernels.build_mlp_kernel("up_mv", {"gated": True, "screen": True})
+
+
 @pytest.mark.parametrize("act", ["relu", "relu6", "relu2"])
 @pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
 def test_predictor_up_kernel(mlp_kernels, act, bias):
@@ -241,11 +332,12 @@ def _mlp_modules(cm):
 
 @pytest.mark.parametrize("make,kernels", [
     (lambda: Plain(-0.5), "tir-up+tir-down"),
+    (lambda: Plain(-0.5), "tir-screen-up+tir-down"),
     (lambda: Plain(-0.5), "torch-up+serial-down"),
     (lambda: Plain(50.0), "tir-up+tir-down"),  # no zeros at all
     (lambda: Plain(-50.0), "tir-up+serial-down"),  # every activation zero
     (lambda: Gated(), "tir-gated-up+tir-down"),
-], ids=["plain-tir-up", "plain-torch-up", "no-zeros", "all-zero", "gated"])
+], ids=["plain-tir-up", "plain-tir-screen-up", "plain-torch-up", "no-zeros", "all-zero", "gated"])
 def test_exact_compile_any_batch(make, kernels, tmp_path, monkeypatch):
     if "serial-down" in kernels:  # candidates only where the kernels run on TVM's pool (`_mv_candidates`)
         monkeypatch.setattr("sparsecomp.backends.torch.mlp._pool_tag", lambda: "tvm")
@@ -609,10 +701,12 @@ def test_concurrent_calls_from_threads(kernels, tmp_path):
     assert not bad, f"{len(bad)} wrong outputs"
 
 
-@pytest.mark.parametrize("rows,unroll,down_rows", [(4, 1, 8), (2, 2, 8), (2, 2, 4)])
-def test_tir_exact_strategy_variants(rows, unroll, down_rows, tmp_path):
-    """Every exact-mode TIR variant compile may choose (the down phase 4 or 8 rows at a time) equals
-    the model: on inputs with some, no and all neurons active (H = 203 rows: 8 does not divide it)."""
+@pytest.mark.parametrize("rows,unroll,down_rows,screen", [(4, 1, 8, False), (2, 2, 8, False), (2, 2, 4, False),
+                                                          (4, 2, 4, True), (4, 2, 8, True)])
+def test_tir_exact_strategy_variants(rows, unroll, down_rows, screen, tmp_path):
+    """Every exact-mode TIR variant compile may choose (the down phase 4 or 8 rows at a time, with
+    and without the float16 screen) equals the model: on inputs with some, no and all neurons
+    active (H = 203 rows: 8 does not divide it)."""
     from sparsecomp.backends.torch.mlp import _TirUpMV
 
     torch.manual_seed(0)
@@ -620,8 +714,9 @@ def test_tir_exact_strategy_variants(rows, unroll, down_rows, tmp_path):
     cm = sc.compile(model, (torch.randn(1, K),), activation_sparsity="exact", kernels="tir-up+tir-down",
                     cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
     (mod,) = _mlp_modules(cm)
-    s = _TirUpMV(mod._w, rows=rows, unroll=unroll, down_rows=down_rows)
-    assert s.label.endswith(",down_rows=8}" if down_rows == 8 else f"unroll={unroll}}}")
+    s = _TirUpMV(mod._w, rows=rows, unroll=unroll, down_rows=down_rows, screen=screen, crows=4)
+    assert s.label.startswith("tir-screen-up+" if screen else "tir-up+")
+    assert s.label.endswith(",down_rows=8}" if down_rows == 8 else ("crows=4}" if screen else f"unroll={unroll}}}"))
     for x in (torch.randn(1, K), torch.full((1, K), -100.0), torch.zeros(1, K)):
         _close(s(x), model(x))
     with torch.no_grad():
@@ -630,7 +725,7 @@ def test_tir_exact_strategy_variants(rows, unroll, down_rows, tmp_path):
         x = torch.randn(1, K)
         with torch.no_grad():  # (the bias may be the model's own tensor: the reference reads it as it is now)
             ref = model.fc2(torch.relu(F.linear(x, model.fc1.weight, mod._w.b_up)))
-        _close(_TirUpMV(mod._w, rows=rows, unroll=unroll, down_rows=down_rows)(x), ref)
+        _close(_TirUpMV(mod._w, rows=rows, unroll=unroll, down_rows=down_rows, screen=screen, crows=4)(x), ref)
     finally:
         with torch.no_grad():
             mod._w.b_up.sub_(100.0)
