@@ -15,6 +15,9 @@ Cases (`--cases`, comma-separated; default all):
              predictor mode at a 10% selection (predictor:0.9, fitted on calibration inputs).
              Then exact mode at M = 1, 2, 4, 8, 16, 64: which path ran (union kernel / dense
              fallback) and the time against eager; the crossover densities from the report.
+    gated    a gated ReLU FFN (down(relu(gate(x)) * up(x)), 2048 -> 8192 -> 2048, seeded, gate bias
+             set so ~10% of the gates are nonzero), M = 1: eager; compiled without activation
+             sparsity; exact mode (not a target of the issue: the gated kernels' figure).
     opt      zoo opt-125m-like (mlp_bias -0.7: ~90% of fc2's inputs zero), one token (M = 1, no KV
              cache), the decoder stack without an LM head: eager; compiled without activation
              sparsity; compiled with exact mode.
@@ -64,7 +67,7 @@ from sparsecomp.ir import compare_outputs, flat_inputs
 
 THREADS = 2
 RESULTS = Path(__file__).parent / "results" / "mlp.json"
-ALL_CASES = ["ffn", "opt", "pruned", "ort", "minilm"]
+ALL_CASES = ["ffn", "gated", "opt", "pruned", "ort", "minilm"]
 TARGETS = {  # issue #5, "Done when"
     "ffn_exact_vs_compiled_dense": 1.65, "ffn_exact_vs_eager": 1.65, "ffn_predictor_vs_dense": 5.0,
     "opt_exact_vs_compiled_dense": 1.25, "minilm_cosine_0.4": 0.985, "minilm_cosine_0.5": 0.97, "minilm_predictor_recall_0.5": 0.9,
@@ -183,6 +186,47 @@ def case_ffn(args) -> dict:
         log(f"  M={m:>2}: union {union:.0%} (chunks of 8: {sweep[str(m)]['chunk_density']:.0%}) -> {path}: "
             f"eager {tt['eager']['median_ms']:.2f} ms, exact {tt['exact']['median_ms']:.2f} ms ({sweep[str(m)]['speedup']:.2f}x)")
     out["batch_sweep"] = sweep
+    return out
+
+
+# ---------------------------------------------------------------- gated
+
+
+class GatedFFN(torch.nn.Module):
+    def __init__(self, hidden: int = 2048, ffn: int = 8192, gate_bias: float = -1.28):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gate, self.up, self.down = torch.nn.Linear(hidden, ffn), torch.nn.Linear(hidden, ffn), torch.nn.Linear(ffn, hidden)
+        with torch.no_grad():
+            for lin in (self.gate, self.up, self.down):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features ** 0.5)
+                lin.bias.copy_(0.02 * torch.randn(lin.bias.shape, generator=g))
+            self.gate.bias.add_(gate_bias)  # x ~ N(0, 1): gate pre-activations ~ N(bias, 1)
+
+    def forward(self, x):
+        return self.down(F.relu(self.gate(x)) * self.up(x))
+
+
+def case_gated(args) -> dict:
+    model = GatedFFN().eval()
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        density = float((F.relu(model.gate(x)) != 0).float().mean())
+    log(f"gated: gated ReLU FFN 2048 -> 8192 -> 2048, M = 1, {density:.1%} of gates nonzero")
+    dense_cm, t_dense = compile_timed(model, (x,), name="gated-ffn")
+    exact_cm, t_exact = compile_timed(model, (x,), activation_sparsity="exact", name="gated-ffn")
+    exact = lowered(exact_cm)
+    with torch.no_grad():
+        ok, err, allowed = compare_outputs(exact(x), model(x))
+    env = case_env()
+    t = bm.timed({"eager": lambda: model(x), "compiled_dense": lambda: dense_cm(x), "exact": lambda: exact(x)}, args.runs, 3)
+    (row,) = mlp_rows(exact_cm)
+    out = {"active_fraction": density, **env, "times": t, "compile_s": {"dense": t_dense, "exact": t_exact},
+           "kernel": row["kernel"], "measured_us": row.get("measured"), "max_abs_error": err, "allowed": allowed, "ok": ok,
+           "vs_compiled_dense": t["compiled_dense"]["median_ms"] / t["exact"]["median_ms"],
+           "vs_eager": t["eager"]["median_ms"] / t["exact"]["median_ms"]}
+    log(f"  eager {t['eager']['median_ms']:.2f} ms, compiled dense {t['compiled_dense']['median_ms']:.2f} ms, exact "
+        f"{t['exact']['median_ms']:.2f} ms ({out['vs_compiled_dense']:.2f}x vs compiled dense; {row['kernel']})")
     return out
 
 
@@ -478,7 +522,7 @@ def main(argv=None) -> int:
                "versions": bm.versions(), "background_cpu_start": bm.background_cpu(), "cases": {}}
     log(f"bench_mlp: {results['machine']['cpu']}, {THREADS} threads, load {os.getloadavg()[0]:.2f}, "
         f"other processes' CPU {results['background_cpu_start']:.0%}")
-    runners = {"ffn": case_ffn, "opt": case_opt, "pruned": case_pruned, "ort": case_ort, "minilm": case_minilm}
+    runners = {"ffn": case_ffn, "gated": case_gated, "opt": case_opt, "pruned": case_pruned, "ort": case_ort, "minilm": case_minilm}
     for case in args.case_list:
         t0 = time.perf_counter()
         results["cases"][case] = runners[case](args)

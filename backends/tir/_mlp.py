@@ -8,8 +8,8 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
   gated MLPs) parallel over blocks of BS rows; each block compacts its active neurons into
   `idx[blk, :cnt[blk]]` and their values into `hc[blk, :]` as it goes, so there is no serial
   compaction pass. In a gated MLP, the up row of a neuron whose gate is zero is never read.
-  With `screen=True` (non-gated, `_screened_up_parts`), the up row of a neuron is first read
-  as float16 (a copy made at compile time, `screen_terms`): its pre-activation plus a rigorous
+  With `screen=True` (`_screened_up_parts`), the up row of a neuron (in a gated MLP its gate
+  row) is first read as float16 (a copy made at compile time, `screen_terms`): its pre-activation plus a rigorous
   bound on the rounding (Cauchy-Schwarz with |x|_2) proves most inactive neurons inactive; only
   the others' float32 rows are read, and their exact pre-activations decide. Lossless, and at
   opt-125m-like's 10% active it reads 2 + 0.11 * 4 bytes per up weight instead of 4: the MLP
@@ -98,19 +98,22 @@ ACTIVATIONS = {
 }
 
 def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str, K: str = "K", half: bool = False,
-              ahead: list[str] | None = None) -> str:
+              ahead: list | None = None) -> str:
     """acc[r*U*V:(r+1)*U*V] = partial sums of w[rows[r], :] . x for R rows at once (x loaded once
     per step for all R rows: R streams in flight, R*U independent FMA chains); then each row's
     partials folded into acc[r*U*V : r*U*V + V]. `K`: the name of the row length. `half`: w is
-    float16, widened to float32 as it is loaded (one vcvtph2ps per vector with F16C)."""
+    float16, widened to float32 as it is loaded (one vcvtph2ps per vector with F16C). `ahead`:
+    rows to software-prefetch at each step's columns, rows of w or (buffer, row) of a float32
+    weight of the same width."""
     UV = U * V
     wl = (lambda e: f'T.Cast("float32", {w}[{e}])') if half else (lambda e: f"{w}[{e}]")
     s = f"for v in T.vectorized({R * UV}):\n    {acc}[v] = T.float32(0)\n"
     s += f"for kb in range({K} // {UV}):\n"
     if ahead:  # software prefetch of rows read later, at this step's columns (one per 64-byte line)
         for r in ahead:
-            for o in range(0, UV, 32 if half else 16):
-                s += "    " + _prefetch(f"{w}[{r}, kb * {UV} + {o}]")
+            buf, row, h = (w, r, half) if isinstance(r, str) else (*r, False)  # (buffer, row): another float32 weight
+            for o in range(0, UV, 32 if h else 16):
+                s += "    " + _prefetch(f"{buf}[{row}, kb * {UV} + {o}]")
     for u in range(U):
         for r in range(R):
             o = r * UV + u * V
@@ -157,8 +160,6 @@ def _up_mv_parts(p: dict) -> _Parts:
                 f"    c[0] = c[0] + 1\n")
 
     if p.get("screen"):
-        if gated:
-            raise SparsecompError("up kernel: the float16 screen is for non-gated MLPs")
         return _screened_up_parts(p, args, emit)
     body = f"""
 for blk in T.parallel(NB):
@@ -194,17 +195,21 @@ for blk in T.parallel(NB):
 
 def _screened_up_parts(p: dict, args: list, emit) -> _Parts:
     """`up_mv` with a float16 screen (`screen=True`): per block of BS neurons, (1) each neuron's
-    pre-activation from a float16 copy of its up row, `s = wh[r] . x`, R rows at a time (half the
-    bytes of the float32 row), and an upper bound on the exact one, `s + sb[r] + sm[r] * |x|_2`
+    pre-activation from a float16 copy of its row (the up row, or in a gated MLP the gate row:
+    the gate's zeros are the MLP's), `s = wh[r] . x`, R rows at a time (half the bytes of the
+    float32 row), and an upper bound on the exact one, `s + sb[r] + sm[r] * |x|_2`
     (`screen_terms`: sm[r] bounds |(w[r] - wh[r]) . x| and the rounding of both sums by
     Cauchy-Schwarz); a neuron whose bound is <= 0 is inactive for certain; (2) the exact float32
-    pre-activation of every other neuron (its float32 row, CR candidates at a time), activation
-    and compaction as in `up_mv`. Lossless: a neuron is dropped only where its exact
-    pre-activation is provably <= 0 (a NaN bound keeps it). Reads 2 bytes per weight plus 4 per
-    weight of the candidates, against 4 per weight."""
-    V, U, BS, R, CR = p["vec"], p["unroll"], p["bs"], p["rows"], p.get("crows", 2)
+    pre-activation of every other neuron (its float32 row, CR candidates at a time; gated: the
+    gate and up rows of each candidate), activation and compaction as in `up_mv`. Lossless: a neuron is dropped only where its exact pre-activation is provably <= 0
+    (a NaN bound keeps it). Reads 2 bytes per screened weight plus 4 per weight of the
+    candidates, against 4 per weight."""
+    V, U, BS, R, CR, gated = p["vec"], p["unroll"], p["bs"], p["rows"], p.get("crows", 2), p["gated"]
     UV = U * V
-    args = args[:3] + [("wh", "H, K", "float16"), ("sb", "H", "float32"), ("sm", "H", "float32")] + args[3:]
+    sw = "wgh" if gated else "wh"  # the screened weight's float16 copy
+    args = args + [(sw, "H, K", "float16"), ("sb", "H", "float32"), ("sm", "H", "float32")]
+    # (outputs last, as everywhere: hc / idx / cnt after the screen's constants)
+    args = [a for a in args if a[0] not in ("hc", "idx", "cnt")] + [a for a in args if a[0] in ("hc", "idx", "cnt")]
     nacc = max(R, CR) * UV
     # |x|_2 once, on the calling thread (K multiply-adds, V lanes)
     body = f"""
@@ -237,28 +242,49 @@ for blk in T.parallel(NB):
     # keeps half as many lines in flight (3072x768, cold, 2 threads: 278 us without, 182 with,
     # against 338-351 us for the float32 rows)
     A = p.get("ahead", 1)
-    inner = _dot_rows(V, U, R, rows, "wh", "x", "acc", half=True, ahead=[f"r0 + {R * A + q}" for q in range(R)] if A else None)
+    inner = _dot_rows(V, U, R, rows, sw, "x", "acc", half=True, ahead=[f"r0 + {R * A + q}" for q in range(R)] if A else None)
     for q in range(R):
         inner += keep(rows[q], _sum(V, "acc", q * UV))
     body += f"    for rq in range({BS // R}):\n        if blk * {BS} + rq * {R} + {R} <= H:\n"
     body += f"            r0 = T.Bind(blk * {BS} + rq * {R})\n" + _ind(inner, 12)
-    tail = _dot(V, U, "r", "wh", "x", "acc", half=True) + keep("r", _sum(V, "acc"))
+    tail = _dot(V, U, "r", sw, "x", "acc", half=True) + keep("r", _sum(V, "acc"))
     body += (f"        elif blk * {BS} + rq * {R} < H:\n"
              f"            for q in range({R}):\n"
              f"                if blk * {BS} + rq * {R} + q < H:\n"
              f"                    r = T.Bind(blk * {BS} + rq * {R} + q)\n" + _ind(tail, 20))
+
+    def exact(row: str, q: int) -> str:
+        # the candidate's exact value from acc[q*UV : q*UV + V] (the sums of its float32 screened
+        # row); gated: its up row's sums in acc2 at the same place
+        val = f"{_sum(V, 'acc', q * UV)} + {'bg' if gated else 'b'}[{row}]"
+        if not gated:
+            return emit(row, q, val)
+        a = ACTIVATIONS[p["act"]]
+        return (f"g{q} = T.Bind({a.format(s='(' + val + ')')})\nif g{q} != T.float32(0):\n"
+                f"    hc[blk, c[0]] = g{q} * ({_sum(V, 'acc2', q * UV)} + b[{row}])\n"
+                f"    idx[blk, c[0]] = {row}\n    c[0] = c[0] + 1\n")
+
+    def exact_dots(rows: list[str], ahead: list) -> str:
+        # gated: the up rows too, unconditionally (nearly every candidate's gate is nonzero, and
+        # read after its gate, one at a time, the up rows left the loop waiting on memory)
+        s = _dot_rows(V, U, len(rows), rows, "wg" if gated else "w", "x", "acc", ahead=ahead)
+        return s + (_dot_rows(V, U, len(rows), rows, "w", "x", "acc2") if gated else "")
+
     # the candidates' exact pre-activations, CR float32 rows in flight at a time
     crows = [f"j{q}" for q in range(CR)]
     inner = "".join(f"j{q} = T.Bind(cand[tq * {CR} + {q}])\n" for q in range(CR))
     # (the next candidates' rows prefetched: entries past nc hold stale indices, harmless to prefetch)
     inner += "".join(f"n{q} = T.Bind(cand[T.min(tq * {CR} + {CR + q}, {BS - 1})])\n" for q in range(CR))
-    inner += _dot_rows(V, U, CR, crows, "w", "x", "acc", ahead=[f"n{q}" for q in range(CR)])
+    inner += exact_dots(crows, [f"n{q}" for q in range(CR)] + ([("w", f"j{q}") for q in range(CR)] if gated else []))
     for q in range(CR):
-        inner += emit(crows[q], q, f"{_sum(V, 'acc', q * UV)} + b[{crows[q]}]")
+        inner += exact(crows[q], q)
     body += f"    for tq in range(nc[0] // {CR}):\n" + _ind(inner, 8)
-    tail = "jt = T.Bind(cand[t])\n" + _dot(V, U, "jt", "w", "x", "acc") + emit("jt", 0, f"{_sum(V, 'acc')} + b[jt]")
+    tail = "jt = T.Bind(cand[t])\n" + exact_dots(["jt"], []) + exact("jt", 0)
     body += f"    for t in range(nc[0] // {CR} * {CR}, nc[0]):\n" + _ind(tail, 8)
     body += "    cnt[blk] = c[0]\n"
+    if gated:
+        body = body.replace("    nc = T.alloc_buffer((1,), \"int32\")\n",
+                            f"    nc = T.alloc_buffer((1,), \"int32\")\n    acc2 = T.alloc_buffer(({CR * UV},), \"float32\")\n", 1)
     return args, ["K", "H", "NB", "BS"], body
 
 

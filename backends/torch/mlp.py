@@ -8,12 +8,13 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
 
 - M = 1, exact mode: `tir-up` (the TIR up kernel computes the up-projection and activation and
   compacts the active neurons per block of rows as it goes; in a gated MLP the up row of a
-  zero-gate neuron is never read), `tir-screen-up` (non-gated: the same from a float16 copy of
-  the up weight, which proves most neurons inactive with a rigorous error bound, then the exact
-  float32 rows of the others only: lossless, and about 0.6x of the bytes at 10% active;
-  `backends/tir/_mlp.py`) or `torch-up` (torch's `F.linear` + activation, then `nonzero`),
-  followed by the TIR down kernel that reads only the active rows of the transposed down weight
-  (neurons split over tasks, each adding full contiguous rows into a partial sum).
+  zero-gate neuron is never read), `tir-screen-up` / `tir-gated-screen-up` (the same, but a
+  float16 copy of the up weight, or of the gate, first proves most neurons inactive with a
+  rigorous error bound, and only the other neurons' float32 rows are read: lossless, about 0.6x
+  of the bytes at 10% active; `backends/tir/_mlp.py`) or `torch-up` (torch's `F.linear` +
+  activation, then `nonzero`), followed by the TIR down kernel that reads only the active rows
+  of the transposed down weight (neurons split over tasks, each adding full contiguous rows into
+  a partial sum).
 - M = 1, threshold mode: the hidden activation and its keep-mask in torch, with the very calls of
   the op's reference (so the mask agrees with verification's reference bit for bit: a neuron near
   the threshold cannot flip), then the TIR down kernel on the kept neurons.
@@ -273,9 +274,8 @@ class _TirUpMV(_FusedMV):
         super().__init__(w)
         if w.act_name not in EXACT_ACTIVATIONS or w.mode != "exact":
             raise SparsecompError(f"the TIR up kernel computes ReLU-family exact mode only, not {w.act_name} {w.mode}")
-        if screen and w.gated:
-            raise SparsecompError("the float16 screen is for non-gated MLPs")
-        up = {"bs": bs, "rows": 1 if w.gated else rows, "unroll": unroll, "act": w.act_name, "gated": w.gated}
+        # (a gated MLP reads its gate one row at a time, unless screened: its float16 rows R at a time)
+        up = {"bs": bs, "rows": 1 if w.gated and not screen else rows, "unroll": unroll, "act": w.act_name, "gated": w.gated}
         if screen:
             up.update(screen=True, crows=crows)
         self.down = _DownMV(w, parts, down_rows, serial)
@@ -291,13 +291,16 @@ class _TirUpMV(_FusedMV):
             self.b_gate = w.b_gate.detach().float().contiguous() if w.b_gate is not None else torch.zeros(w.H)
         d = self.down.tag
         dr = f",down_rows={down_rows}" if down_rows != 4 else ""
-        up_tag, cr = ("tir-screen-up", f",crows={crows}") if screen else ("tir-up", "")
-        self.label = (f"{up_tag}+{d}{{rows={rows},unroll={unroll}{cr}{dr}}}" if not w.gated
-                      else f"tir-gated-up+{d}{{unroll={unroll}{dr}}}")
-        screen_args = _mlp.screen_terms(self.w_up, self.b_up) if screen else ()
+        up_tag = ("tir-gated-screen-up" if screen else "tir-gated-up") if w.gated else ("tir-screen-up" if screen else "tir-up")
+        cr = f",crows={crows}" if screen else ""
+        shape = f"rows={rows}," if not w.gated or screen else ""
+        self.label = f"{up_tag}+{d}{{{shape}unroll={unroll}{cr}{dr}}}"
+        # the screen reads a float16 copy of the weight whose zeros are the MLP's: up, or the gate
+        screen_args = (_mlp.screen_terms(*((self.w_gate, self.b_gate) if w.gated else (self.w_up, self.b_up)))
+                       if screen else ())
         if screen:
             prefer_huge_pages(screen_args[0])
-        self.args = ((self.w_up, self.b_up) + screen_args + ((self.w_gate, self.b_gate) if w.gated else ())
+        self.args = ((self.w_up, self.b_up) + ((self.w_gate, self.b_gate) if w.gated else ()) + screen_args
                      + (self.hc, self.idx, self.cnt) + self.down.args())
 
 
@@ -707,12 +710,11 @@ def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, do
             # against 401-477 us with 4 (the up phase alone took 367-427)
             out += [lambda r=r, u=u, se=serial, dr=dr: _TirUpMV(w, rows=r, unroll=u, serial=se, down_rows=dr)
                     for r, u in variants for dr in (4, 8)]
-            if not w.gated:
-                # the float16 screen (lossless: see `_screened_up_parts`): opt-125m-like's MLP shape,
-                # 11% of neurons past the screen (10.8% active), cold, 2 threads: 244-261 us against
-                # 345 us for tir-up (rows=4, down_rows=8), 669 us dense
-                out += [lambda se=serial, dr=dr: _TirUpMV(w, rows=4, unroll=2, serial=se, down_rows=dr, screen=True, crows=4)
-                        for dr in (4, 8)]
+            # the float16 screen (lossless: see `_screened_up_parts`): opt-125m-like's MLP shape,
+            # 11% of neurons past the screen (10.8% active), cold, 2 threads: 244-261 us against
+            # 345 us for tir-up (rows=4, down_rows=8), 669 us dense
+            out += [lambda se=serial, dr=dr: _TirUpMV(w, rows=4, unroll=2, serial=se, down_rows=dr, screen=True, crows=4)
+                    for dr in (4, 8)]
         if w.mode == "predictor":  # the gather one selected row at a time, or 4 (more streams in flight)
             out += [lambda se=serial, g=g: _PredictorMV(w, serial=se, gather_rows=g) for g in (1, 4)]
             if not w.gated and w.act_name in EXACT_ACTIVATIONS:  # the selection itself in TIR

@@ -61,13 +61,15 @@ def test_up_kernel(mlp_kernels, act, gated, bias):
         _close(got, want)
 
 
-def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crows=3, terms=None):
-    """Run the screened up kernel; returns (hidden [H] rebuilt from the compact lists, cnt)."""
+def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crows=3, terms=None, gate=None):
+    """Run the screened up kernel (gated where `gate` = (wg, bg): the gate is screened); returns
+    (hidden [H] rebuilt from the compact lists, cnt)."""
     h = w.shape[0]
-    k = mlp_kernels.build_mlp_kernel("up_mv", {"act": act, "rows": rows, "unroll": unroll, "bs": bs, "screen": True, "crows": crows})
+    k = mlp_kernels.build_mlp_kernel("up_mv", {"act": act, "rows": rows, "unroll": unroll, "bs": bs, "screen": True, "crows": crows,
+                                               "gated": gate is not None})
     nb = -(-h // bs)
     hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
-    k(x, w, b, *(terms or mlp_kernels.screen_terms(w, b)), hc, idx, cnt)
+    k(x, w, b, *(gate or ()), *(terms or mlp_kernels.screen_terms(*(gate or (w, b)))), hc, idx, cnt)
     got = torch.zeros(h)
     for i in range(nb):
         got[idx[i, : cnt[i]].long()] = hc[i, : cnt[i]]
@@ -76,22 +78,23 @@ def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crow
 
 
 @pytest.mark.parametrize("act", ["relu", "relu6", "relu2"])
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
-def test_screened_up_kernel(mlp_kernels, act, bias):
+def test_screened_up_kernel(mlp_kernels, act, gated, bias):
     """The float16 screen is lossless: the same active neurons and values as the plain up kernel's
     reference, on odd shapes (K below and above a vector step, H not a multiple of the rows per
-    step, of the candidates per step or of the block) and group sizes."""
+    step, of the candidates per step or of the block) and group sizes; gated: the gate screened."""
     from sparsecomp.dialect import MLP_ACTIVATIONS
 
     g = torch.Generator().manual_seed(3)
     f = MLP_ACTIVATIONS[act]
     for k_in, h in ((K, H), (5, 3), (129, 70)):
-        x, w = torch.randn(k_in, generator=g), torch.randn(h, k_in, generator=g)
-        b = torch.randn(h, generator=g) + bias
-        want = f(w @ x + b)
+        x, w, wg = torch.randn(k_in, generator=g), torch.randn(h, k_in, generator=g), torch.randn(h, k_in, generator=g)
+        b, bg = torch.randn(h, generator=g) + (0.0 if gated else bias), torch.randn(h, generator=g) + bias
+        want = f(wg @ x + bg) * (w @ x + b) if gated else f(w @ x + b)
         for rows, unroll, bs, crows in ((4, 2, 16, 3), (1, 1, 8, 1), (2, 4, 64, 4)):
-            got, cnt = _screened_up(mlp_kernels, x, w, b, act, rows, unroll, bs, crows)
-            assert int(cnt.sum()) == int((want != 0).sum())
+            got, cnt = _screened_up(mlp_kernels, x, w, b, act, rows, unroll, bs, crows, gate=(wg, bg) if gated else None)
+            assert int(cnt.sum()) == int(((f(wg @ x + bg) if gated else want) != 0).sum())
             _close(got, want)
 
 
@@ -145,11 +148,6 @@ def test_screen_terms_bound_the_gap(mlp_kernels):
     hc, idx, cnt0 = torch.zeros(13, 16), torch.zeros(13, 16, dtype=torch.int32), torch.zeros(13, dtype=torch.int32)
     k(x, w, b, hc, idx, cnt0)
     assert torch.equal(cnt, cnt0)
-
-
-def test_screen_refuses_gated(mlp_kernels):
-    with pytest.raises(Exception, match="non-gated"):
-        mlp_kernels.build_mlp_kernel("up_mv", {"gated": True, "screen": True})
 
 
 @pytest.mark.parametrize("act", ["relu", "relu6", "relu2"])
@@ -337,7 +335,8 @@ def _mlp_modules(cm):
     (lambda: Plain(50.0), "tir-up+tir-down"),  # no zeros at all
     (lambda: Plain(-50.0), "tir-up+serial-down"),  # every activation zero
     (lambda: Gated(), "tir-gated-up+tir-down"),
-], ids=["plain-tir-up", "plain-tir-screen-up", "plain-torch-up", "no-zeros", "all-zero", "gated"])
+    (lambda: Gated(), "tir-gated-screen-up+tir-down"),
+], ids=["plain-tir-up", "plain-tir-screen-up", "plain-torch-up", "no-zeros", "all-zero", "gated", "gated-screen"])
 def test_exact_compile_any_batch(make, kernels, tmp_path, monkeypatch):
     if "serial-down" in kernels:  # candidates only where the kernels run on TVM's pool (`_mv_candidates`)
         monkeypatch.setattr("sparsecomp.backends.torch.mlp._pool_tag", lambda: "tvm")
