@@ -298,8 +298,11 @@ class _TirUpMV(_FusedMV):
         # the screen reads a float16 copy of the weight whose zeros are the MLP's: up, or the gate
         screen_args = (_mlp.screen_terms(*((self.w_gate, self.b_gate) if w.gated else (self.w_up, self.b_up)))
                        if screen else ())
+        self.screen_note = ""
         if screen:
             prefer_huge_pages(screen_args[0])
+            self.screen_note = (f"float16 screen: a float16 copy of the {'gate' if w.gated else 'up'} weight "
+                                f"({screen_args[0].numel() * 2 / 1e6:.1f} MB) is kept beside it (lossless: see tir-screen-up)")
         self.args = ((self.w_up, self.b_up) + ((self.w_gate, self.b_gate) if w.gated else ()) + screen_args
                      + (self.hc, self.idx, self.cnt) + self.down.args())
 
@@ -921,6 +924,8 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(node.target, tuple(node.args))  # the op's reference: plain aten ops
         else:
+            if getattr(chosen, "screen_note", ""):
+                notes.append(chosen.screen_note)
             if isinstance(chosen, _TirPredictorMV):
                 notes.append("the predictor's scores are computed in TIR: a neuron scored within float rounding of its "
                              "threshold may be kept or dropped unlike the reference op")

@@ -343,6 +343,8 @@ def test_exact_compile_any_batch(make, kernels, tmp_path, monkeypatch):
     _model, _cm, mod, row = _compile_exact_at_batch_1(make, kernels, tmp_path)
     assert mod.kernel.startswith(kernels)
     assert row["decision"] == "sparse" and row["m"] == 1
+    # the report names the float16 copy a screened kernel keeps (its memory), and only then
+    assert ("float16 screen" in row["reason"]) == ("screen" in kernels)
 
 
 def _compile_exact_at_batch_1(make, kernels, tmp_path):
