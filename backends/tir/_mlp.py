@@ -98,21 +98,22 @@ ACTIVATIONS = {
 }
 
 def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str, K: str = "K", half: bool = False,
-              ahead: list | None = None) -> str:
+              ahead: list | None = None, ebytes: int | None = None) -> str:
     """acc[r*U*V:(r+1)*U*V] = partial sums of w[rows[r], :] . x for R rows at once (x loaded once
     per step for all R rows: R streams in flight, R*U independent FMA chains); then each row's
     partials folded into acc[r*U*V : r*U*V + V]. `K`: the name of the row length. `half`: w is
-    float16, widened to float32 as it is loaded (one vcvtph2ps per vector with F16C). `ahead`:
-    rows to software-prefetch at each step's columns, rows of w or (buffer, row) of a float32
-    weight of the same width."""
+    narrower than float32, widened as it is loaded: float16 (one vcvtph2ps per vector with F16C),
+    or int8 with `ebytes=1` (vpmovsxbd + vcvtdq2ps). `ahead`: rows to software-prefetch at each
+    step's columns, rows of w or (buffer, row) of a float32 weight of the same width."""
     UV = U * V
-    wl = (lambda e: f'T.Cast("float32", {w}[{e}])') if half else (lambda e: f"{w}[{e}]")
+    eb = ebytes or (2 if half else 4)
+    wl = (lambda e: f'T.Cast("float32", {w}[{e}])') if eb < 4 else (lambda e: f"{w}[{e}]")
     s = f"for v in T.vectorized({R * UV}):\n    {acc}[v] = T.float32(0)\n"
     s += f"for kb in range({K} // {UV}):\n"
     if ahead:  # software prefetch of rows read later, at this step's columns (one per 64-byte line)
         for r in ahead:
-            buf, row, h = (w, r, half) if isinstance(r, str) else (*r, False)  # (buffer, row): another float32 weight
-            for o in range(0, UV, 32 if h else 16):
+            buf, row, b = (w, r, eb) if isinstance(r, str) else (*r, 4)  # (buffer, row): another float32 weight
+            for o in range(0, UV, 64 // b):
                 s += "    " + _prefetch(f"{buf}[{row}, kb * {UV} + {o}]")
     for u in range(U):
         for r in range(R):
@@ -129,8 +130,8 @@ def _dot_rows(V: int, U: int, R: int, rows: list[str], w: str, x: str, acc: str,
     return s
 
 
-def _dot(V: int, U: int, row: str, w: str, x: str, acc: str, K: str = "K", half: bool = False) -> str:
-    return _dot_rows(V, U, 1, [row], w, x, acc, K, half)
+def _dot(V: int, U: int, row: str, w: str, x: str, acc: str, K: str = "K", half: bool = False, ebytes: int | None = None) -> str:
+    return _dot_rows(V, U, 1, [row], w, x, acc, K, half, ebytes=ebytes)
 
 
 def _sum(V: int, acc: str, base: int = 0) -> str:
@@ -206,8 +207,13 @@ def _screened_up_parts(p: dict, args: list, emit) -> _Parts:
     candidates, against 4 per weight."""
     V, U, BS, R, CR, gated = p["vec"], p["unroll"], p["bs"], p["rows"], p.get("crows", 2), p["gated"]
     UV = U * V
-    sw = "wgh" if gated else "wh"  # the screened weight's float16 copy
-    args = args + [(sw, "H, K", "float16"), ("sb", "H", "float32"), ("sm", "H", "float32")]
+    i8 = p["screen"] == "i8"  # int8 rows, one scale per row (`screen_terms`), instead of float16
+    if p["screen"] not in (True, "f16", "i8"):
+        raise SparsecompError(f"up kernel: no screen {p['screen']!r}", hint='"f16" or "i8"')
+    eb = 1 if i8 else 2
+    sw = "wgh" if gated else "wh"  # the screened weight's narrow copy
+    args = args + [(sw, "H, K", "int8" if i8 else "float16")] + ([("ss", "H", "float32")] if i8 else [])
+    args += [("sb", "H", "float32"), ("sm", "H", "float32")]
     # (outputs last, as everywhere: hc / idx / cnt after the screen's constants)
     args = [a for a in args if a[0] not in ("hc", "idx", "cnt")] + [a for a in args if a[0] in ("hc", "idx", "cnt")]
     nacc = max(R, CR) * UV
@@ -233,6 +239,8 @@ for blk in T.parallel(NB):
 
     def keep(row: str, val: str) -> str:
         # kept unless the bound is <= 0 (NaN compares false: kept)
+        if i8:
+            val = f"ss[{row}] * ({val})"
         return (f"if not ({val} + sb[{row}] + sm[{row}] * xs <= T.float32(0)):\n"
                 f"    cand[nc[0]] = {row}\n    nc[0] = nc[0] + 1\n")
 
@@ -242,12 +250,13 @@ for blk in T.parallel(NB):
     # keeps half as many lines in flight (3072x768, cold, 2 threads: 278 us without, 182 with,
     # against 338-351 us for the float32 rows)
     A = p.get("ahead", 1)
-    inner = _dot_rows(V, U, R, rows, sw, "x", "acc", half=True, ahead=[f"r0 + {R * A + q}" for q in range(R)] if A else None)
+    inner = _dot_rows(V, U, R, rows, sw, "x", "acc", half=True, ahead=[f"r0 + {R * A + q}" for q in range(R)] if A else None,
+                      ebytes=eb)
     for q in range(R):
         inner += keep(rows[q], _sum(V, "acc", q * UV))
     body += f"    for rq in range({BS // R}):\n        if blk * {BS} + rq * {R} + {R} <= H:\n"
     body += f"            r0 = T.Bind(blk * {BS} + rq * {R})\n" + _ind(inner, 12)
-    tail = _dot(V, U, "r", sw, "x", "acc", half=True) + keep("r", _sum(V, "acc"))
+    tail = _dot(V, U, "r", sw, "x", "acc", half=True, ebytes=eb) + keep("r", _sum(V, "acc"))
     body += (f"        elif blk * {BS} + rq * {R} < H:\n"
              f"            for q in range({R}):\n"
              f"                if blk * {BS} + rq * {R} + q < H:\n"
@@ -288,26 +297,39 @@ for blk in T.parallel(NB):
     return args, ["K", "H", "NB", "BS"], body
 
 
-def screen_terms(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The float16 screen's constants for an up weight w [H, K] (float32) and bias b [H]:
-    (wh, sb, sm). wh = w in float16; sm[r] bounds, per unit of |x|_2, the gap between the exact
-    float32 pre-activation w[r] . x + b[r] and the screen's float32 sum wh[r] . x: the rounding
-    of the weights, |w[r] - wh[r]|_2 (Cauchy-Schwarz), and of both K-term sums, gamma_K times
-    |wh[r]|_2 and |w[r]|_2 (gamma_K = K u / (1 - K u), u = 2^-24, any summation order), doubled
-    for the screen's own multiply-adds. sb = b rounded up by a few ulps. A row with a weight
-    beyond float16's range (or not finite) gets sm = inf: never screened out."""
+def screen_terms(w: torch.Tensor, b: torch.Tensor | None, kind: str = "f16") -> tuple[torch.Tensor, ...]:
+    """The screen's constants for an up (or gate) weight w [H, K] (float32) and bias b [H], in the
+    kernel's argument order: (wh, sb, sm) for `kind="f16"`, (wq, ss, sb, sm) for `"i8"`.
+
+    wh = w in float16; wq = round(w[r] / ss[r]) in int8 with ss[r] = max|w[r]| / 127, so the
+    screen's row is wn[r] = wh[r], or ss[r] * wq[r]. sm[r] bounds, per unit of |x|_2, the gap
+    between the exact float32 pre-activation w[r] . x + b[r] and the screen's float32 sum
+    wn[r] . x: the rounding of the weights, |w[r] - wn[r]|_2 (Cauchy-Schwarz), and of both K-term
+    sums, gamma_K times |wn[r]|_2 and |w[r]|_2 (gamma_K = K u / (1 - K u), u = 2^-24, any
+    summation order), doubled for the screen's own multiply-adds and its scaling. sb = b rounded
+    up by a few ulps. A row with a weight beyond float16's range (f16) or not finite gets
+    sm = inf: never screened out."""
+    if kind not in ("f16", "i8"):
+        raise SparsecompError(f"no screen {kind!r}", hint='"f16" or "i8"')
     w64 = w.detach().double()
-    wh = w.detach().to(torch.float16)
     K = w.shape[1]
     u = 2.0 ** -24
     gamma = K * u / (1 - K * u)
-    whn = wh.double().norm(dim=1)
-    sm = ((w64 - wh.double()).norm(dim=1) + 2 * gamma * (whn + w64.norm(dim=1))) * (1 + 1e-3)
-    bad = ~torch.isfinite(wh).all(dim=1) | ~torch.isfinite(w64).all(dim=1)
+    bad = ~torch.isfinite(w64).all(dim=1)
+    if kind == "f16":
+        wn = w.detach().to(torch.float16)
+        bad |= ~torch.isfinite(wn).all(dim=1)
+        narrow, approx, extra = wn, wn.double(), ()
+    else:
+        ss = (w64.abs().amax(dim=1) / 127).where(~bad, torch.ones(()))
+        ss = torch.where(ss > 0, ss, torch.ones_like(ss)).float().double()  # the float32 scale the kernel reads
+        q = torch.where(bad[:, None], torch.zeros_like(w64), torch.round(w64 / ss[:, None]).clamp(-127, 127))
+        narrow, approx, extra = q.to(torch.int8), q * ss[:, None], (ss.float().contiguous(),)
+    sm = ((w64 - approx).norm(dim=1) + 2 * gamma * (approx.norm(dim=1) + w64.norm(dim=1))) * (1 + 1e-3)
     sm = torch.where(bad, torch.full_like(sm, float("inf")), sm)
     b64 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     sb = b64 + b64.abs() * 8 * u
-    return wh.contiguous(), sb.float().contiguous(), sm.float().contiguous()
+    return (narrow.contiguous(), *extra, sb.float().contiguous(), sm.float().contiguous())
 
 
 def _dense_mv(p: dict) -> str:

@@ -8,10 +8,10 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
 
 - M = 1, exact mode: `tir-up` (the TIR up kernel computes the up-projection and activation and
   compacts the active neurons per block of rows as it goes; in a gated MLP the up row of a
-  zero-gate neuron is never read), `tir-screen-up` / `tir-gated-screen-up` (the same, but a
-  float16 copy of the up weight, or of the gate, first proves most neurons inactive with a
-  rigorous error bound, and only the other neurons' float32 rows are read: lossless, about 0.6x
-  of the bytes at 10% active; `backends/tir/_mlp.py`) or `torch-up` (torch's `F.linear` +
+  zero-gate neuron is never read), `tir-screen-up` / `tir-screen8-up` (and `tir-gated-...`: the
+  same, but a float16 / int8 copy of the up weight, or of the gate, first proves most neurons
+  inactive with a rigorous error bound, and only the other neurons' float32 rows are read:
+  lossless, about 0.6x / 0.45x of the bytes at 10% active; `backends/tir/_mlp.py`) or `torch-up` (torch's `F.linear` +
   activation, then `nonzero`), followed by the TIR down kernel that reads only the active rows
   of the transposed down weight (neurons split over tasks, each adding full contiguous rows into
   a partial sum).
@@ -268,16 +268,18 @@ class _TirUpMV(_FusedMV):
     """M = 1, exact mode: the TIR up kernel (activation + per-block compaction), then the TIR down
     kernel, both phases of one fused kernel (`exact_mv`): one call from Python."""
 
-    def __init__(self, w, rows=4, unroll=1, parts=4, down_rows=4, bs=64, serial=False, screen=False, crows=2):
+    def __init__(self, w, rows=4, unroll=1, parts=4, down_rows=4, bs=64, serial=False, screen: str | None = None, crows=2):
+        """`screen`: None, "f16" or "i8": first read a float16 / int8 copy of the up weight (the
+        gate in a gated MLP) that proves most inactive neurons inactive (`_screened_up_parts`)."""
         from sparsecomp.backends.tir import _mlp
 
         super().__init__(w)
         if w.act_name not in EXACT_ACTIVATIONS or w.mode != "exact":
             raise SparsecompError(f"the TIR up kernel computes ReLU-family exact mode only, not {w.act_name} {w.mode}")
-        # (a gated MLP reads its gate one row at a time, unless screened: its float16 rows R at a time)
+        # (a gated MLP reads its gate one row at a time, unless screened: its narrow rows R at a time)
         up = {"bs": bs, "rows": 1 if w.gated and not screen else rows, "unroll": unroll, "act": w.act_name, "gated": w.gated}
         if screen:
-            up.update(screen=True, crows=crows)
+            up.update(screen=screen, crows=crows)
         self.down = _DownMV(w, parts, down_rows, serial)
         self.k = _mlp.build_mlp_kernel("exact_mv", {"up": up, "down": self.down.params})
         nb = -(-w.H // bs)
@@ -291,18 +293,21 @@ class _TirUpMV(_FusedMV):
             self.b_gate = w.b_gate.detach().float().contiguous() if w.b_gate is not None else torch.zeros(w.H)
         d = self.down.tag
         dr = f",down_rows={down_rows}" if down_rows != 4 else ""
-        up_tag = ("tir-gated-screen-up" if screen else "tir-gated-up") if w.gated else ("tir-screen-up" if screen else "tir-up")
+        scr = {None: "", "f16": "screen-", "i8": "screen8-"}[screen]
+        up_tag = f"tir-gated-{scr}up" if w.gated else f"tir-{scr}up"
         cr = f",crows={crows}" if screen else ""
         shape = f"rows={rows}," if not w.gated or screen else ""
         self.label = f"{up_tag}+{d}{{{shape}unroll={unroll}{cr}{dr}}}"
-        # the screen reads a float16 copy of the weight whose zeros are the MLP's: up, or the gate
-        screen_args = (_mlp.screen_terms(*((self.w_gate, self.b_gate) if w.gated else (self.w_up, self.b_up)))
+        # the screen reads a narrow copy of the weight whose zeros are the MLP's: up, or the gate
+        screen_args = (_mlp.screen_terms(*((self.w_gate, self.b_gate) if w.gated else (self.w_up, self.b_up)), kind=screen)
                        if screen else ())
         self.screen_note = ""
         if screen:
             prefer_huge_pages(screen_args[0])
-            self.screen_note = (f"float16 screen: a float16 copy of the {'gate' if w.gated else 'up'} weight "
-                                f"({screen_args[0].numel() * 2 / 1e6:.1f} MB) is kept beside it (lossless: see tir-screen-up)")
+            copy = {"f16": "float16", "i8": "int8"}[screen]
+            self.screen_note = (f"{copy} screen: a {copy} copy of the {'gate' if w.gated else 'up'} weight "
+                                f"({screen_args[0].numel() * screen_args[0].element_size() / 1e6:.1f} MB) is kept beside it "
+                                f"(lossless: see {up_tag})")
         self.args = ((self.w_up, self.b_up) + ((self.w_gate, self.b_gate) if w.gated else ()) + screen_args
                      + (self.hc, self.idx, self.cnt) + self.down.args())
 
@@ -713,11 +718,13 @@ def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, do
             # against 401-477 us with 4 (the up phase alone took 367-427)
             out += [lambda r=r, u=u, se=serial, dr=dr: _TirUpMV(w, rows=r, unroll=u, serial=se, down_rows=dr)
                     for r, u in variants for dr in (4, 8)]
-            # the float16 screen (lossless: see `_screened_up_parts`): opt-125m-like's MLP shape,
-            # 11% of neurons past the screen (10.8% active), cold, 2 threads: 244-261 us against
-            # 345 us for tir-up (rows=4, down_rows=8), 669 us dense
-            out += [lambda se=serial, dr=dr: _TirUpMV(w, rows=4, unroll=2, serial=se, down_rows=dr, screen=True, crows=4)
-                    for dr in (4, 8)]
+            # the float16 and int8 screens (lossless: see `_screened_up_parts`): opt-125m-like's MLP
+            # shape, 10.8% of neurons active, cold, 2 threads: 237-241 us with float16 (11.0% of
+            # the neurons past the screen), 185-193 us with int8 (15.0% past it, a quarter of the
+            # bytes), against 333 us for tir-up (rows=4, down_rows=8) and 671 us dense. The
+            # measurement picks: a wide band of pre-activations near 0 favours float16.
+            out += [lambda se=serial, dr=dr, sc=sc, u=u: _TirUpMV(w, rows=4, unroll=u, serial=se, down_rows=dr, screen=sc, crows=4)
+                    for sc, u in (("f16", 2), ("i8", 2)) for dr in (4, 8)]
         if w.mode == "predictor":  # the gather one selected row at a time, or 4 (more streams in flight)
             out += [lambda se=serial, g=g: _PredictorMV(w, serial=se, gather_rows=g) for g in (1, 4)]
             if not w.gated and w.act_name in EXACT_ACTIVATIONS:  # the selection itself in TIR

@@ -61,15 +61,15 @@ def test_up_kernel(mlp_kernels, act, gated, bias):
         _close(got, want)
 
 
-def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crows=3, terms=None, gate=None):
-    """Run the screened up kernel (gated where `gate` = (wg, bg): the gate is screened); returns
-    (hidden [H] rebuilt from the compact lists, cnt)."""
+def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crows=3, terms=None, gate=None, kind="f16"):
+    """Run the screened up kernel (`kind`: float16 or int8 copy; gated where `gate` = (wg, bg): the
+    gate is screened); returns (hidden [H] rebuilt from the compact lists, cnt)."""
     h = w.shape[0]
-    k = mlp_kernels.build_mlp_kernel("up_mv", {"act": act, "rows": rows, "unroll": unroll, "bs": bs, "screen": True, "crows": crows,
+    k = mlp_kernels.build_mlp_kernel("up_mv", {"act": act, "rows": rows, "unroll": unroll, "bs": bs, "screen": kind, "crows": crows,
                                                "gated": gate is not None})
     nb = -(-h // bs)
     hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
-    k(x, w, b, *(gate or ()), *(terms or mlp_kernels.screen_terms(*(gate or (w, b)))), hc, idx, cnt)
+    k(x, w, b, *(gate or ()), *(terms or mlp_kernels.screen_terms(*(gate or (w, b)), kind=kind)), hc, idx, cnt)
     got = torch.zeros(h)
     for i in range(nb):
         got[idx[i, : cnt[i]].long()] = hc[i, : cnt[i]]
@@ -77,10 +77,11 @@ def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crow
     return got, cnt
 
 
+@pytest.mark.parametrize("kind", ["f16", "i8"])
 @pytest.mark.parametrize("act", ["relu", "relu6", "relu2"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
-def test_screened_up_kernel(mlp_kernels, act, gated, bias):
+def test_screened_up_kernel(mlp_kernels, kind, act, gated, bias):
     """The float16 screen is lossless: the same active neurons and values as the plain up kernel's
     reference, on odd shapes (K below and above a vector step, H not a multiple of the rows per
     step, of the candidates per step or of the block) and group sizes; gated: the gate screened."""
@@ -93,15 +94,17 @@ def test_screened_up_kernel(mlp_kernels, act, gated, bias):
         b, bg = torch.randn(h, generator=g) + (0.0 if gated else bias), torch.randn(h, generator=g) + bias
         want = f(wg @ x + bg) * (w @ x + b) if gated else f(w @ x + b)
         for rows, unroll, bs, crows in ((4, 2, 16, 3), (1, 1, 8, 1), (2, 4, 64, 4)):
-            got, cnt = _screened_up(mlp_kernels, x, w, b, act, rows, unroll, bs, crows, gate=(wg, bg) if gated else None)
+            got, cnt = _screened_up(mlp_kernels, x, w, b, act, rows, unroll, bs, crows, gate=(wg, bg) if gated else None, kind=kind)
             assert int(cnt.sum()) == int(((f(wg @ x + bg) if gated else want) != 0).sum())
             _close(got, want)
 
 
-def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels):
-    """A neuron whose float16 row rounds its pre-activation from just above 0 to 0 (1 + 2^-12 is
-    1 in float16): the screen's margin keeps it; with the margin zeroed the same kernel drops it,
-    and the output no longer matches (the input that must not match)."""
+@pytest.mark.parametrize("kind", ["f16", "i8"])
+def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels, kind):
+    """A neuron whose narrow row rounds its pre-activation from just above 0 to 0 (1 + 2^-12 is
+    1 in float16; in int8 both weights are +-127 steps of the row's scale): the screen's margin
+    keeps it; with the margin zeroed the same kernel drops it, and the output no longer matches
+    (the input that must not match)."""
     x = torch.ones(K)
     w = torch.zeros(H, K)
     w[:, 0], w[:, 1] = -1.0, -1.0  # every other neuron: -2 + 0 < 0, dropped by the screen
@@ -109,41 +112,46 @@ def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels):
     b = torch.zeros(H)
     want = torch.relu(w @ x + b)
     assert int((want != 0).sum()) == 1
-    got, cnt = _screened_up(mlp_kernels, x, w, b)
+    got, cnt = _screened_up(mlp_kernels, x, w, b, kind=kind)
     assert int(cnt.sum()) == 1
     _close(got, want)
-    wh, sb, sm = mlp_kernels.screen_terms(w, b)
-    assert float(sm[7]) > 0 and float(wh[7].float() @ x) == 0.0
-    got, cnt = _screened_up(mlp_kernels, x, w, b, terms=(wh, sb, torch.zeros_like(sm)))
+    *narrow, sb, sm = mlp_kernels.screen_terms(w, b, kind=kind)
+    assert float(sm[7]) > 0 and float(narrow[0][7].float() @ x) == 0.0
+    got, cnt = _screened_up(mlp_kernels, x, w, b, terms=(*narrow, sb, torch.zeros_like(sm)), kind=kind)
     assert int(cnt.sum()) == 0
     assert not compare_outputs(got, want)[0]
 
 
-def test_screen_terms_bound_the_gap(mlp_kernels):
-    """sm[r] * |x| bounds the gap between the float32 and float16 pre-activations on random
-    inputs; rows beyond float16's range (or not finite) are never screened out (sm = inf), and the
-    kernel stays exact on them; an input with a NaN gives the plain kernel's NaNs."""
+@pytest.mark.parametrize("kind", ["f16", "i8"])
+def test_screen_terms_bound_the_gap(mlp_kernels, kind):
+    """sm[r] * |x| bounds the gap between the float32 and the narrow rows' pre-activations on
+    random inputs; rows beyond float16's range (f16) or not finite are never screened out
+    (sm = inf), and the kernel stays exact on them; an input with a NaN gives the plain kernel's
+    NaNs; an all-zero row (int8 scale 0) is screened like any other."""
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(H, K, generator=g) * 3, torch.randn(H, generator=g)
-    wh, sb, sm = mlp_kernels.screen_terms(w, b)
-    assert wh.dtype == torch.float16 and sb.dtype == sm.dtype == torch.float32
-    assert (sb >= b).all()
+    w[11] = 0.0
+    *narrow, sb, sm = mlp_kernels.screen_terms(w, b, kind=kind)
+    assert narrow[0].dtype == {"f16": torch.float16, "i8": torch.int8}[kind] and sb.dtype == sm.dtype == torch.float32
+    approx = narrow[0].double() * (narrow[1].double()[:, None] if kind == "i8" else 1.0)
+    assert (sb >= b).all() and torch.isfinite(sm).all()
     for _ in range(20):
         x = torch.randn(K, generator=g) * 10
-        gap = ((w.double() - wh.double()) @ x.double()).abs()
+        gap = ((w.double() - approx) @ x.double()).abs()
         assert (gap <= sm.double() * x.double().norm()).all()
     w[3, 5], w[9, 0] = 1e6, float("inf")  # past float16's 65504; not finite
-    _, _, sm = mlp_kernels.screen_terms(w, b)
-    assert torch.isinf(sm[[3, 9]]).all() and torch.isfinite(sm[[0, 1, 2, 4]]).all()
+    *_, sm = mlp_kernels.screen_terms(w, b, kind=kind)
+    assert torch.isinf(sm[9]) and torch.isfinite(sm[[0, 1, 2, 4]]).all()
+    assert bool(torch.isinf(sm[3])) == (kind == "f16")
     w[9, 0] = 0.0
     x = torch.randn(K, generator=g)
     w[3, 5] = -1e6 * torch.sign(x[5])  # a hugely negative pre-activation: inactive, found exactly
     want = torch.relu(w @ x + b)
-    got, cnt = _screened_up(mlp_kernels, x, w, b)
+    got, cnt = _screened_up(mlp_kernels, x, w, b, kind=kind)
     assert int(cnt.sum()) == int((want != 0).sum())
     _close(got, want)
     x[2] = float("nan")
-    got, cnt = _screened_up(mlp_kernels, x, w, b)
+    got, cnt = _screened_up(mlp_kernels, x, w, b, kind=kind)
     k = mlp_kernels.build_mlp_kernel("up_mv", {"rows": 4, "unroll": 2, "bs": 16})
     hc, idx, cnt0 = torch.zeros(13, 16), torch.zeros(13, 16, dtype=torch.int32), torch.zeros(13, dtype=torch.int32)
     k(x, w, b, hc, idx, cnt0)
@@ -331,12 +339,15 @@ def _mlp_modules(cm):
 @pytest.mark.parametrize("make,kernels", [
     (lambda: Plain(-0.5), "tir-up+tir-down"),
     (lambda: Plain(-0.5), "tir-screen-up+tir-down"),
+    (lambda: Plain(-0.5), "tir-screen8-up+tir-down"),
     (lambda: Plain(-0.5), "torch-up+serial-down"),
     (lambda: Plain(50.0), "tir-up+tir-down"),  # no zeros at all
     (lambda: Plain(-50.0), "tir-up+serial-down"),  # every activation zero
     (lambda: Gated(), "tir-gated-up+tir-down"),
     (lambda: Gated(), "tir-gated-screen-up+tir-down"),
-], ids=["plain-tir-up", "plain-tir-screen-up", "plain-torch-up", "no-zeros", "all-zero", "gated", "gated-screen"])
+    (lambda: Gated(), "tir-gated-screen8-up+tir-down"),
+], ids=["plain-tir-up", "plain-tir-screen-up", "plain-tir-screen8-up", "plain-torch-up", "no-zeros", "all-zero", "gated",
+        "gated-screen", "gated-screen8"])
 def test_exact_compile_any_batch(make, kernels, tmp_path, monkeypatch):
     if "serial-down" in kernels:  # candidates only where the kernels run on TVM's pool (`_mv_candidates`)
         monkeypatch.setattr("sparsecomp.backends.torch.mlp._pool_tag", lambda: "tvm")
@@ -344,7 +355,8 @@ def test_exact_compile_any_batch(make, kernels, tmp_path, monkeypatch):
     assert mod.kernel.startswith(kernels)
     assert row["decision"] == "sparse" and row["m"] == 1
     # the report names the float16 copy a screened kernel keeps (its memory), and only then
-    assert ("float16 screen" in row["reason"]) == ("screen" in kernels)
+    assert ("screen: a " in row["reason"]) == ("screen" in kernels)
+    assert ("int8 copy" in row["reason"]) == ("screen8" in kernels)
 
 
 def _compile_exact_at_batch_1(make, kernels, tmp_path):
@@ -702,8 +714,8 @@ def test_concurrent_calls_from_threads(kernels, tmp_path):
     assert not bad, f"{len(bad)} wrong outputs"
 
 
-@pytest.mark.parametrize("rows,unroll,down_rows,screen", [(4, 1, 8, False), (2, 2, 8, False), (2, 2, 4, False),
-                                                          (4, 2, 4, True), (4, 2, 8, True)])
+@pytest.mark.parametrize("rows,unroll,down_rows,screen", [(4, 1, 8, None), (2, 2, 8, None), (2, 2, 4, None),
+                                                          (4, 2, 4, "f16"), (4, 2, 8, "f16"), (4, 2, 4, "i8"), (4, 2, 8, "i8")])
 def test_tir_exact_strategy_variants(rows, unroll, down_rows, screen, tmp_path):
     """Every exact-mode TIR variant compile may choose (the down phase 4 or 8 rows at a time, with
     and without the float16 screen) equals the model: on inputs with some, no and all neurons
@@ -716,7 +728,7 @@ def test_tir_exact_strategy_variants(rows, unroll, down_rows, screen, tmp_path):
                     cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
     (mod,) = _mlp_modules(cm)
     s = _TirUpMV(mod._w, rows=rows, unroll=unroll, down_rows=down_rows, screen=screen, crows=4)
-    assert s.label.startswith("tir-screen-up+" if screen else "tir-up+")
+    assert s.label.startswith({None: "tir-up+", "f16": "tir-screen-up+", "i8": "tir-screen8-up+"}[screen])
     assert s.label.endswith(",down_rows=8}" if down_rows == 8 else ("crows=4}" if screen else f"unroll={unroll}}}"))
     for x in (torch.randn(1, K), torch.full((1, K), -100.0), torch.zeros(1, K)):
         _close(s(x), model(x))
