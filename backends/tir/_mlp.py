@@ -206,7 +206,8 @@ def _screened_up_parts(p: dict, args: list, emit) -> _Parts:
     is <= 0 is inactive for certain; (2) the exact float32
     pre-activation of every other neuron (its float32 row, CR candidates at a time; gated: the
     gate and up rows of each candidate), activation and compaction as in `up_mv`. Lossless: a neuron is dropped only where its exact pre-activation is provably <= 0
-    (a NaN bound keeps it). Reads 2 (float16) or 1 (int8) bytes per screened weight plus 4 per
+    (on NaN inputs, as the unscreened kernel, no promise: see README, "What `compile`
+    guarantees"). Reads 2 (float16) or 1 (int8) bytes per screened weight plus 4 per
     weight of the candidates, against 4 per weight: int8's wider margin lets more candidates
     through (15% against 11% at 10.8% active on opt-125m-like's shape), float16 wins where many
     pre-activations lie near 0; the backend measures both."""
@@ -243,7 +244,7 @@ for blk in T.parallel(NB):
 """
 
     def keep(row: str, val: str) -> str:
-        # kept unless the bound is <= 0 (NaN compares false: kept)
+        # kept unless the bound is <= 0
         if i8:
             val = f"ss[{row}] * ({val})"
         return (f"if not ({val} + sb[{row}] + sm[{row}] * xs <= T.float32(0)):\n"
@@ -312,8 +313,10 @@ def screen_terms(w: torch.Tensor, b: torch.Tensor | None, kind: str = "f16") -> 
     wn[r] . x: the rounding of the weights, |w[r] - wn[r]|_2 (Cauchy-Schwarz), and of both K-term
     sums, gamma_K times |wn[r]|_2 and |w[r]|_2 (gamma_K = K u / (1 - K u), u = 2^-24, any
     summation order), doubled for the screen's own multiply-adds and its scaling. sb = b rounded
-    up by a few ulps. A row with a weight beyond float16's range (f16) or not finite gets
-    sm = inf: never screened out."""
+    up by a few ulps. A row with a weight beyond float16's range (f16) or not finite is never
+    screened out: its narrow row is 0, sm 0 and sb = 3e38, a finite bound no sum can bring below
+    0 (the kernels' comparisons are not trusted with inf or NaN: LLVM may compile them under
+    fast-math assumptions)."""
     if kind not in ("f16", "i8"):
         raise SparsecompError(f"no screen {kind!r}", hint='"f16" or "i8"')
     w64 = w.detach().double()
@@ -322,18 +325,19 @@ def screen_terms(w: torch.Tensor, b: torch.Tensor | None, kind: str = "f16") -> 
     gamma = K * u / (1 - K * u)
     bad = ~torch.isfinite(w64).all(dim=1)
     if kind == "f16":
-        wn = w.detach().to(torch.float16)
-        bad |= ~torch.isfinite(wn).all(dim=1)
+        bad |= ~torch.isfinite(w.detach().to(torch.float16)).all(dim=1)
+        wn = torch.where(bad[:, None], torch.zeros_like(w64), w64).to(torch.float16)
         narrow, approx, extra = wn, wn.double(), ()
     else:
         ss = (w64.abs().amax(dim=1) / 127).where(~bad, torch.ones(()))
         ss = torch.where(ss > 0, ss, torch.ones_like(ss)).float().double()  # the float32 scale the kernel reads
         q = torch.where(bad[:, None], torch.zeros_like(w64), torch.round(w64 / ss[:, None]).clamp(-127, 127))
         narrow, approx, extra = q.to(torch.int8), q * ss[:, None], (ss.float().contiguous(),)
+    w64 = torch.where(bad[:, None], torch.zeros_like(w64), w64)  # (norms of the rows never screened out: unused)
     sm = ((w64 - approx).norm(dim=1) + 2 * gamma * (approx.norm(dim=1) + w64.norm(dim=1))) * (1 + 1e-3)
-    sm = torch.where(bad, torch.full_like(sm, float("inf")), sm)
+    sm = torch.where(bad, torch.zeros_like(sm), sm)
     b64 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    sb = b64 + b64.abs() * 8 * u
+    sb = torch.where(bad, torch.full_like(b64, 3e38), b64 + b64.abs() * 8 * u)
     return (narrow.contiguous(), *extra, sb.float().contiguous(), sm.float().contiguous())
 
 
@@ -534,6 +538,106 @@ for cb in {red}(NP // {CB}):
     return args, ["NB", "BS", "H", "NP", "N", "P"], body
 
 
+def _screen_up_mm(p: dict) -> str:
+    """M > 1 (MT rows of x; the caller pads a short chunk by repeating a row), exact mode, not
+    gated: the hidden activations h[MT, H] of all rows, through the screen of `_screened_up_parts`
+    read once for all MT rows. Per block of BS neurons, R screened rows at a time (each narrow
+    vector loaded and widened once, then one multiply-add per row of x); a neuron is a candidate
+    where the bound of any row of x is not <= 0, and only the candidates' float32 rows are read
+    (one at a time, the next one prefetched), for all MT rows at once. h is exact for every
+    candidate and 0 elsewhere; cnt[blk] = the block's candidates (the caller's measure of how
+    much of the weight the screen let through)."""
+    V, R, BS, MT, act = p["vec"], p["rows"], p["bs"], p["mt"], p["act"]
+    if act not in ACTIVATIONS:
+        raise SparsecompError(f"the screened up kernel has no activation {act!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
+    if BS % R:
+        raise SparsecompError(f"screened up kernel: block size {BS} must be a multiple of rows {R}")
+    i8 = p["screen"] == "i8"
+    if p["screen"] not in ("f16", "i8"):
+        raise SparsecompError(f"screened up kernel: no screen {p['screen']!r}", hint='"f16" or "i8"')
+    eb = 1 if i8 else 2
+    args = [("x", f"{MT}, K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"),
+            ("wq", "H, K", "int8" if i8 else "float16")] + ([("ss", "H", "float32")] if i8 else [])
+    args += [("sb", "H", "float32"), ("sm", "H", "float32"), ("h", f"{MT}, H", "float32"), ("cnt", "NB", "int32")]
+    s = _header(args, ["K", "H", "NB"])
+
+    def vsum(base: str) -> str:
+        return " + ".join(f"acc[{base} + {i}]" for i in range(V))
+
+    every = max(1, 64 // (V * eb))  # steps per 64-byte line of a narrow row
+
+    def screen(rows: list[str]) -> str:
+        n = len(rows)
+        t = f"for v in T.vectorized({n * MT * V}):\n    acc[v] = T.float32(0)\n"
+        t += f"for kb in range(K // {V}):\n"
+        t += f"    if kb % {every} == 0:\n" + "".join("        " + _prefetch(f"wq[{r} + {n}, kb * {V}]") for r in rows)
+        for q, r in enumerate(rows):
+            t += f'    wv{q} = T.Bind(T.Cast("float32x{V}", wq[{r}, T.Ramp(kb * {V}, 1, {V})]))\n'
+        t += f"    for m in T.unroll({MT}):\n"
+        for q in range(n):
+            o = f"({q * MT} + m) * {V}"
+            t += f"        acc[T.Ramp({o}, 1, {V})] = acc[T.Ramp({o}, 1, {V})] + wv{q} * x[m, T.Ramp(kb * {V}, 1, {V})]\n"
+        t += f"for k in range(K // {V} * {V}, K):\n    for m in range({MT}):\n"
+        for q, r in enumerate(rows):
+            t += f'        acc[({q * MT} + m) * {V}] = acc[({q * MT} + m) * {V}] + T.Cast("float32", wq[{r}, k]) * x[m, k]\n'
+        for q, r in enumerate(rows):
+            val = vsum(f"({q * MT} + m) * {V}")
+            val = f"ss[{r}] * ({val})" if i8 else val
+            # kept unless every row's bound is <= 0
+            t += (f"kf[0] = 0\nfor m in range({MT}):\n    if not ({val} + sb[{r}] + sm[{r}] * xs[m] <= T.float32(0)):\n"
+                  f"        kf[0] = 1\nif kf[0] == 1:\n    cand[nc[0]] = {r}\n    nc[0] = nc[0] + 1\n")
+        return t
+
+    a = ACTIVATIONS[act]
+    body = f"""
+xs = T.alloc_buffer(({MT},), "float32")
+xq = T.alloc_buffer(({V},), "float32")
+for m in range({MT}):
+    for v in T.vectorized({V}):
+        xq[v] = T.float32(0)
+    for kb in range(K // {V}):
+        for v in T.vectorized({V}):
+            xq[v] = xq[v] + x[m, kb * {V} + v] * x[m, kb * {V} + v]
+    for k in range(K // {V} * {V}, K):
+        xq[0] = xq[0] + x[m, k] * x[m, k]
+    xs[m] = T.sqrt({_sum(V, 'xq')})
+for blk in T.parallel(NB):
+    acc = T.alloc_buffer(({R * MT * V},), "float32")
+    cand = T.alloc_buffer(({BS},), "int32")
+    nc = T.alloc_buffer((1,), "int32")
+    kf = T.alloc_buffer((1,), "int32")
+    nc[0] = 0
+    for m in range({MT}):
+        for rr in range({BS}):
+            if blk * {BS} + rr < H:
+                h[m, blk * {BS} + rr] = T.float32(0)
+    for rq in range({BS // R}):
+        if blk * {BS} + rq * {R} + {R} <= H:
+            r0 = T.Bind(blk * {BS} + rq * {R})
+""" + _ind(screen([f"r0 + {q}" for q in range(R)]), 12) + f"""        elif blk * {BS} + rq * {R} < H:
+            for q in range({R}):
+                if blk * {BS} + rq * {R} + q < H:
+                    r = T.Bind(blk * {BS} + rq * {R} + q)
+""" + _ind(screen(["r"]), 20) + f"""    for t in range(nc[0]):
+        j = T.Bind(cand[t])
+        jn = T.Bind(cand[T.min(t + 1, {BS - 1})])
+        for v in T.vectorized({MT * V}):
+            acc[v] = T.float32(0)
+        for kb in range(K // {V}):
+            {_prefetch(f"w[jn, kb * {V}]").strip()}
+            wv = T.Bind(w[j, T.Ramp(kb * {V}, 1, {V})])
+            for m in T.unroll({MT}):
+                acc[T.Ramp(m * {V}, 1, {V})] = acc[T.Ramp(m * {V}, 1, {V})] + wv * x[m, T.Ramp(kb * {V}, 1, {V})]
+        for k in range(K // {V} * {V}, K):
+            for m in range({MT}):
+                acc[m * {V}] = acc[m * {V}] + w[j, k] * x[m, k]
+        for m in range({MT}):
+            h[m, j] = {a.format(s='(' + vsum(f'm * {V}') + ' + b[j])')}
+    cnt[blk] = nc[0]
+"""
+    return s + _ind(body, 4)
+
+
 def _down_mm(p: dict) -> str:
     """M > 1 (MT rows, padded), neurons split over P tasks like `down_mv_split`: each task streams
     its neurons' full rows once (R at a time) and adds them, scaled per row of x, into its partial
@@ -659,7 +763,7 @@ def _pred_mv(p: dict) -> str:
     return _assemble(z, _pred_up_mv_parts(p["up"]), _down_mv_parts(p["down"]), one_row=("x", "y"))
 
 
-_GEN = {"up_mv": _up_mv, "dense_mv": _dense_mv, "gather_up_mv": _gather_up_mv, "pred_up_mv": _pred_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows,
+_GEN = {"up_mv": _up_mv, "screen_up_mm": _screen_up_mm, "dense_mv": _dense_mv, "gather_up_mv": _gather_up_mv, "pred_up_mv": _pred_up_mv, "down_mv": _down_mv, "down_mm": _down_mm, "down_rows": _down_rows,
         "down_sparse_mv": _down_sparse_mv, "exact_mv": _exact_mv, "pred_mv": _pred_mv}
 _FUSED = {"exact_mv": {"up": "up_mv", "down": "down_mv"}, "pred_mv": {"z": "dense_mv", "up": "pred_up_mv", "down": "down_mv"}}
 
@@ -686,6 +790,12 @@ def _normalise(kind: str, params: dict) -> dict:
         p.setdefault("rows", 1)
         if p.get("screen"):
             p.setdefault("crows", 2)
+    if kind == "screen_up_mm":
+        p.setdefault("bs", 64)
+        p.setdefault("rows", 2)
+        p.setdefault("mt", 4)
+        p.setdefault("act", "relu")
+        p.setdefault("screen", "i8")
     if kind in ("down_mv", "down_mm", "down_rows"):
         p.setdefault("cb", 64)
         p.setdefault("rows", 2)

@@ -280,6 +280,7 @@ class _TirUpMV(_FusedMV):
         up = {"bs": bs, "rows": 1 if w.gated and not screen else rows, "unroll": unroll, "act": w.act_name, "gated": w.gated}
         if screen:
             up.update(screen=screen, crows=crows)
+        self.screen = screen if not w.gated else None  # (the M > 1 path takes the same screen, not gated)
         self.down = _DownMV(w, parts, down_rows, serial)
         self.k = _mlp.build_mlp_kernel("exact_mv", {"up": up, "down": self.down.params})
         nb = -(-w.H // bs)
@@ -407,12 +408,18 @@ class _Union(_Strategy):
 
     CHUNK = 8
 
-    def __init__(self, w, kind: str = "tir", parts: int = 4, rows: int = 2):
+    def __init__(self, w, kind: str = "tir", parts: int = 4, rows: int = 2, screen: str | None = None):
+        """`screen` ("f16" / "i8", TIR only, exact mode, not gated): up to CHUNK rows get their
+        hidden activations from the screened kernel (`screen_up_mm`: the narrow copy of the up
+        weight read once for all rows, float32 rows only for the neurons it cannot rule out)
+        instead of torch's GEMM, while the share of neurons the screen let through in the last
+        call stays below the measured break-even (`screen_cost`)."""
         super().__init__(w)
         self.kind = kind
         # measured by `calibrate_crossover` (us, on one chunk): dense down, union down with one
         # neuron and with every neuron active. Until measured, the union path never runs.
         self.cost = {"dense": 0.0, "one": 1.0, "all": 1.0}
+        self.screen_k = None
         if kind == "tir":
             from sparsecomp.backends.tir import _mlp, bound_args
 
@@ -420,9 +427,54 @@ class _Union(_Strategy):
             self.parts = {mt: torch.empty(parts, mt, w.NP) for mt in (4, 8)}
             self._bound = {mt: bound_args(w.wdt_p, w.b_down, self.parts[mt]) for mt in (4, 8)}
             self._lock = threading.Lock()  # the partial sums are scratch (see _FusedMV.run_row)
-            self.label = f"union-tir{{rows={rows}}}"
+            self.label = f"union-tir{{rows={rows}{f',screen={screen}' if screen else ''}}}"
+            if screen:
+                if w.gated or w.mode != "exact" or w.act_name not in EXACT_ACTIVATIONS:
+                    raise SparsecompError("the screened M > 1 kernel is for non-gated ReLU-family exact mode")
+                self.screen_k = {mt: _mlp.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": screen, "act": w.act_name})
+                                 for mt in (2, 4, 8)}
+                self.w_up = w.w_up.detach().float().contiguous()
+                self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
+                self.terms = _mlp.screen_terms(self.w_up, self.b_up, kind=screen)
+                prefer_huge_pages(self.terms[0])
+                self.h_out = {mt: torch.empty(mt, w.H) for mt in (2, 4, 8)}
+                self.cnt = torch.empty(-(-w.H // 64), dtype=torch.int32)
+                self._screen_bound = bound_args(self.w_up, self.b_up, *self.terms)
+                # measured (us, one chunk of 8 rows): torch's GEMM, the screen letting no neuron
+                # and every neuron through; until measured, the screen runs (it is never wrong)
+                self.screen_cost = {"gemm": 1.0, "none": 0.0, "all": 1.0}
+                self.frac = 0.0  # the share of neurons the last call's screen let through
         else:
             self.label = "union-torch"
+
+    def screen_max(self) -> float:
+        """The share of neurons let through above which torch's GEMM computes h faster."""
+        c = self.screen_cost
+        if c["all"] <= c["none"]:
+            return 1.0 if c["gemm"] >= c["all"] else 0.0
+        return max(0.0, min(1.0, (c["gemm"] - c["none"]) / (c["all"] - c["none"])))
+
+    def screened(self, x2: torch.Tensor, bound=None) -> torch.Tensor:
+        """h [m, H] of 2 <= m <= CHUNK float32 rows through `screen_up_mm` (rows padded by
+        repeating the last one, which lets no other neuron through); updates `frac`."""
+        m = x2.shape[0]
+        mt = 2 if m <= 2 else 4 if m <= 4 else 8
+        xp = (x2 if m == mt else torch.cat([x2, x2[-1:].expand(mt - m, -1)])).contiguous()
+        with self._lock:
+            self.screen_k[mt](xp, *(bound or self._screen_bound), self.h_out[mt], self.cnt)
+            self.frac = int(self.cnt.sum()) / self.w.H
+            return self.h_out[mt][:m].clone()
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        if self.screen_k is not None:
+            x2 = x.reshape(-1, x.shape[-1])
+            if 1 < x2.shape[0] <= self.CHUNK and x2.dtype == torch.float32 and x2.is_cpu:
+                if self.frac <= self.screen_max():
+                    return self.screened(x2)
+                h = self.w.hidden(x)
+                self.frac = float((h != 0).any(0).float().mean())  # (a lower bound of what the screen would let through)
+                return h
+        return self.w.hidden(x)
 
     def _chunk(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         w = self.w
@@ -467,7 +519,7 @@ class _Union(_Strategy):
         return max(0.0, min(1.0, (dense / n_chunks - c["one"]) / (c["all"] - c["one"])))
 
     def __call__(self, x):
-        h = self.w.hidden(x)
+        h = self.hidden(x)
         step, union = self.chunks(h)
         if union.shape[0] == 0 or float(union.sum()) / union.numel() > self.crossover(union.shape[0]):
             return self.w.dense_down(h)  # no rows, or a mean union density past the crossover
@@ -745,7 +797,7 @@ def _mm_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None) ->
     return out
 
 
-def _calibrate_crossover(strategy, x2: torch.Tensor, max_seconds: float) -> None:
+def _calibrate_crossover(strategy, x2: torch.Tensor, max_seconds: float, flush=None) -> None:
     """Measure, on one chunk of rows of x2 (all of them for `union-torch` and `per-row`, up to 8 for
     `union-tir`), the dense down-projection against the strategy's down with a single neuron and
     with every neuron active: its cost is linear in the active neurons between the two."""
@@ -760,6 +812,19 @@ def _calibrate_crossover(strategy, x2: torch.Tensor, max_seconds: float) -> None
         strategy.cost = {k: t[k].median * 1e6 for k in ("dense", "all", "one")}
         return
     rows = x2 if strategy.kind == "torch" else x2[: _Union.CHUNK]
+    if getattr(strategy, "screen_k", None) is not None and rows.shape[0] > 1:
+        # the screen's break-even: torch's GEMM against the screen letting no neuron and every
+        # neuron through (sm = -inf / +inf), cold where the model's weights are (`flush`)
+        from sparsecomp.backends.tir import bound_args
+
+        *narrow, sb, sm = strategy.terms
+        ends = {k: bound_args(strategy.w_up, strategy.b_up, *narrow, sb, torch.full_like(sm, v))
+                for k, v in (("none", -float("inf")), ("all", float("inf")))}
+        with torch.no_grad():
+            t = compare({"gemm": lambda: w.hidden(rows), "none": lambda: strategy.screened(rows, ends["none"]),
+                         "all": lambda: strategy.screened(rows, ends["all"])}, min_runs=10, max_seconds=max_seconds, between=flush)
+        strategy.screen_cost = {k: t[k].median * 1e6 for k in ("gemm", "none", "all")}
+        strategy.frac = 0.0
     with torch.no_grad():
         h = w.hidden(rows)
     full = [(h, torch.arange(w.H))]
@@ -915,8 +980,9 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         elif m == 1 and use_tir:
             # another M at run time: the TIR union path, its crossover measured on 8 rows
             try:
-                mm = _Union(w, "tir")
-                _calibrate_crossover(mm, _rows_like(x2, _Union.CHUNK), max_seconds / 4)
+                # (with the M = 1 choice's screen, if it has one)
+                mm = _Union(w, "tir", screen=getattr(chosen, "screen", None))
+                _calibrate_crossover(mm, _rows_like(x2, _Union.CHUNK), max_seconds / 4, flush)
             except Exception as exc:  # noqa: BLE001
                 mm = None
                 notes.append(f"no M > 1 kernel ({type(exc).__name__}); more rows run dense")
@@ -924,6 +990,8 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
         if mm is not None and not isinstance(mm, _PrunedLinear):
             crossover = {"path": mm.label, "rows<=8": round(mm.crossover(1), 3), "rows=64": round(mm.crossover(8), 3),
                          "cost_us": mm.cost}
+            if getattr(mm, "screen_k", None) is not None:  # the M <= 8 screen's break-even (share of neurons let through)
+                crossover.update(screen_max=round(mm.screen_max(), 3), screen_cost_us=mm.screen_cost)
         pattern = f"mlp {info.get('pattern', '')} {w.act_name} {w.mode}".replace("  ", " ")
         calib = {k: info[k] for k in ("target_sparsity", "calibrated_sparsity", "recall", "cosine", "score") if info.get(k) is not None}
         if best == "dense":

@@ -123,11 +123,68 @@ def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels, kind):
 
 
 @pytest.mark.parametrize("kind", ["f16", "i8"])
+@pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
+def test_screen_up_mm_kernel(mlp_kernels, kind, bias):
+    """The M > 1 screened kernel: h of MT rows at once equals relu(x w^T + b) on odd shapes (zeros
+    where no row's neuron is active), and cnt counts at least the neurons active in some row;
+    a huge value in one row lets every neuron through (the other rows' values unchanged)."""
+    g = torch.Generator().manual_seed(6)
+    for mt in (2, 4, 8):
+        k = mlp_kernels.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": kind})
+        for k_in, h in ((K, H), (5, 3), (129, 70)):
+            x, w = torch.randn(mt, k_in, generator=g), torch.randn(h, k_in, generator=g)
+            b = torch.randn(h, generator=g) + bias
+            want = torch.relu(x @ w.t() + b)
+            out, cnt = torch.full((mt, h), float("nan")), torch.zeros(-(-h // 64), dtype=torch.int32)
+            k(x, w, b, *mlp_kernels.screen_terms(w, b, kind=kind), out, cnt)
+            _close(out, want)
+            assert int((want != 0).any(0).sum()) <= int(cnt.sum()) <= h
+    x[1, 0] = 1e30  # a huge input in one row: its bound lets every neuron through, the other rows unchanged
+    want = torch.relu(x.double() @ w.t().double() + b.double()).float()
+    k(x, w, b, *mlp_kernels.screen_terms(w, b, kind=kind), out, cnt)
+    assert int(cnt.sum()) == h
+    _close(out[0], want[0])
+
+
+@pytest.mark.parametrize("kind", ["f16", "i8"])
+def test_union_with_screen_any_batch(kind, tmp_path):
+    """The M > 1 union path with the screen: batches 2..8 through the screened kernel (padded to
+    2 / 4 / 8 rows) and, past the break-even, through torch's GEMM: both equal the model, and the
+    share of neurons let through is tracked; more than 8 rows never take the screen."""
+    from sparsecomp.backends.torch.mlp import _calibrate_crossover, _Union
+
+    torch.manual_seed(0)
+    model = Plain(-0.5).eval()
+    cm = sc.compile(model, (torch.randn(1, K),), activation_sparsity="exact", kernels="tir-up+tir-down",
+                    cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    (mod,) = _mlp_modules(cm)
+    u = _Union(mod._w, "tir", screen=kind)
+    assert u.label == f"union-tir{{rows=2,screen={kind}}}"
+    _calibrate_crossover(u, torch.randn(8, K), 0.05)
+    assert set(u.screen_cost) == {"gemm", "none", "all"} and 0.0 <= u.screen_max() <= 1.0
+    u.cost = {"dense": 1e9, "one": 0.0, "all": 1.0}  # the union down path, whatever was measured
+    for forced in (1.0, -1.0):  # the screen always / never (frac <= -1 never holds)
+        u.screen_cost = {"gemm": 1.0, "none": 0.0, "all": 1.0 / forced if forced > 0 else 0.5}
+        if forced < 0:
+            u.screen_cost = {"gemm": 0.0, "none": 1.0, "all": 2.0}
+        for batch in (2, 3, 5, 8, 13):
+            u.frac = 0.0
+            xb = torch.randn(batch, K)
+            _close(u(xb), model(xb))
+            if batch <= 8:
+                assert u.frac > 0.0  # measured by the screen, or from h after the GEMM
+    with pytest.raises(Exception, match="non-gated"):
+        gm = sc.compile(Gated().eval(), (torch.randn(1, K),), activation_sparsity="exact", kernels="tir-gated-up+tir-down",
+                        cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+        _Union(_mlp_modules(gm)[0]._w, "tir", screen=kind)
+
+
+@pytest.mark.parametrize("kind", ["f16", "i8"])
 def test_screen_terms_bound_the_gap(mlp_kernels, kind):
     """sm[r] * |x| bounds the gap between the float32 and the narrow rows' pre-activations on
-    random inputs; rows beyond float16's range (f16) or not finite are never screened out
-    (sm = inf), and the kernel stays exact on them; an input with a NaN gives the plain kernel's
-    NaNs; an all-zero row (int8 scale 0) is screened like any other."""
+    random inputs; rows beyond float16's range (f16) or not finite are never screened out (a
+    finite bound of 3e38), and the kernel stays exact on them, active or not; an all-zero row
+    (int8 scale 0) is screened like any other."""
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(H, K, generator=g) * 3, torch.randn(H, generator=g)
     w[11] = 0.0
@@ -140,22 +197,18 @@ def test_screen_terms_bound_the_gap(mlp_kernels, kind):
         gap = ((w.double() - approx) @ x.double()).abs()
         assert (gap <= sm.double() * x.double().norm()).all()
     w[3, 5], w[9, 0] = 1e6, float("inf")  # past float16's 65504; not finite
-    *_, sm = mlp_kernels.screen_terms(w, b, kind=kind)
-    assert torch.isinf(sm[9]) and torch.isfinite(sm[[0, 1, 2, 4]]).all()
-    assert bool(torch.isinf(sm[3])) == (kind == "f16")
+    *narrow, sb, sm = mlp_kernels.screen_terms(w, b, kind=kind)
+    never = (sb > 1e38) & (sm == 0) & (narrow[0] == 0).all(1)
+    assert never[9] and bool(never[3]) == (kind == "f16") and not never[[0, 1, 2, 4]].any()
+    assert torch.isfinite(sb).all() and torch.isfinite(sm).all()
     w[9, 0] = 0.0
     x = torch.randn(K, generator=g)
-    w[3, 5] = -1e6 * torch.sign(x[5])  # a hugely negative pre-activation: inactive, found exactly
-    want = torch.relu(w @ x + b)
-    got, cnt = _screened_up(mlp_kernels, x, w, b, kind=kind)
-    assert int(cnt.sum()) == int((want != 0).sum())
-    _close(got, want)
-    x[2] = float("nan")
-    got, cnt = _screened_up(mlp_kernels, x, w, b, kind=kind)
-    k = mlp_kernels.build_mlp_kernel("up_mv", {"rows": 4, "unroll": 2, "bs": 16})
-    hc, idx, cnt0 = torch.zeros(13, 16), torch.zeros(13, 16, dtype=torch.int32), torch.zeros(13, dtype=torch.int32)
-    k(x, w, b, hc, idx, cnt0)
-    assert torch.equal(cnt, cnt0)
+    for sign in (-1.0, 1.0):  # a hugely negative pre-activation (inactive), then a hugely positive one
+        w[3, 5] = sign * 1e6 * torch.sign(x[5])
+        want = torch.relu(w @ x + b)
+        got, cnt = _screened_up(mlp_kernels, x, w, b, kind=kind)
+        assert int(cnt.sum()) == int((want != 0).sum())
+        _close(got, want)
 
 
 @pytest.mark.parametrize("act", ["relu", "relu6", "relu2"])
