@@ -17,6 +17,10 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
   the neurons past the screen) and 185-193 us with int8 (15.0% past it), against 333 us
   unscreened and 671 us dense: past the 1.82x "up stays dense" bound of skipping down rows alone.
   It costs a narrow copy of the weight in memory (+50% or +25% of it).
+- `screen_up_mm` (M = 2..8, exact mode, not gated): the hidden activations of MT rows of x at
+  once through the same screen, the narrow weight read once for all rows (each narrow vector
+  widened once, then one multiply-add per row); a neuron is read in float32 where any row's bound
+  lets it through. Rows of x held per step: 2 up to 4 rows of x, 1 at 8 (register pressure).
 - `gather_up_mv` (M = 1, predictor mode): the pre-activations of the selected neurons only,
   `u[t] = w[idx[t]] . x + b[idx[t]]` (rows of the up weight are contiguous), parallel over
   groups of `rows` selected neurons.

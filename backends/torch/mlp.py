@@ -44,7 +44,10 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
   compiling without activation sparsity would run, so the fusion never costs a pruned MLP its
   weight sparsity) join the candidates.
 - M > 1: the union of the active neurons of each chunk of 8 rows (`union-tir`: the TIR kernel
-  reads each active down row once per chunk; `union-torch`: `index_select` + GEMM over all rows),
+  reads each active down row once per chunk; `union-torch`: `index_select` + GEMM over all rows;
+  `union-tir{...,screen=}`: up to 8 rows get their hidden activations from the screened TIR
+  kernel, `screen_up_mm`, while the share of neurons its last call let through stays below the
+  break-even measured at compile against torch's GEMM; the M = 1 choice's screen carries over),
   or per-row work (`per-row-tir`: each row adds only its own active neurons' rows, for rows whose
   union is dense while the down weight stays in cache). Above the measured crossover density the
   down-projection runs dense instead: a path never runs where it was measured slower than dense.
@@ -431,7 +434,11 @@ class _Union(_Strategy):
             if screen:
                 if w.gated or w.mode != "exact" or w.act_name not in EXACT_ACTIVATIONS:
                     raise SparsecompError("the screened M > 1 kernel is for non-gated ReLU-family exact mode")
-                self.screen_k = {mt: _mlp.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": screen, "act": w.act_name})
+                # screened rows per step: 2 up to 4 rows of x, 1 at 8 (16 accumulators spilled: the
+                # 2048 -> 8192 FFN's screen alone at 8 rows, 1.46 against 2.00 ms; at 2 and 4 rows
+                # 0.40 / 0.54 ms with 2 against 0.62 / 0.69 with 1)
+                self.screen_k = {mt: _mlp.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": screen, "act": w.act_name,
+                                                                            "rows": 2 if mt <= 4 else 1})
                                  for mt in (2, 4, 8)}
                 self.w_up = w.w_up.detach().float().contiguous()
                 self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
