@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -260,6 +261,12 @@ def _progress_bar(total_hint: str):
     return bar, update
 
 
+def kernel_names(spec: str) -> set[str]:
+    """The names in `compile(kernels=...)` / `--kernels`: comma-separated, a comma inside braces
+    belonging to the name ("dense,union-tir{rows=2,screen=i8}" is two names)."""
+    return {k.strip() for k in re.split(r",(?![^{]*})", spec) if k.strip()}
+
+
 def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, calibration=None,  # noqa: A001
             activation_sparsity=None, tune: bool = False, pipeline: str | None = None, verify: bool = True,
             cache_dir: str | None = None, name: str | None = None, max_seconds_per_layer: float = 0.5,
@@ -313,7 +320,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     try:
         if bar:
             bar.start()
-        only = {k.strip() for k in kernels.split(",") if k.strip()} if kernels else None
+        only = kernel_names(kernels) if kernels else None
         # tune: the whole kernel-variant grid, with 4x the time per layer (cached like any decision)
         extra = {"tune": True} if tune else {}
         with OthersCpu() as others:

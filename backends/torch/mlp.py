@@ -796,11 +796,13 @@ def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, do
     return out
 
 
-def _mm_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None) -> list:
+def _mm_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, m: int = 2) -> list:
     out = [lambda: _Union(w, "torch")] + ([lambda: _PrunedLinear(w, pruned)] if pruned is not None else [])
     if use_tir:
         out += [lambda r=r: _Union(w, "tir", rows=r) for r in (2, 1)]
         out += [lambda: _PerRow(w, rows=2)]
+        if m <= _Union.CHUNK and w.mode == "exact" and not w.gated and w.act_name in EXACT_ACTIVATIONS:
+            out += [lambda: _Union(w, "tir", rows=2, screen="i8")]  # (more rows never take the screen)
     return out
 
 
@@ -896,7 +898,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                 read = density if w.mode != "predictor" else float(w.keep(x).any(0).float().mean())
             makers = _mv_candidates(w, use_tir, pruned, read)
         else:
-            makers = _mm_candidates(w, use_tir, pruned)
+            makers = _mm_candidates(w, use_tir, pruned, m)
         strategies = {"dense": _Strategy(w)}
         for make in makers:
             try:
@@ -913,7 +915,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
             for s in strategies.values():
                 if isinstance(s, (_Union, _PerRow)):
                     _calibrate_crossover(s, x2 if m >= _Union.CHUNK or s.kind != "tir" else _rows_like(x2, _Union.CHUNK),
-                                         max_seconds / 4)
+                                         max_seconds / 4, flush)
         key, cached, entry = None, False, None
         if cache is not None:
             key = cache.key(op="sparse_mlp", shape=[w.K, w.H, w.N], m=m, mode=w.mode, activation=w.act_name, gated=w.gated,

@@ -437,7 +437,8 @@ def _compile_exact_at_batch_1(make, kernels, tmp_path):
     return model, cm, mod, row
 
 
-@pytest.mark.parametrize("kernel,rows,batches", [("union-tir", 5, (2, 5, 8, 19, 0)), ("per-row-tir", 6, (2, 6, 33))])
+@pytest.mark.parametrize("kernel,rows,batches", [("union-tir", 5, (2, 5, 8, 19, 0)), ("per-row-tir", 6, (2, 6, 33)),
+                                                 ("union-tir{rows=2,screen=i8}", 5, (2, 5, 8, 19, 0))])
 def test_many_rows_path_and_crossover(kernel, rows, batches, tmp_path):
     """M > 1 paths (union of active neurons, per-row work), forced onto the kernel whatever was
     measured, then onto dense: both agree with eager at every batch."""
