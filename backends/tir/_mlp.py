@@ -201,6 +201,31 @@ for blk in T.parallel(NB):
     return args, ["K", "H", "NB", "BS"], body
 
 
+def _xnorm(V: int, xk: str, out: str) -> str:
+    """Statements setting `out` to an upper bound of |x|_2 (K values, `xk` the access of x[k] with
+    the index spelt `{k}`), safe against overflow and underflow of the squares: m = max|x_k|, then
+    m * sqrt(sum (x_k / m)^2); below m = 2^-100 the bound sqrt(K) * 2^-100 (the ratios' own
+    rounding stays far inside the screen's 1e-3 slack, `screen_terms`)."""
+    ax = xk.format(k="k")
+    av = xk.format(k=f"kb * {V} + v")
+    return f"""xm[0] = T.float32(0)
+for k in range(K):
+    xm[0] = T.max(xm[0], T.abs({ax}))
+if xm[0] < T.float32(2.0 ** -100):
+    {out} = T.sqrt(T.Cast("float32", K)) * T.float32(2.0 ** -100)
+else:
+    xm[1] = T.float32(1) / xm[0]
+    for v in T.vectorized({V}):
+        xq[v] = T.float32(0)
+    for kb in range(K // {V}):
+        for v in T.vectorized({V}):
+            xq[v] = xq[v] + ({av} * xm[1]) * ({av} * xm[1])
+    for k in range(K // {V} * {V}, K):
+        xq[0] = xq[0] + ({ax} * xm[1]) * ({ax} * xm[1])
+    {out} = xm[0] * T.sqrt({_sum(V, 'xq')})
+"""
+
+
 def _screened_up_parts(p: dict, args: list, emit) -> _Parts:
     """`up_mv` with a screen (`screen="f16"` or `"i8"`): per block of BS neurons, (1) each
     neuron's pre-activation from a narrow copy of its row (the up row, or in a gated MLP the gate
@@ -228,17 +253,12 @@ def _screened_up_parts(p: dict, args: list, emit) -> _Parts:
     # (outputs last, as everywhere: hc / idx / cnt after the screen's constants)
     args = [a for a in args if a[0] not in ("hc", "idx", "cnt")] + [a for a in args if a[0] in ("hc", "idx", "cnt")]
     nacc = max(R, CR) * UV
-    # |x|_2 once, on the calling thread (K multiply-adds, V lanes)
+    # |x|_2 (an upper bound) once, on the calling thread
     body = f"""
 xq = T.alloc_buffer(({V},), "float32")
-for v in T.vectorized({V}):
-    xq[v] = T.float32(0)
-for kb in range(K // {V}):
-    for v in T.vectorized({V}):
-        xq[v] = xq[v] + x[kb * {V} + v] * x[kb * {V} + v]
-for k in range(K // {V} * {V}, K):
-    xq[0] = xq[0] + x[k] * x[k]
-xs = T.Bind(T.sqrt({_sum(V, 'xq')}))
+xm = T.alloc_buffer((2,), "float32")
+xsb = T.alloc_buffer((1,), "float32")
+""" + _xnorm(V, "x[{k}]", "xsb[0]") + f"""xs = T.Bind(xsb[0])
 for blk in T.parallel(NB):
     acc = T.alloc_buffer(({nacc},), "float32")
     c = T.alloc_buffer((1,), "int32")
@@ -293,8 +313,8 @@ for blk in T.parallel(NB):
     # the candidates' exact pre-activations, CR float32 rows in flight at a time
     crows = [f"j{q}" for q in range(CR)]
     inner = "".join(f"j{q} = T.Bind(cand[tq * {CR} + {q}])\n" for q in range(CR))
-    # (the next candidates' rows prefetched: entries past nc hold stale indices, harmless to prefetch)
-    inner += "".join(f"n{q} = T.Bind(cand[T.min(tq * {CR} + {CR + q}, {BS - 1})])\n" for q in range(CR))
+    # (the next candidates' rows prefetched; past the last one, the last one again)
+    inner += "".join(f"n{q} = T.Bind(cand[T.min(tq * {CR} + {CR + q}, nc[0] - 1)])\n" for q in range(CR))
     inner += exact_dots(crows, [f"n{q}" for q in range(CR)] + ([("w", f"j{q}") for q in range(CR)] if gated else []))
     for q in range(CR):
         inner += exact(crows[q], q)
@@ -559,16 +579,9 @@ def _screen_up_mm(p: dict) -> str:
     body = f"""
 xs = T.alloc_buffer(({MT},), "float32")
 xq = T.alloc_buffer(({V},), "float32")
+xm = T.alloc_buffer((2,), "float32")
 for m in range({MT}):
-    for v in T.vectorized({V}):
-        xq[v] = T.float32(0)
-    for kb in range(K // {V}):
-        for v in T.vectorized({V}):
-            xq[v] = xq[v] + x[m, kb * {V} + v] * x[m, kb * {V} + v]
-    for k in range(K // {V} * {V}, K):
-        xq[0] = xq[0] + x[m, k] * x[m, k]
-    xs[m] = T.sqrt({_sum(V, 'xq')})
-for blk in T.parallel(NB):
+""" + _ind(_xnorm(V, "x[m, {k}]", "xs[m]"), 4) + f"""for blk in T.parallel(NB):
     acc = T.alloc_buffer(({R * MT * V},), "float32")
     cand = T.alloc_buffer(({BS},), "int32")
     nc = T.alloc_buffer((1,), "int32")
@@ -587,7 +600,7 @@ for blk in T.parallel(NB):
                     r = T.Bind(blk * {BS} + rq * {R} + q)
 """ + _ind(screen(["r"]), 20) + f"""    for t in range(nc[0]):
         j = T.Bind(cand[t])
-        jn = T.Bind(cand[T.min(t + 1, {BS - 1})])
+        jn = T.Bind(cand[T.min(t + 1, nc[0] - 1)])
         for v in T.vectorized({MT * V}):
             acc[v] = T.float32(0)
         for kb in range(K // {V}):

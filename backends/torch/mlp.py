@@ -11,7 +11,7 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
   zero-gate neuron is never read), `tir-screen-up` / `tir-screen8-up` (and `tir-gated-...`: the
   same, but a float16 / int8 copy of the up weight, or of the gate, first proves most neurons
   inactive with a rigorous error bound, and only the other neurons' float32 rows are read:
-  lossless, about 0.6x / 0.45x of the bytes at 10% active; `backends/tir/_mlp.py`) or `torch-up` (torch's `F.linear` +
+  lossless, about 0.6x / 0.4x of the bytes at 10% active; `backends/tir/_mlp.py`) or `torch-up` (torch's `F.linear` +
   activation, then `nonzero`), followed by the TIR down kernel that reads only the active rows
   of the transposed down weight (neurons split over tasks, each adding full contiguous rows into
   a partial sum).
@@ -127,6 +127,23 @@ class _Weights:
         b = args["b_down"]
         self.b_down = b.detach().float().contiguous() if b is not None else torch.zeros(self.N)
         self.gated = self.w_gate is not None
+
+    def screen(self, kind: str) -> tuple:
+        """`screen_terms` of the weight whose zeros are the MLP's (the gate in a gated MLP, else
+        up), on huge pages; cached per kind and version of the tensors (every screened candidate of
+        a compile shares them; an in-place change to the weight or bias makes new ones)."""
+        cache = self.__dict__.setdefault("_screens", {})
+        w, b = (self.w_gate, self.b_gate) if self.gated else (self.w_up, self.b_up)
+        key = (kind, w._version, b._version if b is not None else None)
+        if key not in cache:
+            from sparsecomp.screen import screen_terms
+
+            terms = screen_terms(w.detach().float(), b.detach().float() if b is not None else None, kind=kind)
+            prefer_huge_pages(terms[0])
+            for stale in [k for k in cache if k[1:] != key[1:]]:  # (of tensors changed in place since)
+                del cache[stale]
+            cache[key] = terms
+        return cache[key]
 
     # The hidden activation and keep-mask exactly as the op's reference computes them, on x as the
     # op receives it (its leading dims included: `F.linear` on a 3-D input is not the same GEMM call
@@ -303,11 +320,9 @@ class _TirUpMV(_FusedMV):
         shape = f"rows={rows}," if not w.gated or screen else ""
         self.label = f"{up_tag}+{d}{{{shape}unroll={unroll}{cr}{dr}}}"
         # the screen reads a narrow copy of the weight whose zeros are the MLP's: up, or the gate
-        screen_args = (_mlp.screen_terms(*((self.w_gate, self.b_gate) if w.gated else (self.w_up, self.b_up)), kind=screen)
-                       if screen else ())
+        screen_args = w.screen(screen) if screen else ()
         self.screen_note = ""
         if screen:
-            prefer_huge_pages(screen_args[0])
             copy = {"f16": "float16", "i8": "int8"}[screen]
             self.screen_note = (f"{copy} screen: a {copy} copy of the {'gate' if w.gated else 'up'} weight "
                                 f"({screen_args[0].numel() * screen_args[0].element_size() / 1e6:.1f} MB) is kept beside it "
@@ -442,15 +457,16 @@ class _Union(_Strategy):
                                  for mt in (2, 4, 8)}
                 self.w_up = w.w_up.detach().float().contiguous()
                 self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
-                self.terms = _mlp.screen_terms(self.w_up, self.b_up, kind=screen)
-                prefer_huge_pages(self.terms[0])
+                self.terms = w.screen(screen)
                 self.h_out = {mt: torch.empty(mt, w.H) for mt in (2, 4, 8)}
                 self.cnt = torch.empty(-(-w.H // 64), dtype=torch.int32)
                 self._screen_bound = bound_args(self.w_up, self.b_up, *self.terms)
-                # measured (us, one chunk of 8 rows): torch's GEMM, the screen letting no neuron
-                # and every neuron through; until measured, the screen runs (it is never wrong)
+                # measured (us, one chunk of 8 rows; fewer rows cost the screen less and the GEMM
+                # about as much, so the break-even holds for them too): torch's GEMM, the screen
+                # letting no neuron and every neuron through. Until measured, the screen runs.
                 self.screen_cost = {"gemm": 1.0, "none": 0.0, "all": 1.0}
-                self.frac = 0.0  # the share of neurons the last call's screen let through
+                self.frac = 0.0  # the share of neurons the screen let through (last call, or estimated)
+                self.ratio = 1.0  # let through / active in some row, at the last screened call
         else:
             self.label = "union-torch"
 
@@ -469,17 +485,22 @@ class _Union(_Strategy):
         xp = (x2 if m == mt else torch.cat([x2, x2[-1:].expand(mt - m, -1)])).contiguous()
         with self._lock:
             self.screen_k[mt](xp, *(bound or self._screen_bound), self.h_out[mt], self.cnt)
-            self.frac = int(self.cnt.sum()) / self.w.H
-            return self.h_out[mt][:m].clone()
+            h = self.h_out[mt][:m].clone()
+            passed = int(self.cnt.sum())
+        self.frac = passed / self.w.H
+        self.ratio = passed / max(1, int((h != 0).any(0).sum()))
+        return h
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         if self.screen_k is not None:
             x2 = x.reshape(-1, x.shape[-1])
             if 1 < x2.shape[0] <= self.CHUNK and x2.dtype == torch.float32 and x2.is_cpu:
-                if self.frac <= self.screen_max():
+                if self.frac < self.screen_max():
                     return self.screened(x2)
                 h = self.w.hidden(x)
-                self.frac = float((h != 0).any(0).float().mean())  # (a lower bound of what the screen would let through)
+                # what the screen would have let through: the neurons active now, scaled as at the
+                # last screened call (the raw active share alone is lower: calls would alternate)
+                self.frac = min(1.0, float((h != 0).any(0).float().mean()) * self.ratio)
                 return h
         return self.w.hidden(x)
 
@@ -809,7 +830,10 @@ def _mm_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, m:
 def _calibrate_crossover(strategy, x2: torch.Tensor, max_seconds: float, flush=None) -> None:
     """Measure, on one chunk of rows of x2 (all of them for `union-torch` and `per-row`, up to 8 for
     `union-tir`), the dense down-projection against the strategy's down with a single neuron and
-    with every neuron active: its cost is linear in the active neurons between the two."""
+    with every neuron active: its cost is linear in the active neurons between the two. A
+    screened union also gets its screen's break-even (`_Union.screen_cost`: torch's GEMM against
+    the screen letting no neuron and every neuron through), timed with `flush` before each call
+    (the model's weights are cold)."""
     w = strategy.w
     if isinstance(strategy, _PerRow):
         with torch.no_grad():
@@ -823,12 +847,12 @@ def _calibrate_crossover(strategy, x2: torch.Tensor, max_seconds: float, flush=N
     rows = x2 if strategy.kind == "torch" else x2[: _Union.CHUNK]
     if getattr(strategy, "screen_k", None) is not None and rows.shape[0] > 1:
         # the screen's break-even: torch's GEMM against the screen letting no neuron and every
-        # neuron through (sm = -inf / +inf), cold where the model's weights are (`flush`)
+        # neuron through (margins of -1e30 / +1e30), cold where the model's weights are (`flush`)
         from sparsecomp.backends.tir import bound_args
 
         *narrow, sb, sm = strategy.terms
         ends = {k: bound_args(strategy.w_up, strategy.b_up, *narrow, sb, torch.full_like(sm, v))
-                for k, v in (("none", -float("inf")), ("all", float("inf")))}
+                for k, v in (("none", -1e30), ("all", 1e30))}
         with torch.no_grad():
             t = compare({"gemm": lambda: w.hidden(rows), "none": lambda: strategy.screened(rows, ends["none"]),
                          "all": lambda: strategy.screened(rows, ends["all"])}, min_runs=10, max_seconds=max_seconds, between=flush)

@@ -82,7 +82,7 @@ def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crow
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
 def test_screened_up_kernel(mlp_kernels, kind, act, gated, bias):
-    """The float16 screen is lossless: the same active neurons and values as the plain up kernel's
+    """The float16 and int8 screens are lossless: the same active neurons and values as the plain up kernel's
     reference, on odd shapes (K below and above a vector step, H not a multiple of the rows per
     step, of the candidates per step or of the block) and group sizes; gated: the gate screened."""
     from sparsecomp.dialect import MLP_ACTIVATIONS
@@ -117,7 +117,7 @@ def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels, kind):
     _close(got, want)
     *narrow, sb, sm = mlp_kernels.screen_terms(w, b, kind=kind)
     assert float(sm[7]) > 0 and float(narrow[0][7].float() @ x) == 0.0
-    got, cnt = _screened_up(mlp_kernels, x, w, b, terms=(*narrow, sb, torch.zeros_like(sm)), kind=kind)
+    got, cnt = _screened_up(mlp_kernels, x, w, b, terms=(*narrow, b.clone(), torch.zeros_like(sm)), kind=kind)  # no margin at all
     assert int(cnt.sum()) == 0
     assert not compare_outputs(got, want)[0]
 
@@ -127,7 +127,7 @@ def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels, kind):
 def test_screen_up_mm_kernel(mlp_kernels, kind, bias):
     """The M > 1 screened kernel: h of MT rows at once equals relu(x w^T + b) on odd shapes (zeros
     where no row's neuron is active), and cnt counts at least the neurons active in some row;
-    a huge value in one row lets every neuron through (the other rows' values unchanged)."""
+    a row with a huge value (its squares would overflow) is screened exactly too."""
     g = torch.Generator().manual_seed(6)
     for mt in (2, 4, 8):
         k = mlp_kernels.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": kind})
@@ -139,18 +139,21 @@ def test_screen_up_mm_kernel(mlp_kernels, kind, bias):
             k(x, w, b, *mlp_kernels.screen_terms(w, b, kind=kind), out, cnt)
             _close(out, want)
             assert int((want != 0).any(0).sum()) <= int(cnt.sum()) <= h
-    x[1, 0] = 1e30  # a huge input in one row: its bound lets every neuron through, the other rows unchanged
+    x[1, 0] = 1e30  # a huge input in one row (its squares would overflow): still screened exactly
     want = torch.relu(x.double() @ w.t().double() + b.double()).float()
     k(x, w, b, *mlp_kernels.screen_terms(w, b, kind=kind), out, cnt)
-    assert int(cnt.sum()) == h
+    assert int((want != 0).any(0).sum()) <= int(cnt.sum())
     _close(out[0], want[0])
+    _close(out[1], want[1])
 
 
 @pytest.mark.parametrize("kind", ["f16", "i8"])
 def test_union_with_screen_any_batch(kind, tmp_path):
     """The M > 1 union path with the screen: batches 2..8 through the screened kernel (padded to
-    2 / 4 / 8 rows) and, past the break-even, through torch's GEMM: both equal the model, and the
-    share of neurons let through is tracked; more than 8 rows never take the screen."""
+    2 / 4 / 8 rows) or, past the measured break-even, through torch's GEMM: both equal the model;
+    after a GEMM call the share the screen would let through is estimated from the active share
+    and the last screened call's ratio (not the raw active share, which made calls alternate);
+    more than 8 rows never take the screen; a break-even of 0 never runs it."""
     from sparsecomp.backends.torch.mlp import _calibrate_crossover, _Union
 
     torch.manual_seed(0)
@@ -163,16 +166,27 @@ def test_union_with_screen_any_batch(kind, tmp_path):
     _calibrate_crossover(u, torch.randn(8, K), 0.05)
     assert set(u.screen_cost) == {"gemm", "none", "all"} and 0.0 <= u.screen_max() <= 1.0
     u.cost = {"dense": 1e9, "one": 0.0, "all": 1.0}  # the union down path, whatever was measured
-    for forced in (1.0, -1.0):  # the screen always / never (frac <= -1 never holds)
-        u.screen_cost = {"gemm": 1.0, "none": 0.0, "all": 1.0 / forced if forced > 0 else 0.5}
-        if forced < 0:
-            u.screen_cost = {"gemm": 0.0, "none": 1.0, "all": 2.0}
+    calls = []
+    screened = u.screened
+    u.screened = lambda x2, bound=None: calls.append(x2.shape[0]) or screened(x2, bound)
+    always, never = {"gemm": 1.0, "none": 0.0, "all": 1.0}, {"gemm": 0.0, "none": 1.0, "all": 2.0}
+    for cost in (always, never):
+        u.screen_cost = cost
         for batch in (2, 3, 5, 8, 13):
+            calls.clear()
             u.frac = 0.0
             xb = torch.randn(batch, K)
             _close(u(xb), model(xb))
-            if batch <= 8:
-                assert u.frac > 0.0  # measured by the screen, or from h after the GEMM
+            assert calls == ([batch] if cost is always and batch <= 8 else [])
+            if cost is always and batch <= 8:
+                assert u.frac > 0.0 and u.ratio >= 1.0
+    u.screen_cost = always
+    u(torch.randn(4, K))  # screened: sets the ratio
+    ratio, u.frac = u.ratio, 1.0  # the next call takes the GEMM
+    xb = torch.randn(4, K)
+    active = float((model.fc1(xb) > 0).any(0).float().mean())
+    _close(u(xb), model(xb))
+    assert u.frac == pytest.approx(min(1.0, active * ratio))
     with pytest.raises(Exception, match="non-gated"):
         gm = sc.compile(Gated().eval(), (torch.randn(1, K),), activation_sparsity="exact", kernels="tir-gated-up+tir-down",
                         cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
@@ -180,11 +194,32 @@ def test_union_with_screen_any_batch(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["f16", "i8"])
+def test_screen_keeps_a_neuron_of_a_tiny_input(mlp_kernels, kind):
+    """Inputs so small that their squares underflow (|x| ~ 1e-23): the margin still covers the
+    rounding (|x|_2 is bounded from max|x| and scaled squares), in the M = 1 and M > 1 kernels: a
+    pre-activation of 2.4e-27 > 0 is kept."""
+    w = torch.zeros(H, K)
+    w[:, 0], w[:, 1] = -1.0, -1.0
+    w[7, 0], w[7, 1] = 1.0 + 2.0 ** -12, -1.0
+    b = torch.zeros(H)
+    x = torch.zeros(K)
+    x[0], x[1] = 1e-23, 1e-23
+    want = torch.relu(w.double() @ x.double()).float()
+    assert want[7] > 0 and int((want != 0).sum()) == 1
+    got, cnt = _screened_up(mlp_kernels, x, w, b, kind=kind)
+    assert int(cnt.sum()) == 1 and got[7] > 0
+    k = mlp_kernels.build_mlp_kernel("screen_up_mm", {"mt": 2, "screen": kind})
+    out, cnt = torch.zeros(2, H), torch.zeros(-(-H // 64), dtype=torch.int32)
+    k(torch.stack([x, x]), w, b, *mlp_kernels.screen_terms(w, b, kind=kind), out, cnt)
+    assert (out[:, 7] > 0).all() and int((out != 0).sum()) == 2
+
+
+@pytest.mark.parametrize("kind", ["f16", "i8"])
 def test_screen_terms_bound_the_gap(mlp_kernels, kind):
     """sm[r] * |x| bounds the gap between the float32 and the narrow rows' pre-activations on
     random inputs; rows beyond float16's range (f16) or not finite are never screened out (a
     finite bound of 3e38), and the kernel stays exact on them, active or not; an all-zero row
-    (int8 scale 0) is screened like any other."""
+    (an int8 row that is all residual: scale 1, wq 0) is screened like any other."""
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(H, K, generator=g) * 3, torch.randn(H, generator=g)
     w[11] = 0.0
