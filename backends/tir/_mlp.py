@@ -233,14 +233,15 @@ def _screened_up_parts(p: dict, args: list, emit) -> _Parts:
     (int8, one scale per row), R rows at a time (a half or a quarter of the float32 row's bytes),
     and an upper bound on the exact one, `s + sb[r] + sm[r] * |x|_2` (`screen_terms`: sm[r]
     bounds the rounding of the weights and of both sums by Cauchy-Schwarz); a neuron whose bound
-    is <= 0 is inactive for certain; (2) the exact float32
-    pre-activation of every other neuron (its float32 row, CR candidates at a time; gated: the
-    gate and up rows of each candidate), activation and compaction as in `up_mv`. Lossless: a neuron is dropped only where its exact pre-activation is provably <= 0
-    (on NaN inputs, as the unscreened kernel, no promise: see README, "What `compile`
-    guarantees"). Reads 2 (float16) or 1 (int8) bytes per screened weight plus 4 per
-    weight of the candidates, against 4 per weight: int8's wider margin lets more candidates
-    through (15% against 11% at 10.8% active on opt-125m-like's shape), float16 wins where many
-    pre-activations lie near 0; the backend measures both."""
+    is <= 0 is inactive for certain; (2) the exact float32 pre-activation of every other neuron
+    (its float32 row, CR candidates at a time; gated: the gate and up rows of each candidate),
+    activation and compaction as in `up_mv`. Lossless: a neuron is dropped only where its exact
+    pre-activation is provably <= 0 (|x|_2 bounded by `_xnorm`; on NaN inputs, as the
+    unscreened kernel, no promise: see README, "What `compile` guarantees"). Reads 2 (float16)
+    or 1 (int8) bytes per screened weight plus 4 per weight of the candidates, against 4 per
+    weight: int8's wider margin lets more candidates through (15% against 11% at 10.8% active on
+    opt-125m-like's shape), float16 wins where many pre-activations lie near 0; the backend
+    measures both."""
     V, U, BS, R, CR, gated = p["vec"], p["unroll"], p["bs"], p["rows"], p.get("crows", 2), p["gated"]
     UV = U * V
     i8 = p["screen"] == "i8"  # int8 rows, one scale per row (`screen_terms`), instead of float16
