@@ -61,12 +61,13 @@ def test_up_kernel(mlp_kernels, act, gated, bias):
         _close(got, want)
 
 
-def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crows=3, terms=None, gate=None, kind="f16"):
+def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crows=3, terms=None, gate=None, kind="f16", vec=None):
     """Run the screened up kernel (`kind`: float16 or int8 copy; gated where `gate` = (wg, bg): the
-    gate is screened); returns (hidden [H] rebuilt from the compact lists, cnt)."""
+    gate is screened; `vec`: lanes, the host's by default); returns (hidden [H] rebuilt from the
+    compact lists, cnt)."""
     h = w.shape[0]
     k = mlp_kernels.build_mlp_kernel("up_mv", {"act": act, "rows": rows, "unroll": unroll, "bs": bs, "screen": kind, "crows": crows,
-                                               "gated": gate is not None})
+                                               "gated": gate is not None, **({"vec": vec} if vec else {})})
     nb = -(-h // bs)
     hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
     k(x, w, b, *(gate or ()), *(terms or mlp_kernels.screen_terms(*(gate or (w, b)), kind=kind)), hc, idx, cnt)
@@ -93,8 +94,10 @@ def test_screened_up_kernel(mlp_kernels, kind, act, gated, bias):
         x, w, wg = torch.randn(k_in, generator=g), torch.randn(h, k_in, generator=g), torch.randn(h, k_in, generator=g)
         b, bg = torch.randn(h, generator=g) + (0.0 if gated else bias), torch.randn(h, generator=g) + bias
         want = f(wg @ x + bg) * (w @ x + b) if gated else f(w @ x + b)
-        for rows, unroll, bs, crows in ((4, 2, 16, 3), (1, 1, 8, 1), (2, 4, 64, 4)):
-            got, cnt = _screened_up(mlp_kernels, x, w, b, act, rows, unroll, bs, crows, gate=(wg, bg) if gated else None, kind=kind)
+        # (the last with 8 lanes: AVX2 hosts generate it)
+        for rows, unroll, bs, crows, vec in ((4, 2, 16, 3, None), (1, 1, 8, 1, None), (2, 4, 64, 4, None), (4, 2, 16, 2, 8)):
+            got, cnt = _screened_up(mlp_kernels, x, w, b, act, rows, unroll, bs, crows, gate=(wg, bg) if gated else None, kind=kind,
+                                    vec=vec)
             assert int(cnt.sum()) == int(((f(wg @ x + bg) if gated else want) != 0).sum())
             _close(got, want)
 
@@ -129,8 +132,8 @@ def test_screen_up_mm_kernel(mlp_kernels, kind, bias):
     where no row's neuron is active), and cnt counts at least the neurons active in some row;
     a row with a huge value (its squares would overflow) is screened exactly too."""
     g = torch.Generator().manual_seed(6)
-    for mt in (2, 4, 8):
-        k = mlp_kernels.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": kind})
+    for mt, vec in ((2, None), (4, None), (8, None), (4, 8)):  # (8 lanes: what AVX2 hosts generate)
+        k = mlp_kernels.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": kind, **({"vec": vec} if vec else {})})
         for k_in, h in ((K, H), (5, 3), (129, 70)):
             x, w = torch.randn(mt, k_in, generator=g), torch.randn(h, k_in, generator=g)
             b = torch.randn(h, generator=g) + bias
