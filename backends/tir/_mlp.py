@@ -17,7 +17,7 @@ contiguous read of its row. Kernels (all float32, sizes symbolic, one build per 
   the neurons past the screen) and 185-193 us with int8 (15.0% past it), against 333 us
   unscreened and 671 us dense: past the 1.82x "up stays dense" bound of skipping down rows alone.
   It costs a narrow copy of the weight in memory (+50% or +25% of it).
-- `screen_up_mm` (M = 2..8, exact mode, not gated): the hidden activations of MT rows of x at
+- `screen_up_mm` (M = 2..8, exact mode, gated or not): the hidden activations of MT rows of x at
   once through the same screen, the narrow weight read once for all rows (each narrow vector
   widened once, then one multiply-add per row); a neuron is read in float32 where any row's bound
   lets it through. Rows of x held per step: 2 up to 4 rows of x, 1 at 8 (register pressure).
@@ -527,9 +527,9 @@ for cb in {red}(NP // {CB}):
 
 
 def _screen_up_mm(p: dict) -> str:
-    """M > 1 (MT rows of x; the caller pads a short chunk by repeating a row), exact mode, not
-    gated: the hidden activations h[MT, H] of all rows, through the screen of `_screened_up_parts`
-    read once for all MT rows. Per block of BS neurons, R screened rows at a time (each narrow
+    """M > 1 (MT rows of x; the caller pads a short chunk by repeating a row), exact mode: the
+    hidden activations h[MT, H] of all rows, through the screen of `_screened_up_parts` (of the
+    gate in a gated MLP: `gated=True`, then h = act(gate) * up) read once for all MT rows. Per block of BS neurons, R screened rows at a time (each narrow
     vector loaded and widened once, then one multiply-add per row of x); a neuron is a candidate
     where the bound of any row of x is not <= 0, and only the candidates' float32 rows are read
     (one at a time, the next one prefetched), for all MT rows at once. h is exact for every
@@ -544,8 +544,10 @@ def _screen_up_mm(p: dict) -> str:
     if p["screen"] not in ("f16", "i8"):
         raise SparsecompError(f"screened up kernel: no screen {p['screen']!r}", hint='"f16" or "i8"')
     eb = 1 if i8 else 2
-    args = [("x", f"{MT}, K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32"),
-            ("wq", "H, K", "int8" if i8 else "float16")] + ([("ss", "H", "float32")] if i8 else [])
+    gated = p.get("gated", False)
+    args = [("x", f"{MT}, K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32")]
+    args += [("wg", "H, K", "float32"), ("bg", "H", "float32")] if gated else []
+    args += [("wq", "H, K", "int8" if i8 else "float16")] + ([("ss", "H", "float32")] if i8 else [])
     args += [("sb", "H", "float32"), ("sm", "H", "float32"), ("h", f"{MT}, H", "float32"), ("cnt", "NB", "int32")]
     s = _header(args, ["K", "H", "NB"])
 
@@ -599,23 +601,32 @@ for m in range({MT}):
             for q in range({R}):
                 if blk * {BS} + rq * {R} + q < H:
                     r = T.Bind(blk * {BS} + rq * {R} + q)
-""" + _ind(screen(["r"]), 20) + f"""    for t in range(nc[0]):
-        j = T.Bind(cand[t])
-        jn = T.Bind(cand[T.min(t + 1, nc[0] - 1)])
-        for v in T.vectorized({MT * V}):
-            acc[v] = T.float32(0)
-        for kb in range(K // {V}):
-            {_prefetch(f"w[jn, kb * {V}]").strip()}
-            wv = T.Bind(w[j, T.Ramp(kb * {V}, 1, {V})])
-            for m in T.unroll({MT}):
-                acc[T.Ramp(m * {V}, 1, {V})] = acc[T.Ramp(m * {V}, 1, {V})] + wv * x[m, T.Ramp(kb * {V}, 1, {V})]
-        for k in range(K // {V} * {V}, K):
-            for m in range({MT}):
-                acc[m * {V}] = acc[m * {V}] + w[j, k] * x[m, k]
-        for m in range({MT}):
-            h[m, j] = {a.format(s='(' + vsum(f'm * {V}') + ' + b[j])')}
-    cnt[blk] = nc[0]
+""" + _ind(screen(["r"]), 20) + "    for t in range(nc[0]):\n        j = T.Bind(cand[t])\n"
+    body += "        jn = T.Bind(cand[T.min(t + 1, nc[0] - 1)])\n"
+
+    def dot(wname: str) -> str:  # acc[m*V : m*V + V] = the sums of wname[j] . x[m], the next candidate's row prefetched
+        return f"""for v in T.vectorized({MT * V}):
+    acc[v] = T.float32(0)
+for kb in range(K // {V}):
+    {_prefetch(f"{wname}[jn, kb * {V}]").strip()}
+    wv = T.Bind({wname}[j, T.Ramp(kb * {V}, 1, {V})])
+    for m in T.unroll({MT}):
+        acc[T.Ramp(m * {V}, 1, {V})] = acc[T.Ramp(m * {V}, 1, {V})] + wv * x[m, T.Ramp(kb * {V}, 1, {V})]
+for k in range(K // {V} * {V}, K):
+    for m in range({MT}):
+        acc[m * {V}] = acc[m * {V}] + {wname}[j, k] * x[m, k]
 """
+
+    if gated:  # the gate's exact values first (kept in gv), then the up row's
+        body += _ind(dot("wg"), 8) + f"        for m in range({MT}):\n"
+        body += f"            gv[m] = {a.format(s='(' + vsum(f'm * {V}') + ' + bg[j])')}\n"
+        body += _ind(dot("w"), 8) + f"        for m in range({MT}):\n            h[m, j] = gv[m] * ({vsum(f'm * {V}')} + b[j])\n"
+    else:
+        body += _ind(dot("w"), 8) + f"        for m in range({MT}):\n"
+        body += f"            h[m, j] = {a.format(s='(' + vsum(f'm * {V}') + ' + b[j])')}\n"
+    body += "    cnt[blk] = nc[0]\n"
+    if gated:
+        body = body.replace("    kf = T.alloc_buffer((1,), \"int32\")\n", f"    kf = T.alloc_buffer((1,), \"int32\")\n    gv = T.alloc_buffer(({MT},), \"float32\")\n", 1)
     return s + _ind(body, 4)
 
 
@@ -777,6 +788,7 @@ def _normalise(kind: str, params: dict) -> dict:
         p.setdefault("mt", 4)
         p.setdefault("act", "relu")
         p.setdefault("screen", "i8")
+        p.setdefault("gated", False)
     if kind in ("down_mv", "down_mm", "down_rows"):
         p.setdefault("cb", 64)
         p.setdefault("rows", 2)

@@ -45,7 +45,7 @@ A `SparseMLP` runs one of these strategies (`x` flattened to M rows):
   weight sparsity) join the candidates.
 - M > 1: the union of the active neurons of each chunk of 8 rows (`union-tir`: the TIR kernel
   reads each active down row once per chunk; `union-torch`: `index_select` + GEMM over all rows;
-  `union-tir{...,screen=}`: up to 8 rows get their hidden activations from the screened TIR
+  `union-tir{...,screen=}`: up to 8 rows get their hidden activations (gated or not) from the screened TIR
   kernel, `screen_up_mm`, while the share of neurons its last call let through stays below the
   break-even measured at compile against torch's GEMM; the M = 1 choice's screen carries over),
   or per-row work (`per-row-tir`: each row adds only its own active neurons' rows, for rows whose
@@ -300,7 +300,7 @@ class _TirUpMV(_FusedMV):
         up = {"bs": bs, "rows": 1 if w.gated and not screen else rows, "unroll": unroll, "act": w.act_name, "gated": w.gated}
         if screen:
             up.update(screen=screen, crows=crows)
-        self.screen = screen if not w.gated else None  # (the M > 1 path takes the same screen, not gated)
+        self.screen = screen  # (the M > 1 path takes the same screen)
         self.down = _DownMV(w, parts, down_rows, serial)
         self.k = _mlp.build_mlp_kernel("exact_mv", {"up": up, "down": self.down.params})
         nb = -(-w.H // bs)
@@ -427,9 +427,9 @@ class _Union(_Strategy):
     CHUNK = 8
 
     def __init__(self, w, kind: str = "tir", parts: int = 4, rows: int = 2, screen: str | None = None):
-        """`screen` ("f16" / "i8", TIR only, exact mode, not gated): up to CHUNK rows get their
-        hidden activations from the screened kernel (`screen_up_mm`: the narrow copy of the up
-        weight read once for all rows, float32 rows only for the neurons it cannot rule out)
+        """`screen` ("f16" / "i8", TIR only, exact mode): up to CHUNK rows get their hidden
+        activations from the screened kernel (`screen_up_mm`: the narrow copy of the up weight, or
+        of the gate, read once for all rows, float32 rows only for the neurons it cannot rule out)
         instead of torch's GEMM, while the share of neurons the screen let through in the last
         call stays below the measured break-even (`screen_cost`)."""
         super().__init__(w)
@@ -447,20 +447,20 @@ class _Union(_Strategy):
             self._lock = threading.Lock()  # the partial sums are scratch (see _FusedMV.run_row)
             self.label = f"union-tir{{rows={rows}{f',screen={screen}' if screen else ''}}}"
             if screen:
-                if w.gated or w.mode != "exact" or w.act_name not in EXACT_ACTIVATIONS:
-                    raise SparsecompError("the screened M > 1 kernel is for non-gated ReLU-family exact mode")
+                if w.mode != "exact" or w.act_name not in EXACT_ACTIVATIONS:
+                    raise SparsecompError("the screened M > 1 kernel is for ReLU-family exact mode")
                 # screened rows per step: 2 up to 4 rows of x, 1 at 8 (16 accumulators spilled: the
                 # 2048 -> 8192 FFN's screen alone at 8 rows, 1.46 against 2.00 ms; at 2 and 4 rows
                 # 0.40 / 0.54 ms with 2 against 0.62 / 0.69 with 1)
                 self.screen_k = {mt: _mlp.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": screen, "act": w.act_name,
-                                                                            "rows": 2 if mt <= 4 else 1})
+                                                                            "rows": 2 if mt <= 4 else 1, "gated": w.gated})
                                  for mt in (2, 4, 8)}
-                self.w_up = w.w_up.detach().float().contiguous()
-                self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
+                f32 = lambda t, n: t.detach().float().contiguous() if t is not None else torch.zeros(n)  # noqa: E731
+                self.consts = (f32(w.w_up, 0), f32(w.b_up, w.H)) + ((f32(w.w_gate, 0), f32(w.b_gate, w.H)) if w.gated else ())
                 self.terms = w.screen(screen)
                 self.h_out = {mt: torch.empty(mt, w.H) for mt in (2, 4, 8)}
                 self.cnt = torch.empty(-(-w.H // 64), dtype=torch.int32)
-                self._screen_bound = bound_args(self.w_up, self.b_up, *self.terms)
+                self._screen_bound = bound_args(*self.consts, *self.terms)
                 # measured (us, one chunk of 8 rows; fewer rows cost the screen less and the GEMM
                 # about as much, so the break-even holds for them too): torch's GEMM, the screen
                 # letting no neuron and every neuron through. Until measured, the screen runs.
@@ -822,7 +822,7 @@ def _mm_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, m:
     if use_tir:
         out += [lambda r=r: _Union(w, "tir", rows=r) for r in (2, 1)]
         out += [lambda: _PerRow(w, rows=2)]
-        if m <= _Union.CHUNK and w.mode == "exact" and not w.gated and w.act_name in EXACT_ACTIVATIONS:
+        if m <= _Union.CHUNK and w.mode == "exact" and w.act_name in EXACT_ACTIVATIONS:
             out += [lambda: _Union(w, "tir", rows=2, screen="i8")]  # (more rows never take the screen)
     return out
 
@@ -851,7 +851,7 @@ def _calibrate_crossover(strategy, x2: torch.Tensor, max_seconds: float, flush=N
         from sparsecomp.backends.tir import bound_args
 
         *narrow, sb, sm = strategy.terms
-        ends = {k: bound_args(strategy.w_up, strategy.b_up, *narrow, sb, torch.full_like(sm, v))
+        ends = {k: bound_args(*strategy.consts, *narrow, sb, torch.full_like(sm, v))
                 for k, v in (("none", -1e30), ("all", 1e30))}
         with torch.no_grad():
             t = compare({"gemm": lambda: w.hidden(rows), "none": lambda: strategy.screened(rows, ends["none"]),

@@ -127,6 +127,24 @@ def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels, kind):
 
 @pytest.mark.parametrize("kind", ["f16", "i8"])
 @pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
+def test_screen_up_mm_gated_kernel(mlp_kernels, kind, bias):
+    """The M > 1 screened kernel of a gated MLP (the gate screened): h = act(x wg^T + bg) *
+    (x w^T + b) for MT rows at once, on odd shapes."""
+    g = torch.Generator().manual_seed(8)
+    for mt in (2, 4, 8):
+        k = mlp_kernels.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": kind, "gated": True})
+        for k_in, h in ((K, H), (5, 3), (129, 70)):
+            x, w, wg = torch.randn(mt, k_in, generator=g), torch.randn(h, k_in, generator=g), torch.randn(h, k_in, generator=g)
+            b, bg = torch.randn(h, generator=g), torch.randn(h, generator=g) + bias
+            gate = torch.relu(x @ wg.t() + bg)
+            out, cnt = torch.full((mt, h), float("nan")), torch.zeros(-(-h // 64), dtype=torch.int32)
+            k(x, w, b, wg, bg, *mlp_kernels.screen_terms(wg, bg, kind=kind), out, cnt)
+            _close(out, gate * (x @ w.t() + b))
+            assert int((gate != 0).any(0).sum()) <= int(cnt.sum()) <= h
+
+
+@pytest.mark.parametrize("kind", ["f16", "i8"])
+@pytest.mark.parametrize("bias", [-0.3, -50.0, 50.0], ids=["some", "none-active", "all-active"])
 def test_screen_up_mm_kernel(mlp_kernels, kind, bias):
     """The M > 1 screened kernel: h of MT rows at once equals relu(x w^T + b) on odd shapes (zeros
     where no row's neuron is active), and cnt counts at least the neurons active in some row;
@@ -156,7 +174,8 @@ def test_union_with_screen_any_batch(kind, tmp_path):
     2 / 4 / 8 rows) or, past the measured break-even, through torch's GEMM: both equal the model;
     after a GEMM call the share the screen would let through is estimated from the active share
     and the last screened call's ratio (not the raw active share, which made calls alternate);
-    more than 8 rows never take the screen; a break-even of 0 never runs it."""
+    more than 8 rows never take the screen; a break-even of 0 never runs it; a gated MLP's gate is
+    screened."""
     from sparsecomp.backends.torch.mlp import _calibrate_crossover, _Union
 
     torch.manual_seed(0)
@@ -190,10 +209,15 @@ def test_union_with_screen_any_batch(kind, tmp_path):
     active = float((model.fc1(xb) > 0).any(0).float().mean())
     _close(u(xb), model(xb))
     assert u.frac == pytest.approx(min(1.0, active * ratio))
-    with pytest.raises(Exception, match="non-gated"):
-        gm = sc.compile(Gated().eval(), (torch.randn(1, K),), activation_sparsity="exact", kernels="tir-gated-up+tir-down",
-                        cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
-        _Union(_mlp_modules(gm)[0]._w, "tir", screen=kind)
+    gated = Gated().eval()  # the gate screened, h = act(gate) * up
+    gm = sc.compile(gated, (torch.randn(1, K),), activation_sparsity="exact", kernels="tir-gated-up+tir-down",
+                    cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    ug = _Union(_mlp_modules(gm)[0]._w, "tir", screen=kind)
+    ug.cost, ug.screen_cost = {"dense": 1e9, "one": 0.0, "all": 1.0}, always
+    for batch in (2, 3, 5, 8):
+        xb = torch.randn(batch, K)
+        _close(ug(xb), gated(xb))
+        assert ug.frac > 0.0
 
 
 @pytest.mark.parametrize("kind", ["f16", "i8"])
