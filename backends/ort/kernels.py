@@ -210,7 +210,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Orientation:
-    """How a layer's input and output are laid out in the exported graph (`export.chain_layouts`).
+    """How a layer's input and output are laid out in the exported graph (`export.chain_orientations`).
 
     A block kernel gathers rows of x^T [in, M] and computes y^T [out, M], so alone it pays a
     Transpose on each side (with its Reshapes, ~0.25 ms per bert-base MLP at 128 tokens). Where

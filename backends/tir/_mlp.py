@@ -66,12 +66,11 @@ from __future__ import annotations
 import torch
 
 from sparsecomp.errors import SparsecompError
-from sparsecomp.screen import screen_terms
 
 from . import _build, _target
 from ._codegen import _header, _ind, _prefetch
 
-__all__ = ["ACTIVATIONS", "build_mlp_kernel", "mlp_source", "predictor_panels", "screen_terms"]
+__all__ = ["ACTIVATIONS", "build_mlp_kernel", "mlp_source", "predictor_panels"]
 
 # A kernel's pieces: its buffer arguments (name, shape expression, dtype), its symbolic sizes and
 # its body (at indent 0). `_assemble` joins one or more into one PrimFunc, phases in order;
@@ -201,6 +200,15 @@ for blk in T.parallel(NB):
     return args, ["K", "H", "NB", "BS"], body
 
 
+def _narrow(screen) -> tuple[str, int]:
+    """A screen's narrow copy: (its dtype, bytes per weight); `sparsecomp.screen.screen_terms` makes it."""
+    if screen in (True, "f16"):
+        return "float16", 2
+    if screen == "i8":
+        return "int8", 1
+    raise SparsecompError(f"screened up kernel: no screen {screen!r}", hint='"f16" or "i8"')
+
+
 def _xnorm(V: int, xk: str, out: str) -> str:
     """Statements setting `out` to an upper bound of |x|_2 (K values, `xk` the access of x[k] with
     the index spelt `{k}`), safe against overflow and underflow of the squares: m = max|x_k|, then
@@ -244,12 +252,10 @@ def _screened_up_parts(p: dict, args: list, emit) -> _Parts:
     measures both."""
     V, U, BS, R, CR, gated = p["vec"], p["unroll"], p["bs"], p["rows"], p.get("crows", 2), p["gated"]
     UV = U * V
-    i8 = p["screen"] == "i8"  # int8 rows, one scale per row (`screen_terms`), instead of float16
-    if p["screen"] not in (True, "f16", "i8"):
-        raise SparsecompError(f"up kernel: no screen {p['screen']!r}", hint='"f16" or "i8"')
-    eb = 1 if i8 else 2
+    dt, eb = _narrow(p["screen"])
+    i8 = eb == 1  # int8 rows, one scale per row (`screen_terms`), instead of float16
     sw = "wgh" if gated else "wh"  # the screened weight's narrow copy
-    args = args + [(sw, "H, K", "int8" if i8 else "float16")] + ([("ss", "H", "float32")] if i8 else [])
+    args = args + [(sw, "H, K", dt)] + ([("ss", "H", "float32")] if i8 else [])
     args += [("sb", "H", "float32"), ("sm", "H", "float32")]
     # (outputs last, as everywhere: hc / idx / cnt after the screen's constants)
     args = [a for a in args if a[0] not in ("hc", "idx", "cnt")] + [a for a in args if a[0] in ("hc", "idx", "cnt")]
@@ -265,7 +271,7 @@ for blk in T.parallel(NB):
     c = T.alloc_buffer((1,), "int32")
     cand = T.alloc_buffer(({BS},), "int32")
     nc = T.alloc_buffer((1,), "int32")
-    c[0] = 0
+""" + (f"    acc2 = T.alloc_buffer(({CR * UV},), \"float32\")\n" if gated else "") + """    c[0] = 0
     nc[0] = 0
 """
 
@@ -277,13 +283,11 @@ for blk in T.parallel(NB):
                 f"    cand[nc[0]] = {row}\n    nc[0] = nc[0] + 1\n")
 
     rows = [f"r0 + {q}" for q in range(R)]
-    # the float16 rows need software prefetch (of the group `ahead` groups on) to stream at the
-    # float32 kernel's rate: with half the bytes per instruction, the out-of-order window alone
-    # keeps half as many lines in flight (3072x768, cold, 2 threads: 278 us without, 182 with,
+    # the narrow rows need software prefetch (of the next group of rows) to stream at the float32
+    # kernel's rate: with half the bytes per instruction, the out-of-order window alone keeps half
+    # as many lines in flight (3072x768 float16, cold, 2 threads: 278 us without, 182 with,
     # against 338-351 us for the float32 rows)
-    A = p.get("ahead", 1)
-    inner = _dot_rows(V, U, R, rows, sw, "x", "acc", half=True, ahead=[f"r0 + {R * A + q}" for q in range(R)] if A else None,
-                      ebytes=eb)
+    inner = _dot_rows(V, U, R, rows, sw, "x", "acc", half=True, ahead=[f"r0 + {R + q}" for q in range(R)], ebytes=eb)
     for q in range(R):
         inner += keep(rows[q], _sum(V, "acc", q * UV))
     body += f"    for rq in range({BS // R}):\n        if blk * {BS} + rq * {R} + {R} <= H:\n"
@@ -323,9 +327,6 @@ for blk in T.parallel(NB):
     tail = "jt = T.Bind(cand[t])\n" + exact_dots(["jt"], []) + exact("jt", 0)
     body += f"    for t in range(nc[0] // {CR} * {CR}, nc[0]):\n" + _ind(tail, 8)
     body += "    cnt[blk] = c[0]\n"
-    if gated:
-        body = body.replace("    nc = T.alloc_buffer((1,), \"int32\")\n",
-                            f"    nc = T.alloc_buffer((1,), \"int32\")\n    acc2 = T.alloc_buffer(({CR * UV},), \"float32\")\n", 1)
     return args, ["K", "H", "NB", "BS"], body
 
 
@@ -344,8 +345,7 @@ def _dense_mv_parts(p: dict, x: str = "x", w: str = "w", b: str = "b", y: str = 
     args = [(x, K, "float32"), (w, f"{H}, {K}", "float16" if half else "float32"), (b, H, "float32"), (y, H, "float32")]
     UV = U * V
     rows = [f"r0 + {q}" for q in range(R)]
-    ahead = [f"r0 + {R * p.get('ahead', 0) + q}" for q in range(R)] if p.get("ahead") else None
-    inner = _dot_rows(V, U, R, rows, w, x, "acc", K, half, ahead)
+    inner = _dot_rows(V, U, R, rows, w, x, "acc", K, half)
     for q in range(R):
         inner += f"{y}[{rows[q]}] = {_sum(V, 'acc', q * UV)} + {b}[{rows[q]}]\n"
     tail = _dot(V, U, "r", w, x, "acc", K, half) + f"{y}[r] = {_sum(V, 'acc')} + {b}[r]\n"
@@ -529,25 +529,24 @@ for cb in {red}(NP // {CB}):
 def _screen_up_mm(p: dict) -> str:
     """M > 1 (MT rows of x; the caller pads a short chunk by repeating a row), exact mode: the
     hidden activations h[MT, H] of all rows, through the screen of `_screened_up_parts` (of the
-    gate in a gated MLP: `gated=True`, then h = act(gate) * up) read once for all MT rows. Per block of BS neurons, R screened rows at a time (each narrow
-    vector loaded and widened once, then one multiply-add per row of x); a neuron is a candidate
-    where the bound of any row of x is not <= 0, and only the candidates' float32 rows are read
-    (one at a time, the next one prefetched), for all MT rows at once. h is exact for every
-    candidate and 0 elsewhere; cnt[blk] = the block's candidates (the caller's measure of how
-    much of the weight the screen let through)."""
+    gate in a gated MLP: `gated=True`, then h = act(gate) * up) read once for all MT rows. Per
+    block of BS neurons, R screened rows at a time (each narrow vector loaded and widened once,
+    then one multiply-add per row of x); a neuron is a candidate where the bound of any row of x
+    is not <= 0, and only the candidates' float32 rows are read (one at a time, the next one
+    prefetched), for all MT rows at once. h is exact for every candidate and 0 elsewhere;
+    cnt[blk] = the block's candidates (the caller's measure of how much of the weight the screen
+    let through)."""
     V, R, BS, MT, act = p["vec"], p["rows"], p["bs"], p["mt"], p["act"]
     if act not in ACTIVATIONS:
         raise SparsecompError(f"the screened up kernel has no activation {act!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
     if BS % R:
         raise SparsecompError(f"screened up kernel: block size {BS} must be a multiple of rows {R}")
-    i8 = p["screen"] == "i8"
-    if p["screen"] not in ("f16", "i8"):
-        raise SparsecompError(f"screened up kernel: no screen {p['screen']!r}", hint='"f16" or "i8"')
-    eb = 1 if i8 else 2
+    dt, eb = _narrow(p["screen"])
+    i8 = eb == 1
     gated = p.get("gated", False)
     args = [("x", f"{MT}, K", "float32"), ("w", "H, K", "float32"), ("b", "H", "float32")]
     args += [("wg", "H, K", "float32"), ("bg", "H", "float32")] if gated else []
-    args += [("wq", "H, K", "int8" if i8 else "float16")] + ([("ss", "H", "float32")] if i8 else [])
+    args += [("wq", "H, K", dt)] + ([("ss", "H", "float32")] if i8 else [])
     args += [("sb", "H", "float32"), ("sm", "H", "float32"), ("h", f"{MT}, H", "float32"), ("cnt", "NB", "int32")]
     s = _header(args, ["K", "H", "NB"])
 
@@ -589,7 +588,7 @@ for m in range({MT}):
     cand = T.alloc_buffer(({BS},), "int32")
     nc = T.alloc_buffer((1,), "int32")
     kf = T.alloc_buffer((1,), "int32")
-    nc[0] = 0
+""" + (f"    gv = T.alloc_buffer(({MT},), \"float32\")\n" if gated else "") + f"""    nc[0] = 0
     for m in range({MT}):
         for rr in range({BS}):
             if blk * {BS} + rr < H:
@@ -625,8 +624,6 @@ for k in range(K // {V} * {V}, K):
         body += _ind(dot("w"), 8) + f"        for m in range({MT}):\n"
         body += f"            h[m, j] = {a.format(s='(' + vsum(f'm * {V}') + ' + b[j])')}\n"
     body += "    cnt[blk] = nc[0]\n"
-    if gated:
-        body = body.replace("    kf = T.alloc_buffer((1,), \"int32\")\n", f"    kf = T.alloc_buffer((1,), \"int32\")\n    gv = T.alloc_buffer(({MT},), \"float32\")\n", 1)
     return s + _ind(body, 4)
 
 

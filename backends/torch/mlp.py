@@ -128,6 +128,12 @@ class _Weights:
         self.b_down = b.detach().float().contiguous() if b is not None else torch.zeros(self.N)
         self.gated = self.w_gate is not None
 
+    def up_consts(self) -> tuple:
+        """(w_up, b_up) + (w_gate, b_gate) in a gated MLP, as the up kernels take them: float32,
+        contiguous (the op's own tensors where they already are), a missing bias as zeros."""
+        f32 = lambda t, n: t.detach().float().contiguous() if t is not None else torch.zeros(n)  # noqa: E731
+        return (f32(self.w_up, 0), f32(self.b_up, self.H)) + ((f32(self.w_gate, 0), f32(self.b_gate, self.H)) if self.gated else ())
+
     def screen(self, kind: str) -> tuple:
         """`screen_terms` of the weight whose zeros are the MLP's (the gate in a gated MLP, else
         up), on huge pages; cached per kind and version of the tensors (every screened candidate of
@@ -307,11 +313,6 @@ class _TirUpMV(_FusedMV):
         self.hc = torch.empty(nb, bs)
         self.idx = torch.empty(nb, bs, dtype=torch.int32)
         self.cnt = torch.empty(nb, dtype=torch.int32)
-        self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
-        self.w_up = w.w_up.detach().float().contiguous()
-        if w.gated:
-            self.w_gate = w.w_gate.detach().float().contiguous()
-            self.b_gate = w.b_gate.detach().float().contiguous() if w.b_gate is not None else torch.zeros(w.H)
         d = self.down.tag
         dr = f",down_rows={down_rows}" if down_rows != 4 else ""
         scr = {None: "", "f16": "screen-", "i8": "screen8-"}[screen]
@@ -327,8 +328,7 @@ class _TirUpMV(_FusedMV):
             self.screen_note = (f"{copy} screen: a {copy} copy of the {'gate' if w.gated else 'up'} weight "
                                 f"({screen_args[0].numel() * screen_args[0].element_size() / 1e6:.1f} MB) is kept beside it "
                                 f"(lossless: see {up_tag})")
-        self.args = ((self.w_up, self.b_up) + ((self.w_gate, self.b_gate) if w.gated else ()) + screen_args
-                     + (self.hc, self.idx, self.cnt) + self.down.args())
+        self.args = w.up_consts() + screen_args + (self.hc, self.idx, self.cnt) + self.down.args()
 
 
 class _PredictorMV(_Strategy):
@@ -342,13 +342,9 @@ class _PredictorMV(_Strategy):
         super().__init__(w)
         self.gather = _mlp.build_mlp_kernel("gather_up_mv", {"unroll": 4 if gather_rows == 1 else 1, "rows": gather_rows})
         self.down = _DownMV(w, parts, rows, serial)
-        self.w_up = w.w_up.detach().float().contiguous()
-        self.b_up = w.b_up.detach().float().contiguous() if w.b_up is not None else torch.zeros(w.H)
-        if w.gated:
-            self.w_gate = w.w_gate.detach().float().contiguous()
-            self.b_gate = w.b_gate.detach().float().contiguous() if w.b_gate is not None else torch.zeros(w.H)
-        self._up = bound_args(self.w_up, self.b_up)
-        self._gate = bound_args(self.w_gate, self.b_gate) if w.gated else None
+        consts = w.up_consts()
+        self._up = bound_args(*consts[:2])
+        self._gate = bound_args(*consts[2:]) if w.gated else None
         self.label = f"predictor+tir-gather+{self.down.tag}{{rows={rows}" + (f",gather_rows={gather_rows}}}" if gather_rows > 1 else "}")
 
     def __call__(self, x):
@@ -455,8 +451,7 @@ class _Union(_Strategy):
                 self.screen_k = {mt: _mlp.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": screen, "act": w.act_name,
                                                                             "rows": 2 if mt <= 4 else 1, "gated": w.gated})
                                  for mt in (2, 4, 8)}
-                f32 = lambda t, n: t.detach().float().contiguous() if t is not None else torch.zeros(n)  # noqa: E731
-                self.consts = (f32(w.w_up, 0), f32(w.b_up, w.H)) + ((f32(w.w_gate, 0), f32(w.b_gate, w.H)) if w.gated else ())
+                self.consts = w.up_consts()
                 self.terms = w.screen(screen)
                 self.h_out = {mt: torch.empty(mt, w.H) for mt in (2, 4, 8)}
                 self.cnt = torch.empty(-(-w.H // 64), dtype=torch.int32)
@@ -467,6 +462,7 @@ class _Union(_Strategy):
                 self.screen_cost = {"gemm": 1.0, "none": 0.0, "all": 1.0}
                 self.frac = 0.0  # the share of neurons the screen let through (last call, or estimated)
                 self.ratio = 1.0  # let through / active in some row, at the last screened call
+                self._passed: int | None = None  # let through by this call's screen (None: h from the GEMM)
         else:
             self.label = "union-torch"
 
@@ -477,32 +473,36 @@ class _Union(_Strategy):
             return 1.0 if c["gemm"] >= c["all"] else 0.0
         return max(0.0, min(1.0, (c["gemm"] - c["none"]) / (c["all"] - c["none"])))
 
-    def screened(self, x2: torch.Tensor, bound=None) -> torch.Tensor:
-        """h [m, H] of 2 <= m <= CHUNK float32 rows through `screen_up_mm` (rows padded by
-        repeating the last one, which lets no other neuron through); updates `frac`."""
+    def screened(self, x2: torch.Tensor, bound=None) -> tuple[torch.Tensor, int]:
+        """(h [m, H], the neurons let through) of 2 <= m <= CHUNK float32 rows through
+        `screen_up_mm` (rows padded by repeating the last one, which lets no other neuron through)."""
         m = x2.shape[0]
         mt = 2 if m <= 2 else 4 if m <= 4 else 8
         xp = (x2 if m == mt else torch.cat([x2, x2[-1:].expand(mt - m, -1)])).contiguous()
         with self._lock:
             self.screen_k[mt](xp, *(bound or self._screen_bound), self.h_out[mt], self.cnt)
-            h = self.h_out[mt][:m].clone()
-            passed = int(self.cnt.sum())
-        self.frac = passed / self.w.H
-        self.ratio = passed / max(1, int((h != 0).any(0).sum()))
-        return h
+            return self.h_out[mt][:m].clone(), int(self.cnt.sum())
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """h as the reference computes it, or through the screen (`screen_k`) for up to CHUNK rows
+        while the share it lets through stays below its break-even (`track` keeps that share)."""
+        self._passed = None
         if self.screen_k is not None:
             x2 = x.reshape(-1, x.shape[-1])
-            if 1 < x2.shape[0] <= self.CHUNK and x2.dtype == torch.float32 and x2.is_cpu:
-                if self.frac < self.screen_max():
-                    return self.screened(x2)
-                h = self.w.hidden(x)
-                # what the screen would have let through: the neurons active now, scaled as at the
-                # last screened call (the raw active share alone is lower: calls would alternate)
-                self.frac = min(1.0, float((h != 0).any(0).float().mean()) * self.ratio)
+            if 1 < x2.shape[0] <= self.CHUNK and x2.dtype == torch.float32 and x2.is_cpu and self.frac < self.screen_max():
+                h, self._passed = self.screened(x2)
                 return h
         return self.w.hidden(x)
+
+    def track(self, active: int) -> None:
+        """After a call of at most CHUNK rows, with `active` neurons nonzero in some row: the share
+        the screen let through, or, where h came from the GEMM, what it would have let through
+        (the active neurons scaled as at the last screened call: the raw active share alone is
+        lower, and calls would alternate between the two paths)."""
+        if self._passed is not None:
+            self.frac, self.ratio = self._passed / self.w.H, self._passed / max(1, active)
+        else:
+            self.frac = min(1.0, active / self.w.H * self.ratio)
 
     def _chunk(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         w = self.w
@@ -549,6 +549,8 @@ class _Union(_Strategy):
     def __call__(self, x):
         h = self.hidden(x)
         step, union = self.chunks(h)
+        if self.screen_k is not None and 1 < h.shape[0] <= self.CHUNK:  # one chunk: union[0] is the rows' union
+            self.track(int(union[0].sum()))
         if union.shape[0] == 0 or float(union.sum()) / union.numel() > self.crossover(union.shape[0]):
             return self.w.dense_down(h)  # no rows, or a mean union density past the crossover
         return self.down(h, [(h[i * step:(i + 1) * step], u.nonzero().reshape(-1)) for i, u in enumerate(union)])
@@ -803,8 +805,8 @@ def _mv_candidates(w: _Weights, use_tir: bool, pruned: _Pruned | None = None, do
             # the neurons past the screen), 185-193 us with int8 (15.0% past it, a quarter of the
             # bytes), against 333 us for tir-up (rows=4, down_rows=8) and 671 us dense. The
             # measurement picks: a wide band of pre-activations near 0 favours float16.
-            out += [lambda se=serial, dr=dr, sc=sc, u=u: _TirUpMV(w, rows=4, unroll=u, serial=se, down_rows=dr, screen=sc, crows=4)
-                    for sc, u in (("f16", 2), ("i8", 2)) for dr in (4, 8)]
+            out += [lambda se=serial, dr=dr, sc=sc: _TirUpMV(w, rows=4, unroll=2, serial=se, down_rows=dr, screen=sc, crows=4)
+                    for sc in ("f16", "i8") for dr in (4, 8)]
         if w.mode == "predictor":  # the gather one selected row at a time, or 4 (more streams in flight)
             out += [lambda se=serial, g=g: _PredictorMV(w, serial=se, gather_rows=g) for g in (1, 4)]
             if not w.gated and w.act_name in EXACT_ACTIVATIONS:  # the selection itself in TIR
@@ -857,7 +859,6 @@ def _calibrate_crossover(strategy, x2: torch.Tensor, max_seconds: float, flush=N
             t = compare({"gemm": lambda: w.hidden(rows), "none": lambda: strategy.screened(rows, ends["none"]),
                          "all": lambda: strategy.screened(rows, ends["all"])}, min_runs=10, max_seconds=max_seconds, between=flush)
         strategy.screen_cost = {k: t[k].median * 1e6 for k in ("gemm", "none", "all")}
-        strategy.frac = 0.0
     with torch.no_grad():
         h = w.hidden(rows)
     full = [(h, torch.arange(w.H))]

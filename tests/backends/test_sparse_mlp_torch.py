@@ -18,6 +18,7 @@ import sparsecomp as sc  # noqa: E402
 from sparsecomp.api import CompiledModel  # noqa: E402
 from sparsecomp.backends.torch import SparseMLP  # noqa: E402
 from sparsecomp.ir import compare_outputs  # noqa: E402
+from sparsecomp.screen import screen_terms  # noqa: E402
 
 K, H, N = 37, 203, 29  # odd on purpose
 
@@ -70,7 +71,7 @@ def _screened_up(mlp_kernels, x, w, b, act="relu", rows=4, unroll=2, bs=16, crow
                                                "gated": gate is not None, **({"vec": vec} if vec else {})})
     nb = -(-h // bs)
     hc, idx, cnt = torch.zeros(nb, bs), torch.zeros(nb, bs, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
-    k(x, w, b, *(gate or ()), *(terms or mlp_kernels.screen_terms(*(gate or (w, b)), kind=kind)), hc, idx, cnt)
+    k(x, w, b, *(gate or ()), *(terms or screen_terms(*(gate or (w, b)), kind=kind)), hc, idx, cnt)
     got = torch.zeros(h)
     for i in range(nb):
         got[idx[i, : cnt[i]].long()] = hc[i, : cnt[i]]
@@ -118,7 +119,7 @@ def test_screen_margin_is_what_keeps_a_neuron(mlp_kernels, kind):
     got, cnt = _screened_up(mlp_kernels, x, w, b, kind=kind)
     assert int(cnt.sum()) == 1
     _close(got, want)
-    *narrow, sb, sm = mlp_kernels.screen_terms(w, b, kind=kind)
+    *narrow, sb, sm = screen_terms(w, b, kind=kind)
     assert float(sm[7]) > 0 and float(narrow[0][7].float() @ x) == 0.0
     got, cnt = _screened_up(mlp_kernels, x, w, b, terms=(*narrow, b.clone(), torch.zeros_like(sm)), kind=kind)  # no margin at all
     assert int(cnt.sum()) == 0
@@ -138,7 +139,7 @@ def test_screen_up_mm_gated_kernel(mlp_kernels, kind, bias):
             b, bg = torch.randn(h, generator=g), torch.randn(h, generator=g) + bias
             gate = torch.relu(x @ wg.t() + bg)
             out, cnt = torch.full((mt, h), float("nan")), torch.zeros(-(-h // 64), dtype=torch.int32)
-            k(x, w, b, wg, bg, *mlp_kernels.screen_terms(wg, bg, kind=kind), out, cnt)
+            k(x, w, b, wg, bg, *screen_terms(wg, bg, kind=kind), out, cnt)
             _close(out, gate * (x @ w.t() + b))
             assert int((gate != 0).any(0).sum()) <= int(cnt.sum()) <= h
 
@@ -157,12 +158,12 @@ def test_screen_up_mm_kernel(mlp_kernels, kind, bias):
             b = torch.randn(h, generator=g) + bias
             want = torch.relu(x @ w.t() + b)
             out, cnt = torch.full((mt, h), float("nan")), torch.zeros(-(-h // 64), dtype=torch.int32)
-            k(x, w, b, *mlp_kernels.screen_terms(w, b, kind=kind), out, cnt)
+            k(x, w, b, *screen_terms(w, b, kind=kind), out, cnt)
             _close(out, want)
             assert int((want != 0).any(0).sum()) <= int(cnt.sum()) <= h
     x[1, 0] = 1e30  # a huge input in one row (its squares would overflow): still screened exactly
     want = torch.relu(x.double() @ w.t().double() + b.double()).float()
-    k(x, w, b, *mlp_kernels.screen_terms(w, b, kind=kind), out, cnt)
+    k(x, w, b, *screen_terms(w, b, kind=kind), out, cnt)
     assert int((want != 0).any(0).sum()) <= int(cnt.sum())
     _close(out[0], want[0])
     _close(out[1], want[1])
@@ -237,7 +238,7 @@ def test_screen_keeps_a_neuron_of_a_tiny_input(mlp_kernels, kind):
     assert int(cnt.sum()) == 1 and got[7] > 0
     k = mlp_kernels.build_mlp_kernel("screen_up_mm", {"mt": 2, "screen": kind})
     out, cnt = torch.zeros(2, H), torch.zeros(-(-H // 64), dtype=torch.int32)
-    k(torch.stack([x, x]), w, b, *mlp_kernels.screen_terms(w, b, kind=kind), out, cnt)
+    k(torch.stack([x, x]), w, b, *screen_terms(w, b, kind=kind), out, cnt)
     assert (out[:, 7] > 0).all() and int((out != 0).sum()) == 2
 
 
@@ -250,7 +251,7 @@ def test_screen_terms_bound_the_gap(mlp_kernels, kind):
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(H, K, generator=g) * 3, torch.randn(H, generator=g)
     w[11] = 0.0
-    *narrow, sb, sm = mlp_kernels.screen_terms(w, b, kind=kind)
+    *narrow, sb, sm = screen_terms(w, b, kind=kind)
     assert narrow[0].dtype == {"f16": torch.float16, "i8": torch.int8}[kind] and sb.dtype == sm.dtype == torch.float32
     approx = narrow[0].double() * (narrow[1].double()[:, None] if kind == "i8" else 1.0)
     assert (sb >= b).all() and torch.isfinite(sm).all()
@@ -259,7 +260,7 @@ def test_screen_terms_bound_the_gap(mlp_kernels, kind):
         gap = ((w.double() - approx) @ x.double()).abs()
         assert (gap <= sm.double() * x.double().norm()).all()
     w[3, 5], w[9, 0] = 1e6, float("inf")  # past float16's 65504; not finite
-    *narrow, sb, sm = mlp_kernels.screen_terms(w, b, kind=kind)
+    *narrow, sb, sm = screen_terms(w, b, kind=kind)
     never = (sb > 1e38) & (sm == 0) & (narrow[0] == 0).all(1)
     assert never[9] and bool(never[3]) == (kind == "f16") and not never[[0, 1, 2, 4]].any()
     assert torch.isfinite(sb).all() and torch.isfinite(sm).all()
