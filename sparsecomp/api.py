@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -16,8 +17,9 @@ from sparsecomp.errors import NotYetAvailableError, SparsecompError
 from sparsecomp import callpath, omp
 from sparsecomp.pass_manager import Instrument, PassContext, PassManager
 from sparsecomp.ir import global_module_hooks, normalize_inputs
-from sparsecomp.lowering import TIR_GEMV
+from sparsecomp.lowering import LOSSY_MIN_COSINE, TIR_GEMV, KernelFilter
 from sparsecomp.report import CompileReport, SparsityReport
+from sparsecomp.progress import progress_bar
 from sparsecomp.timing import OthersCpu
 
 __all__ = ["analyze", "run_pipeline", "compile", "CompiledModel", "sparsify", "export_onnx", "set_num_threads", "BACKENDS"]
@@ -26,8 +28,6 @@ __all__ = ["analyze", "run_pipeline", "compile", "CompiledModel", "sparsify", "e
 # decisions measured contention (on this 2-core VM one busy core made a parallel kernel 13x slower).
 BUSY_CPU_SHARE = 0.25
 
-DEFAULT_ANALYSIS = "analyze-weights,find-mlps"
-LOSSY_MIN_COSINE = 0.999  # whole-model agreement with the reference graph once a lossy pass was asked for
 
 # Backends the compile contract names, and where each stands. A name not in this table is a typo.
 BACKENDS: dict[str, str | None] = {
@@ -71,7 +71,7 @@ def _analyze_onnx(model: Any, name: str | None, blocks: str, nm: str) -> Sparsit
     return SparsityReport(
         model=label, source="onnx", pipeline="analyze-weights", layers=layers,
         notes=["ONNX input: weights are read from the initializers of MatMul/Gemm/Conv nodes; "
-               "MLP regions and activation profiles need a torch model (or `sparsecomp opt` on the imported graph)"],
+               "MLP regions and activation profiles need the torch model"],
     )
 
 
@@ -104,7 +104,7 @@ def analyze(model: torch.nn.Module | str | Path, example_inputs: Any = None, cal
             raise SparsecompError(f"analyze({label}) needs example_inputs to capture the model")
         gm = capture(model, example_inputs, name=label)
     pipeline = f'analyze-weights{{blocks="{blocks}",nm="{nm}"}},find-mlps'
-    batches = list(calibration) if calibration is not None else []
+    batches = _check_calibration(calibration, label) if calibration is not None else []
     if batches:
         pipeline += ",profile-activations"
     ctx = PassContext.create(example_inputs, batches, model_name=label)
@@ -241,24 +241,42 @@ class CompiledModel(torch.nn.Module):
         except ValueError as err:
             raise SparsecompError(f"{self.report.model} was compiled for other inputs: {err}",
                                   hint="call it with the same arguments (number, names, nesting) as the example inputs") from None
+        # the structure fits: then a value of another kind, dtype or rank (what the graph's shape
+        # guards would trip on with an IndexError or a TypeError)
+        from sparsecomp.ir import describe_inputs, flat_inputs
+
+        try:
+            flat = flat_inputs(self.gm, args, kwargs)
+        except Exception:  # noqa: BLE001 - the original error stands
+            return
+        vals = [ph.meta.get("val") for ph in self.gm.graph.nodes if ph.op == "placeholder"]
+        for value, val in zip(flat, vals):
+            if isinstance(val, torch.Tensor) and (not isinstance(value, torch.Tensor) or value.dtype != val.dtype
+                                                  or value.dim() != val.dim()):
+                expected = ", ".join(f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]"
+                                     for v in vals if isinstance(v, torch.Tensor))
+                raise SparsecompError(f"{self.report.model} was compiled for inputs ({expected}), got {describe_inputs((args, kwargs))}",
+                                      hint="pass torch tensors with the example inputs' dtypes and ranks "
+                                           "(only the batch / sequence sizes may change)") from None
 
 
-def _progress_bar(total_hint: str):
-    """A rich progress callback on stderr for long lowering (quiet when stderr is not a terminal)."""
-    import sys
+def _check_options(*, kernels, max_seconds_per_layer, cache_dir) -> None:
+    """compile()'s plain options, checked before any work (a wrong type would otherwise surface
+    from deep inside the lowering)."""
+    if kernels is not None and not isinstance(kernels, str):
+        raise SparsecompError(f"kernels= takes one comma-separated string, got {type(kernels).__name__}",
+                              hint='e.g. kernels="dense,tir-sell"')
+    if isinstance(max_seconds_per_layer, bool) or not isinstance(max_seconds_per_layer, (int, float)) \
+            or not math.isfinite(max_seconds_per_layer) or max_seconds_per_layer <= 0:
+        raise SparsecompError(f"max_seconds_per_layer must be a positive number of seconds, got {max_seconds_per_layer!r}",
+                              hint="the default is 0.5; each layer's candidates are timed for at most this long")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise SparsecompError(f"cache_dir {str(cache_dir)!r} exists and is not a directory",
+                              hint="give a directory (created if missing), or leave it out for $SPARSECOMP_CACHE_DIR")
 
-    if not sys.stderr.isatty():
-        return None, None
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), transient=True)
-    task = bar.add_task(total_hint, total=None)
-
-    def update(done, total, layer):
-        bar.update(task, completed=done, total=total, description=f"measuring kernels: {layer}")
-
-    return bar, update
+KERNELS_HINT = ("use the labels of the kernel column of a report compiled without kernels= (e.g. dense, torch-csr, "
+                "tir-sell, tir-bsr; ort: dense, ell, sell4, bsr16x1), and include dense")
 
 
 def kernel_names(spec: str) -> set[str]:
@@ -291,6 +309,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     if BACKENDS[backend] is not None:
         available = ", ".join(b for b, why in BACKENDS.items() if why is None)
         raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}", hint=f"available backends: {available}")
+    _check_options(kernels=kernels, max_seconds_per_layer=max_seconds_per_layer, cache_dir=cache_dir)
     _load_passes()
     from sparsecomp.cache import DecisionCache
     from sparsecomp.ir import compare_outputs, output_cosine, run_graph
@@ -308,6 +327,11 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     pipeline = pipeline or ",".join(["analyze-weights", *act_passes, "sparse-linear"])
     pm = PassManager(pipeline)
     example = normalize_inputs(example_inputs)
+    # Compiled models are for inference; the reference and the fallback to the original model run
+    # it too, so it stays in eval mode (capture alone would leave it as it was).
+    was_training = isinstance(model, torch.nn.Module) and any(m.training for m in model.modules())
+    if was_training:
+        model.eval()
     gm = capture(model, example_inputs, name=label)
     ctx = PassContext.create(example_inputs, batches or [], model_name=label)
     pm.run(gm, ctx)
@@ -316,22 +340,27 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
 
     backend_mod = _backend(backend)
     cache = DecisionCache(backend, Path(cache_dir) if cache_dir else None)
-    bar, update = _progress_bar(f"compiling {label}")
+    only = KernelFilter(kernel_names(kernels)) if kernels else None
+    # tune: the whole kernel-variant grid, with 4x the time per layer (cached like any decision)
+    extra = {"tune": True} if tune else {}
     try:
-        if bar:
-            bar.start()
-        only = kernel_names(kernels) if kernels else None
-        # tune: the whole kernel-variant grid, with 4x the time per layer (cached like any decision)
-        extra = {"tune": True} if tune else {}
-        with OthersCpu() as others:
+        with progress_bar(f"compiling {label}", prefix="measuring kernels: ") as update, OthersCpu() as others:
             lowered = backend_mod.lower(gm, ctx.example_inputs, cache=cache,
                                         max_seconds=max_seconds_per_layer * (4 if tune else 1),
                                         use_tir=use_tir, only=only, progress=update, **extra)
-    finally:
-        if bar:
-            bar.stop()
+    except SparsecompError as err:
+        if only is not None and only.unmatched():
+            raise SparsecompError(f"kernels={kernels!r}: {', '.join(map(repr, only.unmatched()))} matched no candidate kernel "
+                                  f"({err.message})", hint=KERNELS_HINT) from None
+        raise
     report = CompileReport(label, backend, str(pm.pipeline), cache=dict(cache.stats))
     report.notes.extend(lowered.notes)
+    if only is not None and only.unmatched():
+        report.notes.append(f"kernels=: {', '.join(map(repr, only.unmatched()))} matched no candidate kernel of any layer "
+                            "(a typo? the names are the labels of the report's kernel column)")
+    if was_training:
+        report.notes.append("the model was in training mode: compile() switched it to eval mode (inference: dropout off, "
+                            "batch norm on running statistics) and leaves it so")
     measured = any(not getattr(d, "cached", True) and getattr(d, "dense_us", 0) for d in lowered.decisions)
     if measured and others.share > BUSY_CPU_SHARE:
         report.notes.append(
@@ -391,6 +420,12 @@ def _check_calibration(calibration, label: str) -> list:
                               hint="pass a list of example-input tuples (or dicts of keyword inputs)") from None
     if not batches:
         raise SparsecompError(f"calibration for {label} is empty", hint="pass at least one input batch")
+    for i, batch in enumerate(batches):
+        try:
+            normalize_inputs(batch)
+        except TypeError as err:
+            raise SparsecompError(f"calibration batch {i} for {label} is not an input batch ({err})",
+                                  hint="each batch is a tuple of the model's inputs (or a dict of keyword inputs), like example_inputs") from None
     return batches
 
 
@@ -403,14 +438,14 @@ def _apply_sparsify(model, spec, batches: list | None, label: str):
     import copy
 
     from sparsecomp.passes.sparsify import parse_sparsify_spec
-    from sparsecomp.passes.sparsify.engine import progress_bar, sparsify_module
+    from sparsecomp.passes.sparsify.engine import sparsify_module
 
     cfg = parse_sparsify_spec(spec)
     if cfg.needs_calibration and not batches:
         raise SparsecompError(f"compile(sparsify='{cfg}') needs calibration data for {label}",
                               hint="pass calibration=[batch, ...] to compile (or use the magnitude method)")
     pruned = copy.deepcopy(model)
-    with progress_bar(label) as update:
+    with progress_bar(f"sparsifying {label}") as update:
         result = sparsify_module(pruned, cfg, batches if cfg.needs_calibration else None, label=label, progress=update)
     what = (f"sparsify {cfg.describe()}: {len(result.pruned)} layers pruned to {result.sparsity:.1%} zeros"
             + (f", {len(result.skipped)} left dense" if result.skipped else ""))
@@ -551,7 +586,7 @@ def sparsify(model, method: str = "magnitude", sparsity: float | None = None, pa
     `return_report=True` returns `(model, SparsifyResult)` (per-layer sparsity, error, reasons).
     """
     from sparsecomp.passes.sparsify import SparsifyConfig, parse_sparsify_spec, resolve_pattern
-    from sparsecomp.passes.sparsify.engine import progress_bar, sparsify_module
+    from sparsecomp.passes.sparsify.engine import sparsify_module
 
     label = name or type(model).__name__
     fields = dict(options)
@@ -571,7 +606,7 @@ def sparsify(model, method: str = "magnitude", sparsity: float | None = None, pa
     if progress is False:
         result = sparsify_module(model, cfg, calibration, label=label)
     else:
-        with progress_bar(label) as update:  # shown only when stderr is a terminal
+        with progress_bar(f"sparsifying {label}") as update:  # shown only when stderr is a terminal
             result = sparsify_module(model, cfg, calibration, label=label, progress=update)
     return (model, result) if return_report else model
 
@@ -584,7 +619,8 @@ def export_onnx(model_or_compiled, example_inputs, path, *, opset: int | None = 
     Given an `nn.Module`, first runs exactly what `compile(model, example_inputs, backend="ort",
     **compile_options)` runs (pipeline, per-layer lowering timed in onnxruntime, verification), so
     this call alone is the deployment path. Given a `CompiledModel` from `backend="ort"`, writes
-    its model without compiling again. `opset` (default 20, minimum `MIN_OPSET` = 16) and
+    its model without compiling again. `opset` (default 20, minimum `MIN_OPSET` = 16; an opset torch's
+    exporter cannot write for this model is an error too) and
     `dynamic_axes` (`"auto"`: the batch / sequence dims capture kept dynamic; `None`: static
     shapes; or `{input name: [dims]}`) other than the defaults re-export from the same per-layer
     decisions, checked against the compiled model on the example inputs. The file carries metadata

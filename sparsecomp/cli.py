@@ -3,17 +3,27 @@
     sparsecomp analyze MODEL [--calib N] [--json]
     sparsecomp opt MODEL --pipeline P [--print-ir-after-all] [--print-ir-after PASS]
                    [--print-ir-after-change] [--print-ir-before PASS] [--dump-dir D]
-                   [--verify-each] [--timing]
+                   [--verify-each] [--timing] [--calib N]
     sparsecomp passes [NAME]
-    sparsecomp demo
+    sparsecomp demo [--model MODEL] [--impose SPEC]
+    sparsecomp compile MODEL [--backend B] [--kernels LIST] [--max-seconds S] [--sparsify SPEC]
+                       [--activation-sparsity MODE] [-o OUT] [--json]
+    sparsecomp bench MODEL [--backend B] [--runs N] [--kernels LIST] [--json]
+    sparsecomp sparsify MODEL [--method M] [--pattern SPEC] [--sparsity S] [--calib N]
+                        [--allocation A] [--skip GLOB] [--damp D] [--correct] [--update-bias]
+                        [--refine STEPS] [-o FILE.pt] [--json]
+    sparsecomp tune MODEL [--backend B] [--max-seconds S] [--json]
 
 MODEL is `zoo:NAME`, `path/file.py:factory` or `file.onnx`; every command taking MODEL also takes
 `--impose SPEC [--layers GLOB]` and `--weights FILE.pt`. Errors are one line plus a hint and a
-non-zero exit; `--debug` (anywhere on the line) shows the trace instead.
+non-zero exit (2 for bad input; usage errors show click's usage line); `--debug` (anywhere on
+the line) shows the trace instead.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import shlex
 import sys
 from typing import List, Optional
@@ -22,7 +32,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from sparsecomp.errors import NotYetAvailableError, SparsecompError
+from sparsecomp.errors import SparsecompError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sparsecomp: a sparsity-aware compiler for PyTorch models. Errors are one line plus a hint; add --debug anywhere for the trace.")
@@ -35,6 +45,42 @@ LayersOpt = typer.Option(None, "--layers", metavar="GLOB", help="only layers who
 WeightsOpt = typer.Option(None, "--weights", metavar="FILE.pt", help="load a state dict first (e.g. from `sparsify`)")
 
 
+def _positive_seconds(ctx: typer.Context, param: typer.CallbackParam, value: float) -> float:
+    """Callback for time budgets: a finite number of seconds > 0 (nan, inf, 0 and negatives are usage errors)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a positive number of seconds (e.g. 0.5)", ctx=ctx, param=param)
+    return value
+
+
+def _check_output_file(path: str, option: str) -> None:
+    """Fail before any work if `path` (given to `option`) cannot be written as a file."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SparsecompError(f"{option} {path!r} is a directory", hint="give a file name, e.g. pruned.pt")
+    if not os.path.exists(parent):
+        raise SparsecompError(f"{option}: cannot write {path!r}: directory {os.path.dirname(path) or parent!r} does not exist",
+                              hint="create it first, or choose another path")
+    if not os.path.isdir(parent):
+        raise SparsecompError(f"{option}: cannot write {path!r}: {os.path.dirname(path)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        what = "the file" if os.path.exists(path) and not os.access(path, os.W_OK) else "its directory"
+        raise SparsecompError(f"{option}: cannot write {path!r}: {what} is read-only", hint="choose a writable location")
+
+
+def _check_output_dir(path: str, option: str) -> None:
+    """Fail before any work if `path` (given to `option`) is not a directory and cannot be created as one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SparsecompError(f"{option} {path!r} exists and is not a directory",
+                              hint="give a new or existing directory, e.g. --dump-dir ir-dump")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest existing ancestor is where the folders get made
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SparsecompError(f"{option}: cannot create {path!r}: {existing!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SparsecompError(f"{option}: cannot write to {path!r}: {existing!r} is read-only", hint="choose a writable location")
+
+
 def _load(model: str, impose, layers, weights):
     from sparsecomp.loader import load_model
 
@@ -45,7 +91,7 @@ def _load(model: str, impose, layers, weights):
 @app.command()
 def analyze(
     model: str = ModelArg,
-    calib: int = typer.Option(0, "--calib", metavar="N", help="profile activations on N calibration batches"),
+    calib: int = typer.Option(0, "--calib", metavar="N", min=0, help="profile activations on N calibration batches"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
     impose: Optional[str] = ImposeOpt,
     layers: Optional[str] = LayersOpt,
@@ -83,7 +129,7 @@ def opt(
     dump_dir: Optional[str] = typer.Option(None, "--dump-dir", metavar="D", help="write D/NNN_<pass>.txt after each pass"),
     verify_each: bool = typer.Option(False, "--verify-each", help="after each pass: lint + outputs still match eager"),
     timing: bool = typer.Option(False, "--timing", help="print per-pass time and statistics"),
-    calib: int = typer.Option(0, "--calib", metavar="N", help="N calibration batches (for profile-activations)"),
+    calib: int = typer.Option(0, "--calib", metavar="N", min=0, help="N calibration batches (for profile-activations)"),
     impose: Optional[str] = ImposeOpt,
     layers: Optional[str] = LayersOpt,
     weights: Optional[str] = WeightsOpt,
@@ -98,6 +144,8 @@ def opt(
     parsed = parse_pipeline(pipeline)  # a typo fails before any slow loading
     for name in [*print_ir_after, *print_ir_before]:
         get_pass(name)
+    if dump_dir:
+        _check_output_dir(dump_dir, "--dump-dir")
     loaded = _load(model, impose, layers, weights)
     instruments = []
     if print_ir_after_all or print_ir_after or print_ir_before or print_ir_after_change:
@@ -225,7 +273,8 @@ def compile_cmd(
     model: str = ModelArg,
     backend: str = typer.Option("torch", "--backend", "-b", help="torch | ort | tvm | triton | auto"),
     kernels: Optional[str] = typer.Option(None, "--kernels", metavar="LIST", help='restrict candidates, e.g. "dense,tir-sell"'),
-    max_seconds: float = typer.Option(0.5, "--max-seconds", help="time budget to measure each layer's candidates"),
+    max_seconds: float = typer.Option(0.5, "--max-seconds", callback=_positive_seconds,
+                                      help="time budget to measure each layer's candidates"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
     sparsify: Optional[str] = typer.Option(None, "--sparsify", metavar="SPEC",
                                            help="prune a copy first (lossy): METHOD:SPEC, e.g. sparsegpt:2:4, wanda:unstructured:0.5"),
@@ -265,7 +314,7 @@ def compile_cmd(
 def bench(
     model: str = ModelArg,
     backend: str = typer.Option("torch", "--backend", "-b"),
-    runs: int = typer.Option(20, "--runs", help="timed runs per variant (median reported), after warm-up"),
+    runs: int = typer.Option(20, "--runs", min=1, help="timed runs per variant (median reported), after warm-up"),
     kernels: Optional[str] = typer.Option(None, "--kernels", metavar="LIST"),
     json_out: bool = typer.Option(False, "--json"),
     impose: Optional[str] = ImposeOpt,
@@ -339,15 +388,6 @@ def _bench_onnx_file(loaded, runs: int, json_out: bool) -> None:
                   "sparsecomp export, so there is nothing to compare it with: `sparsecomp compile MODEL --backend ort -o OUT` makes one")
 
 
-def _not_yet_command(name: str, issue: str, help_text: str):
-    def command(args: List[str] = typer.Argument(None, hidden=True)):
-        raise NotYetAvailableError(f"`sparsecomp {name}` is not yet available (arrives with issue {issue})",
-                                   hint="available now: analyze, opt, passes, compile, bench, demo")
-
-    command.__doc__ = f"{help_text} (not yet available: issue {issue})"
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
-
-
 @app.command("sparsify")
 def sparsify_cmd(
     model: str = ModelArg,
@@ -355,14 +395,14 @@ def sparsify_cmd(
     pattern: Optional[str] = typer.Option(None, "--pattern", "-p", metavar="SPEC",
                                           help="unstructured:S | N:M | block:RxC:S (default unstructured:0.5); unstructured / block:RxC take --sparsity"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", metavar="S", help="fraction of zeros in [0, 1) for a pattern given without one"),
-    calib: int = typer.Option(64, "--calib", metavar="N", help="calibration batches (wanda, sparsegpt, owl, sensitivity)"),
+    calib: int = typer.Option(64, "--calib", metavar="N", min=0, help="calibration batches (wanda, sparsegpt, owl, sensitivity)"),
     allocation: str = typer.Option("uniform", "--allocation", help="per-layer sparsity: uniform | owl | sensitivity (global budget exact)"),
     skip: List[str] = typer.Option([], "--skip", metavar="GLOB",
                                    help="leave matching layers dense (repeatable; replaces the default output-head globs)"),
     damp: float = typer.Option(0.01, "--damp", help="SparseGPT Hessian damping (fraction of the mean diagonal)"),
     correct: bool = typer.Option(False, "--correct", help="SparseGPT: target the dense model's layer outputs"),
     update_bias: bool = typer.Option(False, "--update-bias", help="SparseGPT: let biases absorb the mean error"),
-    refine: int = typer.Option(0, "--refine", metavar="STEPS", help="SparseGPT: masked least-squares refinement steps per layer"),
+    refine: int = typer.Option(0, "--refine", metavar="STEPS", min=0, help="SparseGPT: masked least-squares refinement steps per layer"),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE.pt", help="save the pruned state dict here"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
     impose: Optional[str] = ImposeOpt,
@@ -371,7 +411,6 @@ def sparsify_cmd(
 ):
     """Create sparsity (magnitude, Wanda, SparseGPT) and save the pruned weights as a state dict (-o)."""
     import json
-    import os
     import tempfile
 
     import torch
@@ -382,6 +421,8 @@ def sparsify_cmd(
     spec = method if ":" in method else None
     if spec and (pattern or sparsity is not None):
         raise SparsecompError(f"--method {method} already names its pattern; drop --pattern / --sparsity")
+    if output:  # fail before any slow work
+        _check_output_file(output, "-o/--output")
     options = dict(allocation=allocation, damp=damp, correct=correct, update_bias=update_bias, refine=refine,
                    **({"skip": tuple(skip)} if skip else {}))
     if spec:
@@ -416,11 +457,13 @@ def sparsify_cmd(
         out.print(f"saved the pruned state dict to {output} (load with --weights {output})")
     else:
         out.print("nothing saved: add -o FILE.pt to keep the pruned weights")
+
+
 @app.command()
 def tune(
     model: str = ModelArg,
     backend: str = typer.Option("torch", "--backend", "-b"),
-    max_seconds: float = typer.Option(0.5, "--max-seconds", help="base time budget per layer (tuning takes 4x)"),
+    max_seconds: float = typer.Option(0.5, "--max-seconds", callback=_positive_seconds, help="base time budget per layer (tuning takes 4x)"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
     impose: Optional[str] = ImposeOpt,
     layers: Optional[str] = LayersOpt,
@@ -442,13 +485,32 @@ def tune(
     out.print(f"tuned decisions cached in {cache_dir() / 'decisions' / (backend + '.json')}")
 
 
+def _usage_error_types() -> tuple[type, ...]:
+    """The ClickException classes a usage error may be: typer >= 0.29 vendors click (`typer._click`), whose
+    exceptions are not `click.exceptions.ClickException`; older typer raises click's own. Check both."""
+    types = []
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        types.append(TyperClickException)
+    except ImportError:
+        pass
+    try:
+        from click.exceptions import ClickException
+
+        types.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning errors into one line + hint unless --debug is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
-        app(args=argv, prog_name="sparsecomp", standalone_mode=False)
+        rc = app(args=argv, prog_name="sparsecomp", standalone_mode=False)
     except SparsecompError as e:
         if debug:
             raise
@@ -462,18 +524,18 @@ def main(argv: list[str] | None = None) -> int:
         err.print("aborted")
         return 130
     except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
+        if isinstance(e, _usage_error_types()):
+            e.show()  # click's usage line + "Error: ..." naming the option at fault
+            return e.exit_code  # 2 for usage errors
         if debug:
             raise
         first = str(e).splitlines()[0] if str(e) else ""
         err.print(Text.assemble(("error: ", "bold red"), f"internal error: {type(e).__name__}: {first}"))
         err.print(Text.assemble(("hint: ", "bold"), "rerun with --debug for the trace, and please report it"))
         return 1
-    return 0
+    # non-standalone typer returns the exit code of an explicit typer.Exit / ctx.exit (e.g. --help), else the
+    # command's return value (None)
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 if __name__ == "__main__":

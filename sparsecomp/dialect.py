@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sparsecomp.ops import define_op
 
-__all__ = ["MLP_ACTIVATIONS", "MLP_MODES", "mlp_hidden", "predictor_keep", "predictor_score", "predictor_scores", "sparse_linear", "sparse_linear_args", "sparse_mlp"]
+__all__ = ["MLP_ACTIVATIONS", "MLP_MODES", "PRUNED_DENSITY", "RELU_FAMILY", "SPARSE_LINEAR", "SPARSE_MLP", "mlp_hidden", "predictor_keep", "predictor_score", "predictor_scores", "sparse_linear", "sparse_linear_args", "sparse_mlp"]
 
 
 def _sparse_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -61,7 +61,19 @@ def sparse_linear_args(gm, node) -> tuple[str, torch.Tensor, Optional[torch.Tens
     return layer, weight, bias
 
 
+# The ops' FX targets as strings (`str(node.target)`): how backends find them in a graph.
+SPARSE_LINEAR = "sparsecomp.sparse_linear.default"
+SPARSE_MLP = "sparsecomp.sparse_mlp.default"
+
 MLP_MODES = ("exact", "threshold", "predictor")
+
+# Activations that are 0 exactly for every input <= 0: a neuron whose pre-activation is <= 0 is
+# exactly zero (what exact mode skips), and the pre-activation itself ranks neurons (predictor).
+RELU_FAMILY = ("relu", "relu6", "relu2")
+
+# A sparse_mlp weight at most this dense counts as pruned: backends then use its weight sparsity
+# too, beside the activations' (both backends measured their sparse-row kernels paying below it).
+PRUNED_DENSITY = 0.7
 
 # activation name (as `find-mlps` names it) -> plain aten implementation
 MLP_ACTIVATIONS = {
@@ -78,7 +90,7 @@ def predictor_score(u_hat: torch.Tensor, activation: str) -> torch.Tensor:
     """How active the predictor says each neuron is: its predicted pre-activation itself for the
     ReLU family (monotone in the output, and it still ranks the neurons predicted negative, so a
     threshold can select any fraction), |act(u_hat)| otherwise (GELU / SiLU outputs grow on both sides)."""
-    return u_hat if activation in ("relu", "relu6", "relu2") else MLP_ACTIVATIONS[activation](u_hat).abs()
+    return u_hat if activation in RELU_FAMILY else MLP_ACTIVATIONS[activation](u_hat).abs()
 
 
 def predictor_scores(x: torch.Tensor, pred_a: torch.Tensor, pred_bt: torch.Tensor, bias: Optional[torch.Tensor],

@@ -38,7 +38,7 @@ from torch.fx.experimental.symbolic_shapes import free_symbols
 from sparsecomp.errors import CaptureError
 from sparsecomp.ir import compare_outputs, normalize_inputs, run_graph
 
-__all__ = ["capture", "CaptureInfo"]
+__all__ = ["capture", "CaptureInfo", "grow"]
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _token_shapes(values) -> set[tuple[int, ...]]:
     return {tuple(v.shape) for v in values if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point()}
 
 
-def _grow(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
+def grow(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """Repeat size-1 dims to 2 so export does not 0/1-specialise them."""
     reps = [2 if (d in dims and t.shape[d] == 1) else 1 for d in range(t.dim())]
     return t.repeat(*reps) if any(r == 2 for r in reps) else t
@@ -192,6 +192,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
     `example_inputs`: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
     With `dynamic`, batch and sequence dimensions stay symbolic where the model allows (see the
     module docstring); the decision is in `gm.meta["sparsecomp.capture"]` (a `CaptureInfo`).
+    The graph is the model in eval mode (inference: dropout off, batch norm on its running
+    statistics); a model in training mode is traced so and left in the mode it was in.
     """
     model_name = name or type(model).__name__
     if not isinstance(model, torch.nn.Module):
@@ -200,7 +202,25 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
         args, kwargs = normalize_inputs(example_inputs)
     except TypeError as err:
         raise CaptureError(f"cannot capture {model_name}: {err}") from None
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise CaptureError(f"cannot capture {model_name}: {meta[0]} (and {len(meta) - 1} more) are on the meta device, with no data"
+                           if len(meta) > 1 else f"cannot capture {model_name}: {meta[0]} is on the meta device, with no data",
+                           hint="materialise the weights first (e.g. model.to_empty(device='cpu') and load a state dict)")
+    modes = {m: m.training for m in model.modules()}
     model.eval()
+    try:
+        gm = _capture_eval(model, args, kwargs, dynamic, model_name)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if any(modes.values()):
+        gm.meta["sparsecomp.capture"].notes.append(
+            "the model was in training mode: captured in eval mode (inference: dropout off, batch norm on running statistics)")
+    return gm
+
+
+def _capture_eval(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, model_name: str) -> fx.GraphModule:
     try:
         reference = run_graph(model, (args, kwargs))
     except Exception as err:
@@ -215,8 +235,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
     ep = None
     if dynamic:
         tokens = _token_shapes([*args, *kwargs.values()])
-        grown_args = tuple(_grow(a, _candidate_dims(a, tokens)) if isinstance(a, torch.Tensor) else a for a in args)
-        grown_kwargs = {k: _grow(v, _candidate_dims(v, tokens)) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        grown_args = tuple(grow(a, _candidate_dims(a, tokens)) if isinstance(a, torch.Tensor) else a for a in args)
+        grown_kwargs = {k: grow(v, _candidate_dims(v, tokens)) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         grew = any(g is not a for g, a in zip(grown_args, args)) or any(grown_kwargs[k] is not kwargs[k] for k in kwargs)
         try:
             ep = _export(model, grown_args, grown_kwargs, dynamic=True)

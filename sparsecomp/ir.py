@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,6 +22,8 @@ from torch.utils import _pytree as pytree
 from torch.nn.modules import module as _nn_module  # its global hook registries (`global_module_hooks`)
 
 __all__ = [
+    "check_batches_fit",
+    "describe_inputs",
     "META_PREFIX",
     "PROVENANCE",
     "LinearSite",
@@ -37,7 +39,6 @@ __all__ = [
     "compare_outputs",
     "output_cosine",
     "record_inputs",
-    "iter_meta",
 ]
 
 META_PREFIX = "sparsecomp."
@@ -244,6 +245,54 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
 
     return tree_flatten_spec((args, kwargs), spec)
 
+def describe_inputs(batch: tuple[tuple, dict]) -> str:
+    """`(float32[4, 64], mask=int64[4, 8])`: an `(args, kwargs)` batch as errors show it."""
+    args, kwargs = batch
+
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]"
+        return type(v).__name__
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def check_batches_fit(gm: fx.GraphModule, example: tuple[tuple, dict], batches: list[tuple[tuple, dict]],
+                      what: str = "calibration batch") -> None:
+    """Every batch (`(args, kwargs)`) has the example inputs' structure, dtypes and ranks, and the
+    same size on every dimension the capture recorded as static; else a `SparsecompError` naming
+    the batch, what it holds and what was expected (not an assertion from deep inside the graph's
+    guards)."""
+    from sparsecomp.errors import SparsecompError
+
+    ex_args, ex_kwargs = example
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, batch in enumerate(batches):
+        args, kwargs = batch
+        bad = len(args) != len(ex_args) or set(kwargs) != set(ex_kwargs)
+        if not bad:
+            try:
+                flat = flat_inputs(gm, args, kwargs)
+            except Exception:  # noqa: BLE001 - pytree spec mismatch: the structure differs
+                flat, bad = [], True
+            for value, ph in zip(flat, placeholders):
+                val = ph.meta.get("val")
+                if not isinstance(val, torch.Tensor):
+                    continue
+                if not isinstance(value, torch.Tensor) or value.dtype != val.dtype or value.dim() != val.dim():
+                    bad = True
+                    break
+                if any(isinstance(d, int) and d != s for d, s in zip(val.shape, value.shape)):
+                    bad = True
+                    break
+        if bad:
+            raise SparsecompError(
+                f"{what} {i} does not fit the model's inputs: got {describe_inputs(batch)}, "
+                f"expected inputs like {describe_inputs(example)}",
+                hint="each batch must have the example inputs' structure, dtypes and ranks "
+                     "(only dimensions captured as dynamic, such as the batch, may differ)")
+
 
 def _children(spec) -> list:
     return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)  # torch < 2.10
@@ -351,12 +400,6 @@ def compare_outputs(actual: Any, reference: Any, *, rtol: float = 1e-4) -> tuple
             if err >= worst:
                 worst, allowed_at_worst = err, allowed
     return ok, worst, allowed_at_worst
-
-
-def iter_meta(gm: fx.GraphModule, key: str) -> Iterable[tuple[fx.Node, Any]]:
-    for node in gm.graph.nodes:
-        if key in node.meta:
-            yield node, node.meta[key]
 
 
 class _InputRecorder(fx.Interpreter):

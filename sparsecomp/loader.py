@@ -123,10 +123,21 @@ def _apply_weights(loaded: LoadedModel, weights: str) -> None:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelLoadError(f"--weights {weights}: not a loadable state dict ({type(err).__name__}: {err})",
-                             hint="save it with torch.save(model.state_dict(), path)") from err
+        # torch's own text runs to paragraphs (and suggests weights_only=False, which the CLI
+        # deliberately does not offer: unpickling runs arbitrary code): its first line only
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ModelLoadError(f"--weights {weights}: not a loadable state dict ({type(err).__name__}: {first})",
+                             hint="save it with torch.save(model.state_dict(), path): tensors only") from err
     if not isinstance(state, dict):
         raise ModelLoadError(f"--weights {weights}: expected a state dict, got {type(state).__name__}")
+    own = loaded.model.state_dict()
+    mismatched = [f"{k}: file {list(v.shape)}, model {list(own[k].shape)}" for k, v in state.items()
+                  if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if mismatched:
+        more = f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
+        raise ModelLoadError(f"--weights {weights} does not fit {loaded.spec}: size mismatch for "
+                             + "; ".join(mismatched[:5]) + more,
+                             hint="the state dict must come from the same model (e.g. `sparsecomp sparsify` on the same MODEL)")
     result = loaded.model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(

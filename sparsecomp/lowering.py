@@ -14,17 +14,51 @@ an `InferenceSession`. After lowering, no op the backend cannot run may remain.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["LayerDecision", "Lowered", "MLPDecision", "TIR_GEMV"]
+__all__ = ["LOSSY_MIN_COSINE", "LayerDecision", "Lowered", "MLPDecision", "KernelFilter", "TIR_GEMV", "speedup_text"]
 
 # The kernel label of a dense layer a backend runs on its compiled GEMV instead of the graph's own
 # op (torch backend, one row per call). Such a row is "dense" yet lowered: the face and the report
 # count it apart from the layers left on torch.
 TIR_GEMV = "tir-dense-mv"
+
+# Agreement (cosine of the outputs) a lossy mode must keep with its reference: compile()'s
+# whole-model check, and a backend's per-op check where its kernels change the arithmetic.
+LOSSY_MIN_COSINE = 0.999
+
+
+class KernelFilter(set):
+    """The names given as `compile(kernels=...)`, as backends receive them (`only`): a set whose
+    membership tests remember the names that matched a candidate, so the face can name those that
+    matched none (a typo such as "tir-selll" would otherwise just leave the layers dense)."""
+
+    def __init__(self, names=()):
+        super().__init__(names)
+        self.hits: set[str] = set()
+
+    def __contains__(self, name) -> bool:
+        found = super().__contains__(name)
+        if found:
+            self.hits.add(name)
+        return found
+
+    def unmatched(self) -> list[str]:
+        return sorted(set(self) - self.hits)
+
+
+def speedup_text(dense_us: float, chosen_us: float, where: str = "") -> str:
+    """A report reason's lead: "1.23x faster than dense<where> (measured)", or why there is no
+    ratio (dense not among the kernels timed, e.g. `kernels=` left it out; nothing timed)."""
+    if not chosen_us or not math.isfinite(chosen_us):
+        return "measured fastest"
+    if not dense_us or not math.isfinite(dense_us):
+        return "measured fastest; dense was not timed (not among the kernels= allowed)"
+    return f"{dense_us / chosen_us:.2f}x faster than dense{where} (measured)"
 
 
 @dataclass

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import PatternError
 
@@ -284,8 +285,16 @@ def impose(model: nn.Module, spec: str | WeightPattern, layers: str | None = Non
 
     `layers` is an fnmatch glob over qualified module names (`"encoder.*.fc1"`, `"*.ffn.*"`);
     None means every such layer. Embeddings and norms are never touched. Returns the qualified
-    names imposed, in module order. Raises `PatternError` if the glob matches no layer.
+    names imposed, in module order. Raises `PatternError` if the glob matches no layer, or before
+    changing any weight if one of the chosen layers cannot take the pattern (a lazy or
+    parametrized weight).
     """
+    if not isinstance(model, nn.Module):
+        raise PatternError(f"impose expects a torch.nn.Module, got {type(model).__name__}",
+                           hint="for a zoo model: model, example = sparsecomp.models.get(name); then impose(model, spec)")
+    if layers is not None and not isinstance(layers, str):
+        raise PatternError(f"layers must be one glob string (e.g. 'encoder.*.fc1'), got {type(layers).__name__}",
+                           hint="match several names with one glob: '*.fc1', 'layer.[0-3].*'")
     p = parse_pattern(spec)
     candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, _IMPOSABLE)]
     if not candidates:
@@ -301,15 +310,22 @@ def impose(model: nn.Module, spec: str | WeightPattern, layers: str | None = Non
             f"layer glob {layers!r} matches no Linear/Conv layer",
             hint=f"available layers: {shown}",
         )
+    for name, mod in chosen:  # every layer checked before any weight changes
+        if parametrize.is_parametrized(mod, "weight"):
+            # mod.weight is recomputed from the parametrization's own tensors on every access:
+            # writing zeros into it would not stick (and would silently impose nothing)
+            raise PatternError(
+                f"layer {name!r} has a parametrized weight (e.g. weight_norm): a pattern written into it would not stick",
+                hint=f"remove the parametrization first: torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({name!r}), 'weight')",
+            )
+        if isinstance(mod.weight, nn.parameter.UninitializedParameter):
+            raise PatternError(
+                f"layer {name!r} has an uninitialized (lazy) weight",
+                hint="run one forward pass to materialize lazy layers before imposing a pattern",
+            )
     with torch.no_grad():
         for name, mod in chosen:
-            w = mod.weight
-            if isinstance(w, nn.parameter.UninitializedParameter):
-                raise PatternError(
-                    f"layer {name!r} has an uninitialized (lazy) weight",
-                    hint="run one forward pass to materialize lazy layers before imposing a pattern",
-                )
-            w.copy_(impose_pattern(w, p))
+            mod.weight.copy_(impose_pattern(mod.weight, p))
     return [n for n, _ in chosen]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,16 @@ from sparsecomp.lowering import TIR_GEMV
 __all__ = ["SparsityReport", "CompileReport", "describe_pattern", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
+
+
+def _measured(v) -> bool:
+    """A measured time: a positive finite number (0 / None: not timed; NaN: dense left out)."""
+    return isinstance(v, (int, float)) and v > 0 and math.isfinite(v)
+
+
+def _finite(row: dict) -> dict:
+    """A report row for JSON: NaN / inf (a time not measured) as null, so the output parses anywhere."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def _pct(x: float) -> str:
@@ -180,14 +191,15 @@ class CompileReport:
     end_to_end: dict | None = None  # eager vs compiled on the example inputs, and which one runs
 
     def to_dict(self) -> dict:
-        dense_us = sum(r["dense_us"] for r in self.rows if r.get("dense_us"))
-        chosen_us = sum(r["chosen_us"] for r in self.rows if r.get("chosen_us"))
+        timed = [r for r in self.rows if _measured(r.get("dense_us")) and _measured(r.get("chosen_us"))]
+        dense_us = sum(r["dense_us"] for r in timed)  # layers timed both ways only: a ratio of like with like
+        chosen_us = sum(r["chosen_us"] for r in timed)
         return {"schema": SCHEMA_VERSION, "model": self.model, "backend": self.backend, "pipeline": self.pipeline,
                 "summary": {"layers": len(self.rows), "sparse": sum(r["decision"] == "sparse" for r in self.rows),
                             "dense_on_tir_gemv": sum(r.get("kernel") == TIR_GEMV for r in self.rows),
                             "measured_dense_us": dense_us, "measured_chosen_us": chosen_us,
                             "layer_speedup": dense_us / chosen_us if chosen_us else None},
-                "layers": self.rows, "verify": self.verify, "end_to_end": self.end_to_end, "cache": self.cache,
+                "layers": [_finite(r) for r in self.rows], "verify": self.verify, "end_to_end": self.end_to_end, "cache": self.cache,
                 "notes": self.notes}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -200,7 +212,7 @@ class CompileReport:
         for c in ("layer", "shape", "M", "density", "pattern", "decision", "kernel", "dense µs", "chosen µs", "speedup", "reason"):
             t.add_column(c, justify="right" if c in ("M", "density", "dense µs", "chosen µs", "speedup") else "left")
         for r in self.rows:
-            dense, chosen = r.get("dense_us"), r.get("chosen_us")
+            dense, chosen = (v if _measured(v) else None for v in (r.get("dense_us"), r.get("chosen_us")))
             t.add_row(r["layer"], "x".join(map(str, r["shape"])), str(r.get("m", "-")), _pct(r["density"]), r["pattern"],
                       r["decision"], r.get("kernel", "-"), f"{dense:.0f}" if dense else "-", f"{chosen:.0f}" if chosen else "-",
                       f"{dense / chosen:.2f}x" if dense and chosen else "-", r["reason"],

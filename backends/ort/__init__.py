@@ -38,9 +38,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparsecomp.dialect import SPARSE_LINEAR, SPARSE_MLP
 from sparsecomp.lowering import Lowered
 
-from .export import DEFAULT_OPSET, MIN_OPSET, SPARSE_LINEAR, SPARSE_MLP, export_graph
+from .export import DEFAULT_OPSET, MIN_OPSET, export_graph
 from .lowering import decide_layers
 from .mlp import decide_mlps
 from .runner import OrtModule, fusion_choice, fusion_note, pool_note, session, threads, use_global_thread_pool

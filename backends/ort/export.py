@@ -39,18 +39,17 @@ import torch
 from onnx import numpy_helper
 from torch import fx
 
+from sparsecomp.dialect import SPARSE_LINEAR, SPARSE_MLP
 from sparsecomp.errors import OnnxError
+from sparsecomp.frontend import grow
 
 from .kernels import MIN_OPSET, Candidate, Emitter, Orientation
 
-__all__ = ["DEFAULT_OPSET", "METADATA_KEYS", "MIN_OPSET", "Placement", "check_opset", "export_graph"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "Placement", "check_opset", "export_graph"]
 
 DEFAULT_OPSET = 20  # what torch 2.13's exporter writes by default
-SPARSE_LINEAR = "sparsecomp.sparse_linear.default"
-SPARSE_MLP = "sparsecomp.sparse_mlp.default"
 LOWERED = (SPARSE_LINEAR, SPARSE_MLP)  # sparsecomp ops with an ONNX lowering here (placeholders)
 DOMAIN = "sparsecomp.placeholder"
-METADATA_KEYS = ("sparsecomp.version", "sparsecomp.backend", "sparsecomp.layers", "sparsecomp.inputs")
 # the decision facts a `sparsecomp.layers` record keeps; an MLP's record has op="sparse_mlp", its
 # shape is [in, hidden, out] and `linears` names its up / gate / down Linears
 RECORD_KEYS = ("input", "output", "density", "m", "dense_us", "chosen_us", "op", "mode", "activation", "linears", "parts",
@@ -154,11 +153,6 @@ def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement], notes: li
     return new
 
 
-def _grow(t, dims):
-    reps = [2 if (d in dims and t.shape[d] == 1) else 1 for d in range(t.dim())]
-    return t.repeat(*reps) if any(r == 2 for r in reps) else t
-
-
 def _dynamic(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic_axes: Any) -> dict[str, list[int]]:
     """Input name -> dims to keep dynamic: capture's record ("auto"), none (None/False), or given."""
     if dynamic_axes in (None, False):
@@ -215,7 +209,7 @@ def _export_program(gm: fx.GraphModule, args: tuple, kwargs: dict, dyn: dict[str
     if unknown:
         raise OnnxError(f"dynamic_axes names inputs {unknown} that {label} does not take", hint=f"its inputs: {', '.join(names)}")
     bound = _bound_inputs(gm, args, kwargs)
-    grown = {k: _grow(v, dyn[k]) if isinstance(v, torch.Tensor) and k in dyn else v for k, v in bound.items()}
+    grown = {k: grow(v, dyn[k]) if isinstance(v, torch.Tensor) and k in dyn else v for k, v in bound.items()}
     spec = {k: ({d: Dim.AUTO for d in dyn[k]} if k in dyn and isinstance(v, torch.Tensor) else None) for k, v in bound.items()}
     ordered = [k for k in names if k in bound]
     with _quiet():
@@ -316,6 +310,10 @@ def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: di
         raise OnnxError(f"torch.onnx.export failed on {label} at opset {opset}: {first}",
                         hint="try the default opset; --debug shows the trace") from err
     model = prog.model_proto
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if written != opset:  # torch's exporter raises the opset when the model needs newer ops
+        raise OnnxError(f"{label} cannot be written at ONNX opset {opset}: torch's exporter wrote opset {written} "
+                        "(the model needs newer ops)", hint=f"ask for a newer opset (default {DEFAULT_OPSET})")
     by_tag = {p.extra["tag"]: p for p in placements.values() if "tag" in p.extra}
     _lower_placeholders(model, by_tag)
     if dyn:
@@ -355,10 +353,6 @@ def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
     model.metadata_props.extend(keep)
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
-
-
-def metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def _placement_of(g: onnx.GraphProto, node: onnx.NodeProto, by_tag: dict[int, Placement]) -> Placement:

@@ -31,14 +31,14 @@ import torch
 from torch import fx
 
 from sparsecomp.cache import DecisionCache, pattern_hash
-from sparsecomp.dialect import sparse_linear_args
+from sparsecomp.dialect import SPARSE_LINEAR, sparse_linear_args
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, record_inputs
-from sparsecomp.lowering import LayerDecision
+from sparsecomp.lowering import LayerDecision, speedup_text
 from sparsecomp.timing import cold_copies, compare, model_is_cold
 
 from . import kernels as K
-from .export import SPARSE_LINEAR, Placement
+from .export import Placement
 from .runner import session, threads
 
 __all__ = ["CANDIDATE_SET_VERSION", "LinearChoice", "choose_linear", "decide_layers", "layer_model", "run_candidate", "time_candidates"]
@@ -213,7 +213,7 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
             reason += f"; stored compactly ({stored.stored_bytes / 2**20:.2f} MiB instead of {chosen.stored_bytes / 2**20:.2f})"
         chosen = stored
     else:
-        reason = f"{dense_us / chosen_us:.2f}x faster than dense in onnxruntime (measured)" if chosen_us else "measured fastest"
+        reason = speedup_text(dense_us, chosen_us, " in onnxruntime")
     reason = "; ".join([reason, *notes])
     return LinearChoice(chosen, m, density, dense_us, chosen_us, measured, cached, reason)
 

@@ -46,7 +46,6 @@ direction (cosine >= `LOSSY_MIN_COSINE`), with a note; otherwise it is an error.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,14 +54,14 @@ from onnx import TensorProto
 from torch import fx
 
 from sparsecomp.cache import DecisionCache
-from sparsecomp.dialect import MLP_ACTIVATIONS, mlp_hidden
+from sparsecomp.dialect import MLP_ACTIVATIONS, PRUNED_DENSITY, RELU_FAMILY, SPARSE_MLP, mlp_hidden
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import get_attr_value, output_cosine, record_inputs
-from sparsecomp.lowering import MLPDecision
+from sparsecomp.lowering import LOSSY_MIN_COSINE, MLPDecision, speedup_text
 from sparsecomp.timing import model_is_cold
 
 from . import kernels as K
-from .export import SPARSE_MLP, Placement
+from .export import Placement
 from .kernels import Candidate, Emitter
 from .lowering import run_candidate, time_candidates
 from .runner import threads
@@ -70,7 +69,6 @@ from .runner import threads
 __all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "part_records", "plain_dense", "pruned_candidate"]
 
 CANDIDATE_SET_VERSION = 3  # bump when the candidates change: cached decisions no longer apply
-LOSSY_MIN_COSINE = 0.999  # as compile()'s whole-model check in the lossy modes
 # Up to this many rows per call (at the example inputs) the selected neurons are laid out [M, nact]:
 # the down Gemm then takes onnxruntime's GEMV path at M = 1 (MLAS has one for an untransposed A
 # only; measured 20 us instead of 72 us for 300 neurons -> 768 at M = 1), and the element-wise
@@ -79,7 +77,6 @@ FEW_ROWS = 4
 _ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activation", "mode", "threshold", "scale",
          "pred_a", "pred_bt")
 _TENSORS = ("w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "threshold", "scale", "pred_a", "pred_bt")
-RELU_FAMILY = ("relu", "relu6", "relu2")
 COMPACT_ROLES = ("w_up", "w_gate", "w_down_t")
 COMPACT_DENSITY = 0.6  # as kernels.storage_choice: denser weights gain too little from sell storage
 
@@ -473,7 +470,7 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
         if chosen.decision == "dense":
             head = "dense is fastest in onnxruntime (measured)" if len(measured) > 1 else "dense: no sparse lowering left to try"
         else:
-            head = f"{dense_us / chosen_us:.2f}x faster than dense in onnxruntime (measured)" if chosen_us and math.isfinite(dense_us) else "measured fastest"
+            head = speedup_text(dense_us, chosen_us, " in onnxruntime")
         reason = "; ".join([f"{head}, {density:.1%} of neurons active", *notes])
         decisions.append(MLPDecision(layer, a.shape, m, density, chosen.decision, chosen.label, dense_us, chosen_us, reason,
                                      cached, measured, pattern=pattern, calibration=calib))
@@ -489,7 +486,6 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
 
 # A pruned MLP (exact mode): below this weight density its projections also get their own measured
 # sparse-linear lowerings (`pruned_candidate`), as in the torch backend.
-PRUNED_DENSITY = 0.7
 
 
 def _pruned(a: MLPArrays) -> bool:

@@ -49,7 +49,7 @@ import functools
 
 from sparsecomp.errors import SparsecompError
 
-__all__ = ["kernel_source", "arg_names", "transpose_source"]
+__all__ = ["kernel_source", "transpose_source"]
 
 _HEAD = '''@T.prim_func
 def main({args}):
@@ -742,14 +742,3 @@ def kernel_source(fmt: str, params: dict, index_dtype: str = "uint16") -> str:
     if gen is None:
         raise SparsecompError(f"no TIR kernel for format {fmt!r}", hint="formats: csr, sell, bsr, nm")
     return gen()
-
-
-def arg_names(fmt: str, params: dict) -> list[str]:
-    """Names of the format arrays a kernel takes between x and bias, in order."""
-    perm = bool(params.get("perm", False))
-    return {
-        "csr": ["vals", "col", "ptr"],
-        "sell": ["vals", "col", "sptr"] + (["perm"] if perm else []),
-        "bsr": ["vals", "col", "bptr"],
-        "nm": ["vals", "meta" if params.get("scheme") in ("perm", "perm4") else "idx"],
-    }[fmt]

@@ -34,10 +34,10 @@ import torch
 import torch.fx as fx
 
 from sparsecomp.cache import DecisionCache, pattern_hash
-from sparsecomp.dialect import sparse_linear_args
+from sparsecomp.dialect import SPARSE_LINEAR, sparse_linear_args
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, record_inputs
-from sparsecomp.lowering import TIR_GEMV, LayerDecision
+from sparsecomp.lowering import TIR_GEMV, LayerDecision, speedup_text
 from sparsecomp.timing import ColdTiming, compare
 
 from .dense import MARGIN as DENSE_MARGIN
@@ -49,7 +49,6 @@ __all__ = ["CANDIDATE_SET_VERSION", "KernelChoice", "LayerDecision", "SparseLine
 
 CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
 SHORTLIST = 3  # kernels kept for later layers of the same shape and density
-SPARSE_LINEAR = "sparsecomp.sparse_linear.default"
 
 
 class SparseLinear(torch.nn.Module):
@@ -125,17 +124,19 @@ def choose_kernel(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
     if cache is not None:
         phash = pattern_hash(weight)
 
-        def key_for(labels):
+        def key_for(labels, tuned):
+            # `tuned`: tune's decisions (4x the time per layer) have their own key even where the
+            # shortlist already is the whole grid, so `tune` after `compile` measures again
             return cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
                              pattern=phash, version=CANDIDATE_SET_VERSION, candidates=sorted(labels), cold=flush is not None,
-                             pool=_pool_tag())
+                             pool=_pool_tag(), tuned=tune if tuned is None else tuned)
 
-        key = key_for(by_label)
+        key = key_for(by_label, None)
         lookups = [(key, by_label)]
         if not tune and only is None:  # a decision `tune` made for this layer beats the shortlist's
             full = {c.label: c for c in candidates(weight, m, use_tir=use_tir, exhaustive=True)}
-            if set(full) != set(by_label) and cache.has(key_for(full)):
-                lookups.insert(0, (key_for(full), full))
+            if cache.has(key_for(full, True)):
+                lookups.insert(0, (key_for(full, True), full))
         for k, labels in lookups:
             entry = cache.get(k, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
             if entry is not None:
@@ -222,7 +223,7 @@ def lower_sparse_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cach
                 new = gm.graph.call_function(torch.ops.aten.linear.default, tuple(node.args))
         else:
             lead = (f"the zeros do not pay at one row; the TIR GEMV measured {dense_us / chosen_us:.2f}x faster than torch's"
-                    if chosen.fmt == "dense-tir" else f"{chosen_us and dense_us / chosen_us:.2f}x faster than dense (measured)")
+                    if chosen.fmt == "dense-tir" else speedup_text(dense_us, chosen_us))
             runner, gelu = choice.runner, _gelu_consumer(node)
             if gelu is not None:
                 fused, fused_runner, why = _fuse_gelu(chosen, weight, bias, x, rtol)

@@ -67,11 +67,11 @@ import torch
 from torch import fx
 
 from sparsecomp.cache import DecisionCache
-from sparsecomp.dialect import MLP_ACTIVATIONS, mlp_hidden, predictor_keep
+from sparsecomp.dialect import MLP_ACTIVATIONS, PRUNED_DENSITY, RELU_FAMILY, SPARSE_MLP, mlp_hidden, predictor_keep
 from sparsecomp.errors import SparsecompError
 from sparsecomp.ir import compare_outputs, get_attr_value, record_inputs
 from sparsecomp.ir import global_module_hooks as _global_module_hooks
-from sparsecomp.lowering import MLPDecision
+from sparsecomp.lowering import MLPDecision, speedup_text
 from sparsecomp.memory import prefer_huge_pages
 from sparsecomp.timing import ColdTiming, compare
 
@@ -81,7 +81,6 @@ from .kernels import tir_available
 
 __all__ = ["SPARSE_MLP", "MLPDecision", "SparseMLP", "lower_sparse_mlp"]
 
-SPARSE_MLP = "sparsecomp.sparse_mlp.default"
 CANDIDATE_SET_VERSION = 7  # bump when kernels or strategies change: cached decisions no longer apply
 # The sparse down path at M > 1 runs only where its cost, interpolated linearly between one and
 # every neuron active, is predicted at most 85% of dense. Without the margin, the quiet bench_mlp
@@ -93,7 +92,7 @@ CROSSOVER_MARGIN = 0.85
 # active: 6.7 MB of rows) the timing picked serial in 2 of 3 compiles, which then measured 1.2x
 # slower end to end (pipeline 2.83 vs 2.33 ms, interleaved, pools idle between calls).
 SERIAL_DOWN_MAX_BYTES = 2 << 20
-EXACT_ACTIVATIONS = ("relu", "relu6", "relu2")  # the TIR up kernel's activations
+EXACT_ACTIVATIONS = RELU_FAMILY  # the TIR up kernel's activations (it skips exact zeros)
 _ARGS = ("x", "w_up", "b_up", "w_gate", "b_gate", "w_down_t", "b_down", "activation", "mode", "threshold", "scale",
          "pred_a", "pred_bt")
 
@@ -216,7 +215,7 @@ class _FusedMV(_Strategy):
         y, yt = self._out.take()
         # TVM releases the GIL while a kernel runs, and the kernel's scratch (compacted activations,
         # partial sums) is this strategy's: two threads calling one compiled MLP at once got each
-        # other's results before this lock (tests/backends/test_sparse_mlp_torch.py)
+        # other's results before this lock (tests/backends/torch/test_mlp.py)
         with self._lock:
             self.k(x, *self._bound, yt)
         return y
@@ -655,7 +654,6 @@ class SparseMLP(torch.nn.Module):
 
 # A pruned MLP (exact mode): below this weight density the projections are also given to the
 # sparse-linear kernels (measured against dense like any sparse_linear; see `_Pruned`).
-PRUNED_DENSITY = 0.7
 _DOWN_PARTS = 4  # column ranges of the sparse-row down kernel (tasks over TVM's pool)
 
 
@@ -1038,7 +1036,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
             if isinstance(chosen, _TirPredictorMV):
                 notes.append("the predictor's scores are computed in TIR: a neuron scored within float rounding of its "
                              "threshold may be kept or dropped unlike the reference op")
-            reason = "; ".join([f"{dense_us / chosen_us:.2f}x faster than dense (measured), {density:.1%} of neurons active",
+            reason = "; ".join([f"{speedup_text(dense_us, chosen_us)}, {density:.1%} of neurons active",
                                 *([(f"M > 1 ({crossover['path']}): dense down above {crossover['rows<=8']:.0%} active neurons "
                                      f"(up to 8 rows), {crossover['rows=64']:.0%} at 64 rows (measured)")] if crossover else []), *notes])
             name = f"sparse_mlp_{i}_{layer.replace('.', '_').replace('->', '__')}"

@@ -133,8 +133,8 @@ def weight_stats(name: str, op: str, w: torch.Tensor, *, blocks: list[tuple[int,
 def analyze_weights(gm, ctx, *, blocks: str = DEFAULT_BLOCKS, nm: str = DEFAULT_NM) -> PassResult:
     """Measure the sparsity of every constant weight of a matmul-like node.
 
-    Requires: an ATen-level graph from `sparsecomp.capture` (or an ONNX import); weights as
-      `get_attr` attributes.
+    Requires: an ATen-level graph from `sparsecomp.capture` (in an onnx2torch import, only its
+      nn.Linear / nn.Conv modules count); weights as `get_attr` attributes.
     Ensures: `node.meta["sparsecomp.weights"]` = `WeightStats` on every linear/conv/matmul node
       with a constant weight; `ctx.results["analyze-weights"]` = their list in graph order. The
       graph itself is unchanged.

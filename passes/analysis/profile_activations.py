@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from sparsecomp.errors import PipelineError, SparsecompError
-from sparsecomp.ir import flat_inputs, linear_sites
+from sparsecomp.ir import check_batches_fit, flat_inputs, linear_sites
 from sparsecomp.registry import PassResult, register_pass
 
 __all__ = ["ActivationStats", "META_KEY"]
@@ -90,8 +90,8 @@ class _Recorder(fx.Interpreter):
 def profile_activations(gm, ctx, *, thresholds: str = "0.001,0.01,0.1", max_batches: int = 64) -> PassResult:
     """Measure per-channel zero and near-zero fractions of every activation entering a matmul.
 
-    Requires: calibration batches in `ctx.calibration` (each `(args, kwargs)` for the captured
-      model); an ATen-level graph.
+    Requires: calibration batches in `ctx.calibration`, each `(args, kwargs)` shaped like the
+      example inputs (checked: `ir.check_batches_fit`); an ATen-level graph.
     Ensures: `node.meta["sparsecomp.activations"]` = `ActivationStats` on every matmul-like node
       with a constant weight whose input is a float tensor; `ctx.results["profile-activations"]` =
       their list. The graph itself is unchanged.
@@ -104,6 +104,7 @@ def profile_activations(gm, ctx, *, thresholds: str = "0.001,0.01,0.1", max_batc
             "profile-activations needs calibration data and none was given",
             hint="pass calibration=... to sparsecomp.analyze, or --calib N on the command line",
         )
+    check_batches_fit(gm, ctx.example_inputs, ctx.calibration[:max_batches])
     ts = _parse_thresholds(thresholds)
     watch = {s.node: (s.name, 1 if s.kind == "conv" else -1) for s in linear_sites(gm)}
     acc: dict = {}

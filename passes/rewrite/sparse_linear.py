@@ -46,11 +46,16 @@ def sparse_linear(gm, ctx, *, min_sparsity: float = 0.5, nm: str = "2:4,4:8", mi
 
     Requires: an ATen-level graph (`sparsecomp.capture`); reads `node.meta["sparsecomp.weights"]`
       from `analyze-weights` when present (else measures the weight itself).
-    Ensures: every linear / addmm / matmul node whose constant 2-D fp32 weight has sparsity >=
-      min_sparsity (inclusive) or is N:M-conformant (patterns in `nm`) is replaced by
-      `sparsecomp.sparse_linear(x, W[out, in], bias)` computing the same values; the new node
+    Ensures: every linear / addmm / matmul node (`x @ W` and `x @ W.t()` alike) whose constant
+      2-D fp32 weight has at least `min_features` rows and columns and sparsity >= min_sparsity
+      (inclusive) or is N:M-conformant (patterns in `nm`) is replaced by
+      `sparsecomp.sparse_linear(x, W[out, in], bias)` computing the same values; so is a 1x1,
+      stride-1, ungrouped conv2d, between two permutes (NCHW -> NHWC -> NCHW). Each new node
       carries `sparsecomp.weights` (the analysed facts) and the reason in `sparsecomp.sparse_linear`.
-      Every other node is untouched; `ctx.results["sparse-linear"]` lists (layer, rewritten?, reason).
+      Every other node is untouched; `ctx.results["sparse-linear"]` lists (layer, rewritten?,
+      reason) for every call_function site, kept dense ones (other dtypes, small or not sparse
+      enough, other convolutions) with why. Graphs imported from ONNX keep their layers as
+      onnx2torch modules, which this pass does not rewrite.
     Options:
       min_sparsity: rewrite weights with at least this fraction of zeros (inclusive).
       nm: N:M patterns that qualify a weight whatever its sparsity, comma-separated.
@@ -102,9 +107,10 @@ def sparse_linear(gm, ctx, *, min_sparsity: float = 0.5, nm: str = "2:4,4:8", mi
                 w_node.meta["val"] = w2
                 w_node.meta["sparsecomp.rule"] = "matmul"
                 rule = "matmul"
-            else:
-                w_node = node.args[2].args[0] if node.target is aten.addmm.default else node.args[1]
-                rule = "addmm" if node.target is aten.addmm.default else "linear"
+            else:  # stored [out, in]: read directly, or through the transpose that `x @ W.t()` applies
+                w_arg = node.args[2] if node.target is aten.addmm.default else node.args[1]
+                w_node = w_arg if w_arg.op == "get_attr" else w_arg.args[0]
+                rule = "addmm" if node.target is aten.addmm.default else site.kind
             new = graph.call_function(dialect.sparse_linear.default, (x, w_node, bias))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
         new.meta[WEIGHTS_KEY] = stats

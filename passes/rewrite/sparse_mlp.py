@@ -45,7 +45,7 @@ from torch import fx
 
 from sparsecomp import dialect
 from sparsecomp.errors import PipelineError, SparsecompError
-from sparsecomp.ir import flat_inputs, get_attr_value, linear_sites
+from sparsecomp.ir import check_batches_fit, describe_inputs, flat_inputs, get_attr_value, linear_sites
 from sparsecomp.registry import PassResult, register_pass
 
 __all__ = ["META_KEY", "MLPRewrite", "parse_activation_sparsity"]
@@ -117,51 +117,13 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _describe(batch) -> str:
-    args, kwargs = batch
-
-    def one(v):
-        if isinstance(v, torch.Tensor):
-            return f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]"
-        return type(v).__name__
-
-    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
-    return "(" + ", ".join(parts) + ")"
-
-
 def _check_calibration(gm, ctx, mode: str) -> None:
-    """Calibration batches must exist and look like the example inputs (same structure, dtypes,
-    ranks, and the same size on every dimension the capture recorded as static)."""
+    """Calibration batches must exist and look like the example inputs (`ir.check_batches_fit`)."""
     if not ctx.calibration:
         raise SparsecompError(f"sparse-mlp mode '{mode}' calibrates its thresholds on calibration data, and none was given",
                               hint="pass calibration=[batch, ...] (each batch shaped like the example inputs), "
                                    "or --calib N on the command line")
-    ex_args, ex_kwargs = ctx.example_inputs
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    expected = _describe(ctx.example_inputs)
-    for i, batch in enumerate(ctx.calibration):
-        args, kwargs = batch
-        bad = len(args) != len(ex_args) or set(kwargs) != set(ex_kwargs)
-        if not bad:
-            try:
-                flat = flat_inputs(gm, args, kwargs)
-            except Exception:  # noqa: BLE001 - pytree spec mismatch: the structure differs
-                flat, bad = [], True
-            for value, ph in zip(flat, placeholders):
-                val = ph.meta.get("val")
-                if not isinstance(val, torch.Tensor):
-                    continue
-                if not isinstance(value, torch.Tensor) or value.dtype != val.dtype or value.dim() != val.dim():
-                    bad = True
-                    break
-                if any(isinstance(d, int) and d != s for d, s in zip(val.shape, value.shape)):
-                    bad = True
-                    break
-        if bad:
-            raise SparsecompError(
-                f"calibration batch {i} does not fit the model's inputs: got {_describe(batch)}, expected inputs like {expected}",
-                hint="each calibration batch must have the example inputs' structure, dtypes and ranks "
-                     "(only dimensions captured as dynamic, such as the batch, may differ)")
+    check_batches_fit(gm, ctx.example_inputs, ctx.calibration)
 
 
 def _record(gm, ctx, regions: list[tuple[MLPRegion, dict]], max_rows: int) -> dict:
@@ -180,7 +142,7 @@ def _record(gm, ctx, regions: list[tuple[MLPRegion, dict]], max_rows: int) -> di
                 if i < QUALITY_BATCHES:
                     outputs.append(result)
             except Exception as err:  # noqa: BLE001 - a shape error deep in an op: name the batch
-                raise SparsecompError(f"running calibration batch {i} {_describe((args, kwargs))} failed: "
+                raise SparsecompError(f"running calibration batch {i} {describe_inputs((args, kwargs))} failed: "
                                       f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                                       hint="calibration batches must be valid inputs of the model") from None
     out = {}

@@ -760,24 +760,3 @@ def _has_attr(root: torch.nn.Module, path: str) -> bool:
     except AttributeError:
         return False
 
-
-@contextmanager
-def progress_bar(label: str):
-    """A rich progress bar on stderr while sparsifying; yields its callback (None when not a terminal)."""
-    import sys
-
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-    task = bar.add_task(f"sparsifying {label}", total=None)
-
-    def update(done: int, total: int, what: str) -> None:
-        bar.update(task, completed=done, total=total, description=what)
-
-    with bar:
-        yield update

@@ -50,8 +50,8 @@ def sparsify_magnitude(gm, ctx, *, pattern: str = "unstructured:0.5", allocation
     Requires: an ATen-level graph (`sparsecomp.capture`); calibration batches in `ctx.calibration`
       only for allocation owl / sensitivity.
     Ensures: every linear / addmm / matmul weight not skipped holds exactly the asked zeros under
-      `pattern` (unstructured and block: the smallest |w| / tile L1 norms of the layer; N:M: per
-      group); skipped layers (skip globs, tied heads, convolutions, patterns that do not divide
+      `pattern` (unstructured and block: the smallest |w| / tile L1 norms of the layer; with an N-of-M pattern:
+      per group of M); skipped layers (skip globs, tied heads, convolutions, patterns that do not divide
       the shape) are unchanged; `node.meta["sparsecomp.sparsify"]` says which; the report is
       `ctx.results["sparsify-magnitude"]`. The graph's structure is unchanged.
     Options:

@@ -253,3 +253,108 @@ def test_tune_fills_the_cache_that_compile_reuses(capsys, tmp_path, monkeypatch)
     report = json.loads(out)
     assert code == 0 and report["cache"]["hit"] == 2
     assert {r["layer"]: r["kernel"] for r in report["layers"]} == tuned
+
+
+# --- usage errors (typer >= 0.29 vendors click: its exceptions are not click's), numeric ranges, output paths ---
+
+@pytest.mark.parametrize("argv,needle", [
+    (["analyze"], "Missing argument 'MODEL'"),
+    (["analyze", "zoo:mlp-relu", "--nope"], "No such option: --nope"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["analyze", "zoo:mlp-relu", "--calib", "abc"], "'--calib'"),
+    (["bench", "zoo:mlp-relu", "--runs", "abc"], "'--runs'"),
+    (["compile", "zoo:mlp-relu", "--max-seconds", "abc"], "'--max-seconds'"),
+    (["opt", "zoo:mlp-relu"], "'--pipeline'"),
+    # numbers out of range: rejected while parsing, before any work (were a StatisticsError / silently accepted)
+    (["bench", "zoo:mlp-relu", "--runs", "0"], "'--runs'"),
+    (["bench", "zoo:mlp-relu", "--runs", "-1"], "'--runs'"),
+    (["analyze", "zoo:mlp-relu", "--calib", "-1"], "'--calib'"),
+    (["opt", "zoo:mlp-relu", "-p", "analyze-weights", "--calib", "-1"], "'--calib'"),
+    (["sparsify", "zoo:mlp-relu", "--calib", "-1"], "'--calib'"),
+    (["sparsify", "zoo:mlp-relu", "--refine", "-1"], "'--refine'"),
+    (["compile", "zoo:mlp-relu", "--max-seconds", "-1"], "'--max-seconds'"),
+    (["compile", "zoo:mlp-relu", "--max-seconds", "0"], "'--max-seconds'"),
+    (["compile", "zoo:mlp-relu", "--max-seconds", "nan"], "'--max-seconds'"),
+    (["tune", "zoo:mlp-relu", "--max-seconds", "inf"], "'--max-seconds'"),
+])
+def test_usage_errors_exit_2_with_clicks_message(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert "internal error" not in err and "Traceback" not in err + out
+    assert "Usage: sparsecomp" in err and "Error: " in err and needle in err
+
+
+def test_usage_error_with_debug_is_still_a_usage_error(capsys):
+    code, _, err = run(capsys, "bench", "zoo:mlp-relu", "--runs", "0", "--debug")
+    assert code == 2 and "'--runs'" in err and "Traceback" not in err
+
+
+def test_help_exits_0(capsys):
+    code, out, _ = run(capsys, "analyze", "--help")
+    assert code == 0 and "--calib" in out
+
+
+BOOM = """
+    import torch
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)), (torch.randn(2, 8),)
+    def boom():
+        raise RuntimeError("factory exploded")
+"""
+
+
+@pytest.mark.parametrize("where,needle", [
+    ("nodir/x.pt", "does not exist"),
+    (".", "is a directory"),
+    ("afile/x.pt", "is not a directory"),
+])
+def test_sparsify_output_path_checked_before_any_work(capsys, tmp_path, where, needle):
+    f = write_factory(tmp_path, BOOM)
+    (tmp_path / "afile").write_text("x")
+    target = str(tmp_path / where)
+    # :boom raises when loaded, so reaching the -o error proves the check runs first
+    code, out, err = run(capsys, "sparsify", f"{f}:boom", "--method", "magnitude", "-o", target)
+    assert code == 2 and "internal error" not in err and "factory exploded" not in err
+    assert err.startswith("error: ") and "-o" in err and needle in err and target.rstrip("/.") in err
+    assert not list((tmp_path / "afile").parent.glob("**/*.tmp"))
+
+
+def test_sparsify_output_still_saves(capsys, tmp_path):
+    f = write_factory(tmp_path, BOOM)
+    code, out, err = run(capsys, "sparsify", f"{f}:make", "--method", "magnitude", "-o", str(tmp_path / "w.pt"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["output"] == str(tmp_path / "w.pt") and (tmp_path / "w.pt").is_file()
+
+
+@pytest.mark.parametrize("where,needle", [
+    ("afile", "exists and is not a directory"),
+    ("afile/sub", "is not a directory"),
+])
+def test_opt_dump_dir_checked_before_any_work(capsys, tmp_path, where, needle):
+    f = write_factory(tmp_path, BOOM)
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, "opt", f"{f}:boom", "-p", "analyze-weights", "--dump-dir", str(tmp_path / where))
+    assert code == 2 and "internal error" not in err and "factory exploded" not in err
+    assert err.startswith("error: ") and "--dump-dir" in err and needle in err and "afile" in err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_weights_shape_mismatch_names_the_parameters(capsys, tmp_path):
+    f = write_factory(tmp_path, BOOM)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).state_dict(),
+               tmp_path / "shape.pt")
+    code, _, err = run(capsys, "analyze", f"{f}:make", "--weights", str(tmp_path / "shape.pt"))
+    assert code == 2 and "internal error" not in err
+    assert "0.weight" in err and "[32, 8]" in err and "[16, 8]" in err
+
+
+def test_module_docstring_lists_every_command():
+    import typer.main
+
+    import sparsecomp.cli as cli
+
+    commands = typer.main.get_command(cli.app).commands
+    assert len(commands) >= 8
+    for name in commands:
+        assert f"sparsecomp {name}" in cli.__doc__, name

@@ -170,4 +170,4 @@ def test_settle_keeps_the_cores_busy_then_pauses():
     wait()
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     assert wall >= 0.025
-    assert cpu >= 0.01  # busy, not asleep, for most of the 20 ms (a plain sleep uses ~no CPU)
+    assert cpu >= 0.005  # busy, not asleep (a plain sleep uses ~no CPU; a quarter of the 20 ms: other work may share the cores)

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from sparsecomp.frontend import capture
 from sparsecomp.errors import CaptureError
-from sparsecomp.ir import linear_sites
+from sparsecomp.ir import compare_outputs, linear_sites
 
 
 class Tok(nn.Module):
@@ -113,3 +113,24 @@ def test_varargs_forward_keeps_batch_dynamic():
     assert gm.meta["sparsecomp.capture"].dynamic  # the spec matched forward(self, *xs)
     a, b = torch.randn(6, 5), torch.randn(6, 3)
     assert torch.allclose(gm(a, b), m(a, b), atol=1e-6)
+
+
+def test_a_model_in_training_mode_is_captured_in_eval_mode_and_left_as_it_was():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 8))
+    m[2].eval()  # mixed modes must come back exactly
+    x = torch.randn(4, 16)
+    gm = capture(m, (x,))
+    assert m.training and not m[2].training and m[1].training  # as it was
+    info = gm.meta["sparsecomp.capture"]
+    assert any("training mode" in n for n in info.notes)
+    m.eval()
+    ok, err, allowed = compare_outputs(gm(x), m(x))  # the graph is the eval-mode model
+    assert ok, (err, allowed)
+    assert not any("training mode" in n for n in capture(m, (x,)).meta["sparsecomp.capture"].notes)
+
+
+def test_weights_on_the_meta_device_are_a_capture_error():
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8)).to("meta")
+    with pytest.raises(CaptureError, match="0.weight .* on the meta device"):
+        capture(m, (torch.randn(2, 8, device="meta"),))

@@ -445,3 +445,31 @@ def test_measurements_are_vectorised_fast():
         f()
     # a few ms each when the machine is idle; generous bound for a shared 2-core box
     assert time.perf_counter() - t < 0.5
+
+
+def test_impose_refuses_a_parametrized_weight_before_changing_any_layer():
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    torch.nn.utils.parametrizations.weight_norm(m[1])
+    before = m[0].weight.detach().clone()
+    with pytest.raises(PatternError, match="layer '1' has a parametrized weight"):
+        impose(m, "unstructured:0.5")
+    assert torch.equal(m[0].weight, before)  # nothing half-done
+    assert impose(m, "unstructured:0.5", "0") == ["0"]  # the plain layer alone still works
+    assert (m[0].weight == 0).sum() == 32
+
+
+def test_impose_refuses_a_lazy_layer_before_changing_any_layer():
+    m = nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(4))
+    before = m[0].weight.detach().clone()
+    with pytest.raises(PatternError, match="uninitialized"):
+        impose(m, "unstructured:0.5")
+    assert torch.equal(m[0].weight, before)
+
+
+@pytest.mark.parametrize("model, layers, match", [
+    ("zoo:mlp-relu", None, "expects a torch.nn.Module, got str"),
+    (nn.Sequential(nn.Linear(8, 8)), ["0"], "one glob string"),
+])
+def test_impose_argument_types(model, layers, match):
+    with pytest.raises(PatternError, match=match):
+        impose(model, "2:4", layers)

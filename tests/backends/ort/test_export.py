@@ -231,3 +231,47 @@ def test_a_tail_fed_plain_input_as_transposed_is_wrong():
     assert close(outs[False], ref)
     assert close(outs[True], lin(x.T.contiguous()))  # x read as x^T: the function of the transposed input
     assert not close(outs[True], ref)
+
+
+def test_an_opset_the_exporter_cannot_write_is_an_error_not_a_newer_file(tmp_path):
+    """LayerNormalization is an opset-17 op: at opset 16 torch's exporter writes opset 18 instead;
+    a file of another opset than asked for is never returned."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 64)).eval()
+    sc.impose(m, "unstructured:0.9")
+    x = torch.randn(3, 128)
+    cm = sc.compile(m, (x,), backend="ort", kernels="dense,sell4", cache_dir=str(tmp_path / "c"), max_seconds_per_layer=0.02)
+    with pytest.raises(OnnxError, match="cannot be written at ONNX opset 16: torch's exporter wrote opset 18"):
+        sc.export_onnx(cm, (x,), tmp_path / "m16.onnx", opset=16)
+    info = sc.export_onnx(cm, (x,), tmp_path / "m17.onnx", opset=17)
+    assert info["opset"] == 17 and onnx.load(info["path"]).opset_import[0].version == 17
+    assert close(run_file(info["path"], x), m(x))
+
+
+def test_impose_on_a_sparsecomp_export_is_refused(exported, tmp_path, capsys):
+    """A sparsecomp export stores sparse layers compactly (values + indices): a pattern imposed on
+    those arrays is not the layer's pattern (0.99 gave densities ~0.008), so it is refused; the
+    plain ONNX file of the same function still takes it exactly."""
+    from sparsecomp.cli import main
+    from sparsecomp.loader import load_model
+    from sparsecomp.onnx_io import impose_onnx
+
+    _, _, info, model = exported
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with pytest.raises(OnnxError, match="is a sparsecomp export: its weights are stored in compact formats") as e:
+        impose_onnx(copy, "unstructured:0.99")
+    assert "impose on the torch model" in e.value.hint and "export again" in e.value.hint
+    assert copy == model  # nothing written
+    with pytest.raises(OnnxError, match=f"^{info['path']}: .*sparsecomp export"):
+        load_model(info["path"], impose="unstructured:0.99")
+    code = main(["analyze", info["path"], "--impose", "unstructured:0.99"])
+    err = capsys.readouterr().err
+    assert code != 0 and "sparsecomp export" in err and "Traceback" not in err
+
+    plain = tmp_path / "plain.onnx"  # the dense equivalent: a plain ONNX file
+    onnx.save(files.dense_equivalent(model), str(plain))
+    loaded = load_model(str(plain), impose="unstructured:0.99")
+    assert len(loaded.imposed) == 2
+    densities = [l.density for l in sc.analyze(loaded.onnx).layers]
+    assert len(densities) == 2 and all(abs(d - 0.01) < 1e-3 for d in densities), densities

@@ -119,3 +119,54 @@ def test_pointwise_conv_becomes_sparse_linear_and_others_do_not():
         assert ok, (err, allowed)
     rules = {n.meta["sparsecomp.provenance"]["rule"] for n in gm.graph.nodes if "sparsecomp.provenance" in n.meta}
     assert rules == {"conv1x1"}
+
+
+
+class HandLinear(nn.Module):
+    """A Linear spelled by hand: `x @ W.t() (+ b)`, W stored [out, in]."""
+
+    def __init__(self, out_f, in_f, bias):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(out_f, in_f))
+        self.b = nn.Parameter(torch.randn(out_f)) if bias else None
+
+    def forward(self, x):
+        y = x @ self.w.t()
+        return y + self.b if self.b is not None else y
+
+
+def hand_linear(out_f, in_f, bias):
+    torch.manual_seed(0)
+    m = HandLinear(out_f, in_f, bias).eval()
+    with torch.no_grad():
+        m.w.copy_(patterns.impose_pattern(m.w, "unstructured:0.9"))
+        m.w[5].zero_()  # an all-zero row
+    return m
+
+
+@pytest.mark.parametrize("shape, bias", [((96, 64), False), ((64, 64), False), ((48, 80), True)])
+def test_matmul_with_a_transposed_weight(shape, bias):
+    m = hand_linear(*shape, bias)
+    x = torch.randn(2, 5, shape[1])
+    gm, ctx = sc.run_pipeline(m, (x,), "analyze-weights,sparse-linear")
+    assert count(gm, SPARSE) == 1
+    node = next(n for n in gm.graph.nodes if n.target is SPARSE)
+    assert node.args[1].op == "get_attr" and node.args[1].target == "w"  # W itself, [out, in]
+    assert count(gm, torch.ops.aten.t.default) == 0 and count(gm, torch.ops.aten.matmul.default) == 0
+    for xb in (x, torch.randn(1, 1, shape[1]), torch.zeros(3, 2, shape[1])):
+        ok, err, allowed = compare_outputs(gm(xb), m(xb))
+        assert ok, (err, allowed)
+    other = hand_linear(*shape, bias)  # must NOT match: one nonzero weight changed
+    with torch.no_grad():
+        r, c = (other.w != 0).nonzero()[0].tolist()
+        other.w[r, c] += 1.0
+    assert not compare_outputs(gm(x), other(x))[0]
+
+
+def test_matmul_with_a_transposed_weight_compiles():
+    m = hand_linear(96, 64, True)
+    cm = sc.compile(m, (torch.randn(4, 64),), max_seconds_per_layer=0.05)
+    assert cm.report.verify["ok"] and [r["layer"] for r in cm.report.rows] == ["w"]
+    x = torch.randn(3, 64)  # another batch size
+    ok, err, allowed = compare_outputs(cm(x), m(x))
+    assert ok, (err, allowed)

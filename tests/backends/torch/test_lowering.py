@@ -268,7 +268,7 @@ def test_other_input_dtype_is_a_clear_error(tmp_path):
     m = net(6)
     cm = sc.compile(m, (torch.randn(2, 96),), cache_dir=str(tmp_path), kernels="torch-csr")
     lowered = CompiledModel(cm.gm, cm.report, "torch")
-    with pytest.raises(SparsecompError, match="compiled for float32 CPU inputs, got float64|compiled for other input shapes"):
+    with pytest.raises(SparsecompError, match=r"compiled for inputs \(float32\[.*, 96\]\), got \(float64\[2, 96\]\)"):
         lowered(torch.randn(2, 96, dtype=torch.float64))
 
 
@@ -434,3 +434,36 @@ def test_a_fused_gelu_kernel_that_fails_its_check_is_not_used(tmp_path, monkeypa
     row = next(r for r in cm.report.rows if r["layer"] == "up")
     assert "act=" not in row["kernel"] and "GELU left to torch: max abs error" in row["reason"]
     assert compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))[0]
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_tune_after_compile_measures_again_in_the_same_cache(tmp_path, rows):
+    """tune's decisions have their own key, also where the shortlist already is the whole grid."""
+    from sparsecomp.backends import tir
+
+    if not tir.available():
+        pytest.skip("TVM not installed: no kernel-variant grid to tune")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).eval()
+    patterns.impose(m, "unstructured:0.9")
+    x = torch.randn(rows, 64)
+    cache = str(tmp_path / "c")
+    sc.compile(m, (x,), cache_dir=cache, max_seconds_per_layer=0.02)
+    tuned = sc.compile(m, (x,), cache_dir=cache, max_seconds_per_layer=0.02, tune=True)
+    assert tuned.report.cache["hit"] == 0  # measured, not the untuned decisions
+    again = sc.compile(m, (x,), cache_dir=cache, max_seconds_per_layer=0.02)
+    assert again.report.cache["hit"] == 2 and all("tuned decision" in r["reason"] for r in again.report.rows)
+
+
+def test_a_call_with_inputs_of_another_kind_dtype_or_rank_is_a_clear_error():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).eval()
+    patterns.impose(m, "unstructured:0.95")
+    x = torch.randn(1, 256)
+    cm = sc.compile(m, (x,), max_seconds_per_layer=0.05)
+    cm = CompiledModel(cm.gm, cm.report, "torch")  # the lowered graph, whatever the end-to-end timing chose
+    for bad, got in ((torch.randn(256), r"float32\[256\]"), (x.numpy(), "ndarray"), (x.double(), r"float64\[1, 256\]")):
+        with pytest.raises(SparsecompError, match=r"compiled for inputs \(float32\[.*, 256\]\), got \(" + got):
+            cm(bad)
+    y = torch.randn(5, 256)
+    assert compare_outputs(cm(y), m(y))[0]  # the same call with right inputs still works
