@@ -252,11 +252,13 @@ class CompiledModel(torch.nn.Module):
         vals = [ph.meta.get("val") for ph in self.gm.graph.nodes if ph.op == "placeholder"]
         for value, val in zip(flat, vals):
             if isinstance(val, torch.Tensor) and (not isinstance(value, torch.Tensor) or value.dtype != val.dtype
-                                                  or value.dim() != val.dim()):
+                                                  or value.dim() != val.dim() or value.device.type != "cpu"):
                 expected = ", ".join(f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]"
                                      for v in vals if isinstance(v, torch.Tensor))
-                raise SparsecompError(f"{self.report.model} was compiled for inputs ({expected}), got {describe_inputs((args, kwargs))}",
-                                      hint="pass torch tensors with the example inputs' dtypes and ranks "
+                where = "" if not isinstance(value, torch.Tensor) or value.device.type == "cpu" else f" on {value.device}"
+                raise SparsecompError(f"{self.report.model} was compiled for CPU inputs ({expected}), got "
+                                      f"{describe_inputs((args, kwargs))}{where}",
+                                      hint="pass CPU torch tensors with the example inputs' dtypes and ranks "
                                            "(only the batch / sequence sizes may change)") from None
 
 
@@ -684,9 +686,19 @@ def set_num_threads(n: int | None = None) -> int:
     ONNX Runtime sessions that sparsecomp opens afterwards take it as their pool size
     (`sparsecomp.backends.ort.use_global_thread_pool()` shares one pool across the process)."""
     if n is None:
-        n = int(os.environ.get("SPARSECOMP_NUM_THREADS", torch.get_num_threads()))
+        env = os.environ.get("SPARSECOMP_NUM_THREADS")
+        try:
+            n = int(env) if env else torch.get_num_threads()
+        except ValueError:
+            raise SparsecompError(f"SPARSECOMP_NUM_THREADS={env!r} is not an integer", hint="e.g. SPARSECOMP_NUM_THREADS=2") from None
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise SparsecompError(f"thread count must be an int, got {n!r}", hint="e.g. sparsecomp.set_num_threads(2)")
     if n < 1:
         raise SparsecompError(f"thread count must be >= 1, got {n}")
+    cpus = os.cpu_count() or n
+    if n > 4 * cpus:  # more threads than this makes sense for (and TVM / OpenMP allocate per thread)
+        raise SparsecompError(f"thread count {n} is more than 4x this machine's {cpus} CPUs",
+                              hint=f"use at most {cpus} (one per core is what the kernels are tuned for)")
     torch.set_num_threads(n)
     os.environ["TVM_NUM_THREADS"] = str(n)  # read by TVM's runtime when it loads
     os.environ["SPARSECOMP_NUM_THREADS"] = str(n)  # read by the ort backend's shared session pool

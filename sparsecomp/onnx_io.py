@@ -688,11 +688,21 @@ def impose_onnx(model: onnx.ModelProto, spec: Any, layers: str | None = None) ->
     imposed in `[out, in]` orientation (N:M groups along in_features; conv weights through their
     `[out, in*kh*kw]` view), exactly as `sparsecomp.patterns.impose` does on the nn.Module, then
     written back into each stored tensor in its own orientation and dtype. Returns the names of
-    the sites imposed, in graph order. Raises PatternError if the glob matches no site.
+    the sites imposed, in graph order. Raises PatternError if the glob matches no site, OnnxError
+    on a sparsecomp export (its sparse layers are stored compactly: impose before exporting).
     """
     from sparsecomp.patterns import impose_pattern, parse_pattern  # patterns is core; keep import light
 
     pattern = parse_pattern(spec)
+    from sparsecomp.backends.ort import files as ort_files  # function level: core imports no backend at import time
+
+    if ort_files.is_export(model):
+        # its sparse layers are stored compactly (values + narrow indices, `*_live` arrays...): a
+        # pattern imposed on those arrays is not the pattern on the layer's [out, in] weight
+        raise OnnxError(
+            f"{_model_label(model)} is a sparsecomp export: its weights are stored in compact formats",
+            hint="impose on the torch model (or the plain ONNX file, e.g. from torch.onnx.export) and export again",
+        )
     sites = onnx_weight_sites(model)
     if not sites:
         raise PatternError(

@@ -87,9 +87,13 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, only=None, progr
     # exporter dropped (unused by the graph) are not fed.
     graph_inputs = {i.name for i in model.graph.input}
     flat_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    # forward()'s own parameter names (torch.export's codegen keeps them), so keyword calls bind
+    # also to inputs the graph does not use or that are nested
+    pytree_info = getattr(getattr(gm.graph, "_codegen", None), "pytree_info", None)
+    arg_names = list(pytree_info.orig_args) if pytree_info is not None and getattr(pytree_info, "orig_args", None) else None
     module = OrtModule(model, sess, in_spec=getattr(gm, "_in_spec", None), out_spec=getattr(gm, "_out_spec", None),
                        input_names=[n if n in graph_inputs else None for n in flat_names], label=label,
-                       exporter=lambda **kw: exporter(**kw)[0])
+                       exporter=lambda **kw: exporter(**kw)[0], arg_names=arg_names)
     for note in (pool_note(), fusion_note(model)):
         if note:
             notes.append(note)

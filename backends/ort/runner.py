@@ -181,6 +181,34 @@ def session(model: Any, *, optimize: bool = True, spinning: bool = True, disable
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.int64: np.int64,
        torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8}
+# onnxruntime's input type strings -> the torch dtype a caller passes
+_ORT_DTYPE = {"tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16,
+              "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool,
+              "tensor(uint8)": torch.uint8, "tensor(int8)": torch.int8, "tensor(int16)": torch.int16,
+              "tensor(bfloat16)": torch.bfloat16}
+_SHAPE_HINT = "only batch/sequence dims recorded as dynamic may change; compile again with example inputs of this shape"
+_MISSING = object()
+_RUN_OPTIONS: list = []
+
+
+def _quiet_run():
+    """RunOptions that keep onnxruntime from logging a failed run to stderr (its `[E:onnxruntime:...]`
+    line): the failure comes back as one SparsecompError instead."""
+    if not _RUN_OPTIONS:
+        import onnxruntime as ort
+
+        ro = ort.RunOptions()
+        ro.log_severity_level = 4  # fatal only
+        _RUN_OPTIONS.append(ro)
+    return _RUN_OPTIONS[0]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _spec_children(spec) -> list:
+    return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)  # torch < 2.10
 
 
 class OrtModule(torch.nn.Module):
@@ -190,17 +218,31 @@ class OrtModule(torch.nn.Module):
     back as torch tensors in the model's output structure (`out_spec`). `onnx_model` is the
     exported ModelProto (what `export_onnx` writes); `to_onnx(opset=..., dynamic_axes=...)`
     exports again with other settings from the same per-layer decisions.
+
+    Calls bind as the compiled graph's signature does: the example's positional inputs by position
+    or by their names, its keyword inputs by name. Every input is checked against the session's
+    input metadata (CPU, dtype, rank, fixed dims, dynamic dims shared between inputs) before
+    onnxruntime sees it, so a bad call is one clear SparsecompError naming the input, and
+    onnxruntime never logs. `arg_names` (optional): the graph's argument names (its codegen's
+    `pytree_info.orig_args`); without them the names of positional inputs are read from the
+    placeholders (`input_names`), which for a plain tensor argument is its name.
     """
 
-    def __init__(self, onnx_model, sess, *, in_spec, out_spec, input_names: list[str], label: str, exporter=None):
+    def __init__(self, onnx_model, sess, *, in_spec, out_spec, input_names: list[str], label: str, exporter=None,
+                 arg_names: list[str] | None = None):
         super().__init__()
         self.onnx_model = onnx_model
         self._sess = [sess]  # a list: nn.Module must not try to deep-copy or register it
         self._in_spec, self._out_spec = in_spec, out_spec
         self._input_names = input_names  # flattened placeholder order -> ONNX input name (or None: unused)
         self._graph_inputs = {i.name: i for i in sess.get_inputs()}
+        # name -> (torch dtype or None where not one `_ORT_DTYPE` knows, dims or None), read once
+        self._expects = {i.name: (_ORT_DTYPE.get(i.type), i.shape) for i in sess.get_inputs()}
         self._label = label
         self._exporter = exporter
+        self._signature = self._compiled_signature(arg_names)
+        # every compiled input a plain leaf (tensors, not nested): the bound call is the flat list
+        self._flat_call = self._signature is not None and all(c.is_leaf() for s in _spec_children(in_spec) for c in _spec_children(s))
 
     @property
     def session(self):
@@ -211,44 +253,165 @@ class OrtModule(torch.nn.Module):
             raise SparsecompError(f"{self._label}: this module cannot export again", hint="compile the model with backend='ort'")
         return self._exporter(opset=opset, dynamic_axes=dynamic_axes)
 
-    def feeds(self, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    # -- binding a call to the compiled signature ------------------------------------------------
+
+    def _compiled_signature(self, arg_names):
+        """(positional names, keyword names) of the compiled signature, or None where `in_spec` is
+        not the exported ((args...), {kwargs}) form. A positional name is None where unknown (an
+        unused or nested input whose name the placeholders do not carry)."""
+        spec = self._in_spec
+        if spec is None or spec.type is not tuple or spec.num_children != 2:
+            return None
+        args_spec, kwargs_spec = _spec_children(spec)
+        if args_spec.type not in (tuple, list) or kwargs_spec.type is not dict:
+            return None
+        keywords = [str(k) for k in kwargs_spec.context]
+        n = args_spec.num_children
+        if arg_names is not None and len(arg_names) >= n:
+            return [str(a) for a in arg_names[:n]], keywords
+        names, offset = [], 0
+        for child in _spec_children(args_spec):
+            leaf = child.is_leaf()
+            name = self._input_names[offset] if leaf and offset < len(self._input_names) else None
+            names.append(name if name not in keywords else None)
+            offset += child.num_leaves
+        return names, keywords
+
+    def _form(self) -> tuple[str, str]:
+        """(the compiled inputs as a list, how to call): e.g. ("a, b", "model(a, b)")."""
+        positional, keywords = self._signature
+        pos = [p or f"<input {i}>" for i, p in enumerate(positional)]
+        listed = ", ".join(pos + [f"{k}=" for k in keywords]) or "no inputs"
+        call = f"{self._label}({', '.join(pos + [f'{k}=...' for k in keywords])})"
+        return listed, call
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call as the example was given: positional inputs in order (also when passed by
+        name), keyword inputs by name. Extra, missing, duplicate or unknown inputs are errors."""
+        positional, keywords = self._signature
+        n, total = len(positional), len(positional) + len(keywords)
+        got = len(args) + len(kwargs)
+        listed, call = self._form()
+        hint = f"call it as {call}"
+        if len(args) > n:
+            if n == 0 and keywords:
+                raise SparsecompError(f"{self._label} was compiled for keyword inputs ({listed}), got {len(args)} positional",
+                                      hint=f"{hint}, as in the example inputs")
+            where = f"{total} inputs" if not keywords else f"{n} positional input{'s' if n != 1 else ''}"
+            raise SparsecompError(f"{self._label} was compiled for {where} ({listed}), got {len(args) if keywords else got}",
+                                  hint=hint)
+        bound = list(args) + [_MISSING] * (n - len(args))
+        named = {}
+        for key, value in kwargs.items():
+            if key in keywords:
+                named[key] = value
+            elif key in positional:
+                i = positional.index(key)
+                if i < len(args):
+                    raise SparsecompError(f"{self._label} got input {key!r} twice: by position ({i + 1}) and by name", hint=hint)
+                bound[i] = value
+            else:
+                unknown = " (pass the inputs positionally)" if None in positional else ""
+                raise SparsecompError(f"{self._label} has no input {key!r}: it was compiled for {total} input"
+                                      f"{'s' if total != 1 else ''} ({listed})", hint=hint + unknown)
+        missing = [positional[i] or f"<input {i}>" for i, v in enumerate(bound) if v is _MISSING]
+        missing += [k for k in keywords if k not in named]
+        if missing:
+            raise SparsecompError(f"{self._label} was compiled for {total} input{'s' if total != 1 else ''} ({listed}), "
+                                  f"got {got}: missing {', '.join(missing)}", hint=hint)
+        return tuple(bound), {k: named[k] for k in keywords}
+
+    def _flatten(self, args: tuple, kwargs: dict) -> list:
         from torch.utils._pytree import tree_flatten
 
-        if self._in_spec is not None:
-            from torch.fx._pytree import tree_flatten_spec
+        if self._in_spec is None:
+            return tree_flatten((args, kwargs))[0]
+        if self._signature is not None:
+            args, kwargs = self._bind(args, kwargs)
+            if self._flat_call:
+                return [*args, *kwargs.values()]
+        from torch.fx._pytree import tree_flatten_spec
 
-            try:
-                flat = tree_flatten_spec((args, kwargs), self._in_spec)
-            except Exception as err:  # noqa: BLE001
-                raise SparsecompError(f"{self._label}: inputs do not match the compiled signature ({err})",
-                                      hint="call the compiled model with the same arguments as the original") from None
-        else:
-            flat = tree_flatten((args, kwargs))[0]
-        feeds = {}
+        hint = "call it with the same arguments (number, names, nesting) as the example inputs"
+        try:
+            flat = tree_flatten_spec((args, kwargs), self._in_spec)
+        except Exception as err:  # noqa: BLE001
+            raise SparsecompError(f"{self._label}: inputs do not match the compiled signature ({err})", hint=hint) from None
+        given = tree_flatten((args, kwargs))[0]
+        if len(given) != len(flat):  # tree_flatten_spec ignores extra items of nested tuples / dicts
+            raise SparsecompError(f"{self._label} was compiled for {len(flat)} input tensors (after flattening nested "
+                                  f"tuples, lists and dicts), got {len(given)}", hint=hint)
+        return flat
+
+    # -- checking each input against the session's metadata --------------------------------------
+
+    def _as_array(self, name: str, value: Any, sizes: dict) -> np.ndarray:
+        expected, dims = self._expects[name]
+        if not isinstance(value, torch.Tensor):
+            if isinstance(value, (bool, int, float)) and expected is not None and expected in _NP:
+                try:
+                    t = torch.tensor(value, dtype=expected)
+                except (RuntimeError, OverflowError, ValueError):  # out of the dtype's range
+                    t = None
+                if t is not None and (t.item() == value or (expected.is_floating_point and not isinstance(value, bool))):
+                    value = t  # a Python number for a scalar input, as torch takes one (never truncated)
+            if not isinstance(value, torch.Tensor):
+                kind = "a tensor" if expected is None else f"a{'n' if _dtype_name(expected)[0] in 'aeiou' else ''} {_dtype_name(expected)} tensor"
+                raise SparsecompError(f"{self._label}: input {name!r} is {type(value).__name__} {value!r:.40}, "
+                                      f"the compiled model takes {kind}",
+                                      hint="call it with the same kinds of arguments as the example inputs")
+        want = _dtype_name(expected) if expected is not None else "tensor"
+        if value.device.type != "cpu" or value.layout != torch.strided:
+            what = "sparse" if value.layout != torch.strided else ""
+            extra = " (meta tensors have no data)" if value.device.type == "meta" else ""
+            raise SparsecompError(
+                f"{self._label} was compiled for {want} CPU inputs: input {name!r} is {what + ' ' if what else ''}"
+                f"{_dtype_name(value.dtype)} on {value.device}{extra}",
+                hint="pass dense CPU tensors with data (x.cpu(), x.to_dense())")
+        if expected is not None and value.dtype != expected:
+            raise SparsecompError(
+                f"{self._label} was compiled for {want} inputs: input {name!r} is {_dtype_name(value.dtype)}",
+                hint=f"cast it ({name}.to(torch.{want})), or compile again with example inputs of this dtype")
+        if value.dtype not in _NP:
+            raise SparsecompError(f"{self._label}: input {name!r} has dtype {_dtype_name(value.dtype)}, which onnxruntime cannot take here",
+                                  hint="cast it to float32 (or the example's dtype)")
+        if dims is not None:
+            if value.dim() != len(dims):
+                raise SparsecompError(
+                    f"{self._label} was compiled for other input shapes: input {name!r} has rank {value.dim()}, "
+                    f"the exported model takes rank {len(dims)} {dims}", hint=_SHAPE_HINT)
+            for d, (want_d, got_d) in enumerate(zip(dims, value.shape)):
+                if isinstance(want_d, int) and want_d >= 0:
+                    if want_d != got_d:
+                        raise SparsecompError(
+                            f"{self._label} was compiled for other input shapes: input {name!r} has shape {list(value.shape)}, "
+                            f"the exported model takes {dims} (dim {d} is fixed at {want_d})", hint=_SHAPE_HINT)
+                elif isinstance(want_d, str) and want_d:
+                    # one dynamic dim named in several inputs: the export made them one size
+                    seen = sizes.setdefault(want_d, (name, d, got_d))
+                    if seen[2] != got_d:
+                        raise SparsecompError(
+                            f"{self._label} was compiled for inputs that agree on dim {want_d!r}: input {seen[0]!r} has "
+                            f"{seen[2]} (dim {seen[1]}), input {name!r} has {got_d} (dim {d})",
+                            hint="give these inputs the same size in that dim, as in the example inputs")
+        return value.detach().contiguous().numpy()
+
+    def feeds(self, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+        flat = self._flatten(args, kwargs)
+        feeds, sizes = {}, {}
         for name, value in zip(self._input_names, flat):
             if name is None:
                 continue
-            if not isinstance(value, torch.Tensor):
-                value = torch.as_tensor(value)
-            spec = self._graph_inputs[name]
-            if value.dim() != len(spec.shape):
-                raise SparsecompError(
-                    f"{self._label} was compiled for other input shapes: input {name!r} has rank {value.dim()}, "
-                    f"the exported model takes rank {len(spec.shape)} {spec.shape}",
-                    hint="only batch/sequence dims recorded as dynamic may change; compile again with example inputs of this shape")
-            if value.dtype not in _NP:
-                raise SparsecompError(f"{self._label}: input {name!r} has dtype {value.dtype}, which onnxruntime cannot take here")
-            feeds[name] = value.detach().cpu().contiguous().numpy()
+            feeds[name] = self._as_array(name, value, sizes)
         return feeds
 
     def forward(self, *args, **kwargs):
         feeds = self.feeds(args, kwargs)
         try:
-            outs = self.session.run(None, feeds)
-        except Exception as err:  # noqa: BLE001 - InvalidArgument on a shape / dtype the export does not allow
+            outs = self.session.run(None, feeds, _quiet_run())
+        except Exception as err:  # noqa: BLE001 - what the checks above cannot see (values the graph rejects)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SparsecompError(f"{self._label} was compiled for other input shapes or dtypes: {first[:300]}",
-                                  hint="only batch/sequence dims recorded as dynamic may change; compile again with example inputs of this shape") from None
+            raise SparsecompError(f"{self._label}: onnxruntime failed on these inputs: {first[:300]}", hint=_SHAPE_HINT) from None
         tensors = [torch.from_numpy(o) for o in outs]
         if self._out_spec is None:
             return tensors[0] if len(tensors) == 1 else tuple(tensors)

@@ -105,3 +105,22 @@ def test_analyze_checks_calibration_batches(calibration, match):
         sc.analyze(m, (torch.randn(4, 64),), calibration=calibration)
     report = sc.analyze(m, (torch.randn(4, 64),), calibration=[(torch.randn(7, 64),)])  # another batch size fits
     assert [a.name for a in report.activations] == ["0", "2"]
+
+
+@pytest.mark.parametrize("n, env, match", [
+    ("2", None, "must be an int"),
+    (2.5, None, "must be an int"),
+    (0, None, ">= 1"),
+    (100000, None, "more than 4x"),
+    (None, "abc", "SPARSECOMP_NUM_THREADS='abc' is not an integer"),
+])
+def test_set_num_threads_checks_its_argument(monkeypatch, n, env, match):
+    import sparsecomp as sc
+    from sparsecomp.errors import SparsecompError
+
+    before = torch.get_num_threads()
+    if env is not None:
+        monkeypatch.setenv("SPARSECOMP_NUM_THREADS", env)
+    with pytest.raises(SparsecompError, match=match):
+        sc.set_num_threads(n)
+    assert torch.get_num_threads() == before  # nothing changed

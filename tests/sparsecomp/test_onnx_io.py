@@ -740,3 +740,17 @@ def test_site_dataclass_public_fields():
     assert isinstance(site, OnnxWeightSite)
     assert {"name", "op", "node_name", "initializer", "weight", "bias"} <= set(site.__dataclass_fields__)
     assert "tensor(" not in repr(site)  # reprs stay one line: the weight is left out
+
+
+def test_impose_onnx_refuses_a_sparsecomp_export():
+    """sparsecomp's own export (marked by its `sparsecomp.layers` metadata) stores sparse layers
+    compactly: imposing on its arrays would not be the layer's pattern."""
+    model, _ = _hand_model()
+    before = model.SerializeToString()
+    onnx.helper.set_model_props(model, {"sparsecomp.layers": "[]"})
+    with pytest.raises(OnnxError, match="is a sparsecomp export: its weights are stored in compact formats") as e:
+        impose_onnx(model, "unstructured:0.5")
+    assert "impose on the torch model" in e.value.hint
+    del model.metadata_props[:]
+    assert model.SerializeToString() == before  # untouched
+    assert sorted(impose_onnx(model, "unstructured:0.5")) == ["gemm_const", "mm_cast", "mm_shared_a"]  # plain: imposed

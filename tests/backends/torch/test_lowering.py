@@ -268,7 +268,7 @@ def test_other_input_dtype_is_a_clear_error(tmp_path):
     m = net(6)
     cm = sc.compile(m, (torch.randn(2, 96),), cache_dir=str(tmp_path), kernels="torch-csr")
     lowered = CompiledModel(cm.gm, cm.report, "torch")
-    with pytest.raises(SparsecompError, match=r"compiled for inputs \(float32\[.*, 96\]\), got \(float64\[2, 96\]\)"):
+    with pytest.raises(SparsecompError, match=r"compiled for CPU inputs \(float32\[.*, 96\]\), got \(float64\[2, 96\]\)"):
         lowered(torch.randn(2, 96, dtype=torch.float64))
 
 
@@ -462,8 +462,26 @@ def test_a_call_with_inputs_of_another_kind_dtype_or_rank_is_a_clear_error():
     x = torch.randn(1, 256)
     cm = sc.compile(m, (x,), max_seconds_per_layer=0.05)
     cm = CompiledModel(cm.gm, cm.report, "torch")  # the lowered graph, whatever the end-to-end timing chose
-    for bad, got in ((torch.randn(256), r"float32\[256\]"), (x.numpy(), "ndarray"), (x.double(), r"float64\[1, 256\]")):
-        with pytest.raises(SparsecompError, match=r"compiled for inputs \(float32\[.*, 256\]\), got \(" + got):
+    for bad, got in ((torch.randn(256), r"float32\[256\]"), (x.numpy(), "ndarray"), (x.double(), r"float64\[1, 256\]"),
+                     (x.to("meta"), r"float32\[1, 256\]\) on meta")):
+        with pytest.raises(SparsecompError, match=r"compiled for CPU inputs \(float32\[.*, 256\]\), got \(" + got):
             cm(bad)
     y = torch.randn(5, 256)
     assert compare_outputs(cm(y), m(y))[0]  # the same call with right inputs still works
+
+
+def test_nan_reaching_a_layer_keeps_it_dense_and_says_why_once(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    patterns.impose(m, "unstructured:0.9")
+    with torch.no_grad():
+        m[0].weight[3, 5] = float("nan")  # row 3 of the first layer's output is NaN: it reaches layer 2
+    x = torch.randn(2, 64)
+    cm = sc.compile(m, (x,), cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    second = next(r for r in cm.report.rows if r["layer"] == "2")
+    assert second["decision"] == "dense" and "input holds NaN / Inf" in second["reason"]
+    assert "dropped" not in second["reason"]
+    ok, err, allowed = compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))  # NaN where eager has it
+    assert ok, (err, allowed)
+    again = sc.compile(m, (torch.randn(3, 64),), cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    assert "input holds NaN" in next(r for r in again.report.rows if r["layer"] == "2")["reason"]  # not cached as the layer's choice
