@@ -155,6 +155,14 @@ def choose_kernel(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
             notes.append(f"cached choice {chosen.label} failed verification ({why}); re-measured")
             chosen, cached = None, False
     family = (tuple(weight.shape), m, round(density, 2))
+    nonfinite = chosen is None and not bool(torch.isfinite(x).all()) and any(c.name == "dense" for c in cands)
+    if nonfinite:
+        # A NaN / Inf reaching this layer (from an earlier one) cannot be checked against: a
+        # skipped zero weight does not spread it as 0 x NaN does in the dense product, so every
+        # sparse candidate would "disagree" (one dropped note each). Dense, said once.
+        cands = [c for c in cands if c.name == "dense"]
+        notes.append("the layer's input holds NaN / Inf on the example inputs (from an earlier layer): sparse kernels "
+                     "skip zero weights and so do not spread them as the dense product does; kept dense")
     if chosen is None:
         trial = cands
         if family in shortlists and not tune:
@@ -180,7 +188,7 @@ def choose_kernel(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
         if family not in shortlists:
             shortlists[family] = sorted((k for k in measured if k != "dense"), key=measured.get)[:SHORTLIST]
         dense_us, chosen_us = measured.get("dense", float("nan")), measured[best]
-        if cache is not None:
+        if cache is not None and not nonfinite:  # (a decision forced by this input's NaN is not the layer's)
             cache.put(key, {"kernel": best, "dense_us": dense_us, "chosen_us": chosen_us, "measured": measured})
     return KernelChoice(chosen, runners[chosen.label], dense_us, chosen_us, measured, cached, notes)
 
