@@ -702,7 +702,7 @@ def set_num_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     os.environ["TVM_NUM_THREADS"] = str(n)  # read by TVM's runtime when it loads
     os.environ["SPARSECOMP_NUM_THREADS"] = str(n)  # read by the ort backend's shared session pool
-    from sparsecomp.backends.tir import _pool  # (TVM itself is not imported here)
+    from sparsecomp.backends.tir import set_pool_threads  # (TVM itself is not imported here)
 
-    _pool.set_threads(n)  # TIR kernels run on torch's OpenMP threads where they can (`_pool`)
+    set_pool_threads(n)  # TIR kernels run on torch's OpenMP threads where they can (`_pool`)
     return n

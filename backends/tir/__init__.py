@@ -21,7 +21,8 @@ from __future__ import annotations
 from ._build import Kernel, OutputStock, bound_args, build, cache_dir, clear_memory_cache
 from ._linear import (FORMATS, PreparedWeight, SparseLinearKernel, begin_transpose_reuse, candidates,
                       end_transpose_reuse, prepare)
-from ._pool import status as pool_status, tag as pool_tag
+from ._mlp import build_mlp_kernel, predictor_panels
+from ._pool import set_threads as set_pool_threads, status as pool_status, tag as pool_tag
 from ._target import available, get_num_threads, host_target, set_num_threads, vector_width
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "begin_transpose_reuse",
     "bound_args",
     "build",
+    "build_mlp_kernel",
     "cache_dir",
     "candidates",
     "clear_memory_cache",
@@ -43,7 +45,9 @@ __all__ = [
     "make_linear",
     "pool_status",
     "pool_tag",
+    "predictor_panels",
     "prepare",
+    "set_pool_threads",
     "set_num_threads",
     "vector_width",
 ]

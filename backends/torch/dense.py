@@ -100,7 +100,7 @@ def lower_dense_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache
                        max_seconds: float = 0.5, min_runs: int = 20, rtol: float = 1e-4, progress=None) -> list[LayerDecision]:
     """Move the one-row dense Linear layers of `gm` that measure faster on the TIR GEMV onto it (in
     place); returns one decision per one-row layer (either way)."""
-    from sparsecomp.backends.tir import _mlp
+    from sparsecomp.backends.tir import build_mlp_kernel
 
     sites = _sites(gm)
     if not sites:
@@ -117,7 +117,7 @@ def lower_dense_linear(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache
         w = site.weight(gm).detach()
         b = get_attr_value(gm, site.bias_target).detach() if site.bias_target else None
         if kernel is None:
-            kernel = _mlp.build_mlp_kernel("dense_mv")
+            kernel = build_mlp_kernel("dense_mv")
         mod = TirDenseLinear(site.name, w, b, kernel)
         with torch.no_grad():
             reference = F.linear(x, w, b)

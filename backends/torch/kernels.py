@@ -71,11 +71,11 @@ def _torch_csr(weight, bias) -> Runner:
 
 
 def _tir_dense(weight, bias) -> Runner:
-    from sparsecomp.backends.tir import _mlp
+    from sparsecomp.backends.tir import build_mlp_kernel
 
     from .dense import TirDenseLinear
 
-    return TirDenseLinear("", weight, bias, _mlp.build_mlp_kernel("dense_mv"))
+    return TirDenseLinear("", weight, bias, build_mlp_kernel("dense_mv"))
 
 
 def tir_available() -> bool:

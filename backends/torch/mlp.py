@@ -255,9 +255,9 @@ class _DownMV:
 
     def blocks(self, hc, idx, cnt) -> torch.Tensor:
         if self._k is None:
-            from sparsecomp.backends.tir import _mlp, bound_args
+            from sparsecomp.backends.tir import bound_args, build_mlp_kernel
 
-            self._k = _mlp.build_mlp_kernel("down_mv", {k: v for k, v in self.params.items() if k != "serial_sum"})
+            self._k = build_mlp_kernel("down_mv", {k: v for k, v in self.params.items() if k != "serial_sum"})
             self._bound = bound_args(*self.args())
         y = torch.empty(self.w.N)
         with self._lock:
@@ -296,7 +296,7 @@ class _TirUpMV(_FusedMV):
     def __init__(self, w, rows=4, unroll=1, parts=4, down_rows=4, bs=64, serial=False, screen: str | None = None, crows=2):
         """`screen`: None, "f16" or "i8": first read a float16 / int8 copy of the up weight (the
         gate in a gated MLP) that proves most inactive neurons inactive (`_screened_up_parts`)."""
-        from sparsecomp.backends.tir import _mlp
+        from sparsecomp.backends.tir import build_mlp_kernel
 
         super().__init__(w)
         if w.act_name not in EXACT_ACTIVATIONS or w.mode != "exact":
@@ -307,7 +307,7 @@ class _TirUpMV(_FusedMV):
             up.update(screen=screen, crows=crows)
         self.screen = screen  # (the M > 1 path takes the same screen)
         self.down = _DownMV(w, parts, down_rows, serial)
-        self.k = _mlp.build_mlp_kernel("exact_mv", {"up": up, "down": self.down.params})
+        self.k = build_mlp_kernel("exact_mv", {"up": up, "down": self.down.params})
         nb = -(-w.H // bs)
         self.hc = torch.empty(nb, bs)
         self.idx = torch.empty(nb, bs, dtype=torch.int32)
@@ -336,10 +336,10 @@ class _PredictorMV(_Strategy):
     activation on that compact vector, and the TIR down kernel: both projections skip."""
 
     def __init__(self, w, parts=4, rows=4, serial=False, gather_rows=1):
-        from sparsecomp.backends.tir import _mlp, bound_args
+        from sparsecomp.backends.tir import bound_args, build_mlp_kernel
 
         super().__init__(w)
-        self.gather = _mlp.build_mlp_kernel("gather_up_mv", {"unroll": 4 if gather_rows == 1 else 1, "rows": gather_rows})
+        self.gather = build_mlp_kernel("gather_up_mv", {"unroll": 4 if gather_rows == 1 else 1, "rows": gather_rows})
         self.down = _DownMV(w, parts, rows, serial)
         consts = w.up_consts()
         self._up = bound_args(*consts[:2])
@@ -383,7 +383,7 @@ class _TirPredictorMV(_FusedMV):
     still applies, and drops the candidate if it disagrees there)."""
 
     def __init__(self, w, rows=4, down_rows=4, parts=4, bs=64, serial=False, panel=32):
-        from sparsecomp.backends.tir import _mlp
+        from sparsecomp.backends.tir import build_mlp_kernel, predictor_panels
 
         super().__init__(w)
         if w.mode != "predictor" or w.gated or w.act_name not in EXACT_ACTIVATIONS:
@@ -397,9 +397,9 @@ class _TirPredictorMV(_FusedMV):
         half = _half_exact(self.pred_a) and _half_exact(self.bp)
         if half:
             self.pred_a, self.bp = self.pred_a.half(), self.bp.half()
-        self.bp = prefer_huge_pages(_mlp.predictor_panels(self.bp, panel))
+        self.bp = prefer_huge_pages(predictor_panels(self.bp, panel))
         self.down = _DownMV(w, parts, down_rows, serial)
-        self.k = _mlp.build_mlp_kernel("pred_mv", {"z": {"half": half}, "up": {"bs": bs, "rows": rows, "act": w.act_name, "half": half,
+        self.k = build_mlp_kernel("pred_mv", {"z": {"half": half}, "up": {"bs": bs, "rows": rows, "act": w.act_name, "half": half,
                                                                                "panel": panel},
                                                    "down": self.down.params})
         self.w_up = f32(w.w_up)
@@ -434,9 +434,9 @@ class _Union(_Strategy):
         self.cost = {"dense": 0.0, "one": 1.0, "all": 1.0}
         self.screen_k = None
         if kind == "tir":
-            from sparsecomp.backends.tir import _mlp, bound_args
+            from sparsecomp.backends.tir import bound_args, build_mlp_kernel
 
-            self.kernels = {mt: _mlp.build_mlp_kernel("down_mm", {"mt": mt, "rows": rows, "cb": _CB}) for mt in (4, 8)}
+            self.kernels = {mt: build_mlp_kernel("down_mm", {"mt": mt, "rows": rows, "cb": _CB}) for mt in (4, 8)}
             self.parts = {mt: torch.empty(parts, mt, w.NP) for mt in (4, 8)}
             self._bound = {mt: bound_args(w.wdt_p, w.b_down, self.parts[mt]) for mt in (4, 8)}
             self._lock = threading.Lock()  # the partial sums are scratch (see _FusedMV.run_row)
@@ -447,7 +447,7 @@ class _Union(_Strategy):
                 # screened rows per step: 2 up to 4 rows of x, 1 at 8 (16 accumulators spilled: the
                 # 2048 -> 8192 FFN's screen alone at 8 rows, 1.46 against 2.00 ms; at 2 and 4 rows
                 # 0.40 / 0.54 ms with 2 against 0.62 / 0.69 with 1)
-                self.screen_k = {mt: _mlp.build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": screen, "act": w.act_name,
+                self.screen_k = {mt: build_mlp_kernel("screen_up_mm", {"mt": mt, "screen": screen, "act": w.act_name,
                                                                             "rows": 2 if mt <= 4 else 1, "gated": w.gated})
                                  for mt in (2, 4, 8)}
                 self.consts = w.up_consts()
@@ -562,11 +562,11 @@ class _PerRow(_Strategy):
     down-projection runs dense."""
 
     def __init__(self, w, rows: int = 2):
-        from sparsecomp.backends.tir import _mlp, bound_args
+        from sparsecomp.backends.tir import bound_args, build_mlp_kernel
 
         super().__init__(w)
         self.kind = "per-row"
-        self.k = _mlp.build_mlp_kernel("down_rows", {"rows": rows, "cb": _CB})
+        self.k = build_mlp_kernel("down_rows", {"rows": rows, "cb": _CB})
         self.bias_p = torch.zeros(w.NP)
         self.bias_p[: w.N] = w.b_down
         self._bound = bound_args(w.wdt_p, self.bias_p)
@@ -737,12 +737,12 @@ class _PrunedMV(_Strategy):
     are both skipped."""
 
     def __init__(self, w, pruned: _Pruned, serial: bool = False):
-        from sparsecomp.backends.tir import _mlp, bound_args
+        from sparsecomp.backends.tir import bound_args, build_mlp_kernel
 
         super().__init__(w)
         self.p = pruned
         if pruned.rows is not None:
-            self.k = _mlp.build_mlp_kernel("down_sparse_mv", {"serial": serial})
+            self.k = build_mlp_kernel("down_sparse_mv", {"serial": serial})
             self.ptr, self.col, self.val = pruned.rows if not serial else _pack_sparse_rows(w.wdt, 1)
             self._bound = bound_args(self.ptr, self.col, self.val, w.b_down)
             tag = "sparse-down" if not serial else "serial-sparse-down"
