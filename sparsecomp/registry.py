@@ -40,6 +40,7 @@ __all__ = [
     "PassInfo",
     "PassResult",
     "register_pass",
+    "unregister_pass",
     "get_pass",
     "all_passes",
 ]
@@ -194,6 +195,13 @@ def register_pass(name: str, kind: str | PassKind):
         return fn
 
     return deco
+
+
+def unregister_pass(name: str) -> None:
+    """Remove pass `name` (for tests and plugins that register a pass for a while); unknown: no-op."""
+    info = _REGISTRY.pop(name, None)
+    if info is not None and getattr(info.fn, "pass_info", None) is info:
+        del info.fn.pass_info
 
 
 def _load_builtin() -> None:

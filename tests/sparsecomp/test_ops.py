@@ -39,7 +39,7 @@ def _gather_sum_fake(x, idx, n):
 
 
 @pytest.fixture(scope="module")
-def test_ops():
+def scratch_ops():
     if "_test_ops_scaled_linear" not in ops.registered_ops():
         ops.define_op("_test_ops_scaled_linear", reference=_scaled_linear_ref, fake=_scaled_linear_fake)
         ops.sparse_op(
@@ -65,8 +65,8 @@ def _eager_reference(m, x):
     return torch.relu(y)[..., m.idx.long()].sum(dim=-1)
 
 
-def test_define_registers_schema_and_reference(test_ops):
-    lin, gsum = test_ops
+def test_define_registers_schema_and_reference(scratch_ops):
+    lin, gsum = scratch_ops
     defs = ops.registered_ops()
     assert str(lin.default._schema) == "sparsecomp::_test_ops_scaled_linear(Tensor x, Tensor weight, float scale) -> Tensor"
     assert defs["_test_ops_scaled_linear"].schema == "(Tensor x, Tensor weight, float scale) -> Tensor"
@@ -78,8 +78,8 @@ def test_define_registers_schema_and_reference(test_ops):
     assert torch.equal(lin(x, w, 2.0), _scaled_linear_ref(x, w, 2.0))
 
 
-def test_fake_impl_gives_shape_and_dtype(test_ops):
-    lin, _ = test_ops
+def test_fake_impl_gives_shape_and_dtype(scratch_ops):
+    lin, _ = scratch_ops
     with FakeTensorMode():
         x = torch.empty(7, 3, 8, dtype=torch.float16)
         w = torch.empty(5, 8, dtype=torch.float16)
@@ -91,8 +91,8 @@ def test_fake_impl_gives_shape_and_dtype(test_ops):
     )
 
 
-def test_op_appears_in_fx_graph(test_ops):
-    lin, gsum = test_ops
+def test_op_appears_in_fx_graph(scratch_ops):
+    lin, gsum = scratch_ops
     gm = torch.fx.symbolic_trace(UsesOps())
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert lin in targets or lin.default in targets
@@ -101,8 +101,8 @@ def test_op_appears_in_fx_graph(test_ops):
     torch.testing.assert_close(gm(x), _eager_reference(gm, x))
 
 
-def test_export_with_dynamic_batch(test_ops):
-    lin, gsum = test_ops
+def test_export_with_dynamic_batch(scratch_ops):
+    lin, gsum = scratch_ops
     m = UsesOps()
     batch = torch.export.Dim("batch")
     ep = torch.export.export(m, (torch.randn(4, 8),), dynamic_shapes={"x": {0: batch}}, strict=False)
@@ -117,7 +117,7 @@ def test_export_with_dynamic_batch(test_ops):
     assert "sparsecomp._test_ops_scaled_linear" in str(ep.graph_module.code)
 
 
-def test_run_on_reference_calls_references(test_ops, monkeypatch):
+def test_run_on_reference_calls_references(scratch_ops, monkeypatch):
     m = UsesOps()
     batch = torch.export.Dim("batch")
     ep = torch.export.export(m, (torch.randn(2, 8),), dynamic_shapes={"x": {0: batch}}, strict=False)
@@ -139,8 +139,8 @@ def test_run_on_reference_calls_references(test_ops, monkeypatch):
     torch.testing.assert_close(out, _eager_reference(m, x))
 
 
-def test_reference_lookup_forms(test_ops):
-    lin, gsum = test_ops
+def test_reference_lookup_forms(scratch_ops):
+    lin, gsum = scratch_ops
     for key in (
         "_test_ops_scaled_linear",
         "sparsecomp::_test_ops_scaled_linear",
@@ -162,7 +162,7 @@ def test_reference_lookup_forms(test_ops):
         ops.reference_impl(torch.ops.aten.add.Tensor)
 
 
-def test_redefinition_is_a_clear_error(test_ops):
+def test_redefinition_is_a_clear_error(scratch_ops):
     with pytest.raises(SparsecompError) as ei:
         ops.define_op("_test_ops_scaled_linear", reference=_scaled_linear_ref, fake=_scaled_linear_fake)
     assert "already defined" in ei.value.message and ei.value.hint

@@ -9,7 +9,7 @@ import torch.nn as nn
 from sparsecomp.frontend import capture
 from sparsecomp.errors import VerificationError
 from sparsecomp.pass_manager import DumpIR, PassContext, PassManager, PrintIR, Timing, VerifyEach
-from sparsecomp.registry import PassResult, register_pass
+from sparsecomp.registry import PassResult, register_pass, unregister_pass
 
 aten = torch.ops.aten
 
@@ -24,7 +24,6 @@ class MLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-@register_pass("test-double-relu", kind="rewrite")
 def _double_relu(gm, ctx):
     """Insert a second (idempotent) relu after every relu: output unchanged, graph changed.
 
@@ -42,7 +41,6 @@ def _double_relu(gm, ctx):
     return PassResult(n > 0, {"relu-relu": n})
 
 
-@register_pass("test-break-outputs", kind="rewrite")
 def _break(gm, ctx):
     """Replace relu by neg: a wrong rewrite that verify-each must catch.
 
@@ -53,6 +51,16 @@ def _break(gm, ctx):
         if node.target is aten.relu.default:
             node.target = aten.neg.default
     return True
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _test_passes():
+    """This module's passes exist while its tests run, not in the registry other tests see."""
+    register_pass("test-double-relu", kind="rewrite")(_double_relu)
+    register_pass("test-break-outputs", kind="rewrite")(_break)
+    yield
+    unregister_pass("test-double-relu")
+    unregister_pass("test-break-outputs")
 
 
 @pytest.fixture
