@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 import re
 from pathlib import Path
@@ -104,7 +106,9 @@ def analyze(model: torch.nn.Module | str | Path, example_inputs: Any = None, cal
             raise SparsecompError(f"analyze({label}) needs example_inputs to capture the model")
         gm = capture(model, example_inputs, name=label)
     pipeline = f'analyze-weights{{blocks="{blocks}",nm="{nm}"}},find-mlps'
-    batches = _check_calibration(calibration, label) if calibration is not None else []
+    # an empty calibration is as none: the weights' report, without activation profiles
+    batches = calibration if calibration is None or isinstance(calibration, (str, bytes, int, float)) else list(calibration)
+    batches = _check_calibration(batches, label) if batches else []
     if batches:
         pipeline += ",profile-activations"
     ctx = PassContext.create(example_inputs, batches, model_name=label)
@@ -268,7 +272,7 @@ def _check_options(*, kernels, max_seconds_per_layer, cache_dir) -> None:
     if kernels is not None and not isinstance(kernels, str):
         raise SparsecompError(f"kernels= takes one comma-separated string, got {type(kernels).__name__}",
                               hint='e.g. kernels="dense,tir-sell"')
-    if isinstance(max_seconds_per_layer, bool) or not isinstance(max_seconds_per_layer, (int, float)) \
+    if isinstance(max_seconds_per_layer, bool) or not isinstance(max_seconds_per_layer, numbers.Real) \
             or not math.isfinite(max_seconds_per_layer) or max_seconds_per_layer <= 0:
         raise SparsecompError(f"max_seconds_per_layer must be a positive number of seconds, got {max_seconds_per_layer!r}",
                               hint="the default is 0.5; each layer's candidates are timed for at most this long")
@@ -277,8 +281,9 @@ def _check_options(*, kernels, max_seconds_per_layer, cache_dir) -> None:
                               hint="give a directory (created if missing), or leave it out for $SPARSECOMP_CACHE_DIR")
 
 
-KERNELS_HINT = ("use the labels of the kernel column of a report compiled without kernels= (e.g. dense, torch-csr, "
-                "tir-sell, tir-bsr; ort: dense, ell, sell4, bsr16x1), and include dense")
+KERNELS_HINT = ("name kernels as the kernel column of a report compiled without kernels= shows them, up to their '{' "
+                "(e.g. dense, torch-csr, tir-sell, tir-bsr; ort: dense, ell, sell4, bsr16x1; a fused MLP's whole label "
+                "also works), and include dense")
 
 
 def kernel_names(spec: str) -> set[str]:
@@ -351,18 +356,17 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
                                         max_seconds=max_seconds_per_layer * (4 if tune else 1),
                                         use_tir=use_tir, only=only, progress=update, **extra)
     except SparsecompError as err:
-        if only is not None and only.unmatched():
-            raise SparsecompError(f"kernels={kernels!r}: {', '.join(map(repr, only.unmatched()))} matched no candidate kernel "
-                                  f"({err.message})", hint=KERNELS_HINT) from None
+        if only is not None and not only.hits:  # no name matched any candidate: the cause is kernels= itself
+            raise type(err)(f"kernels={kernels!r}: no name matched a candidate kernel ({err.message})", hint=KERNELS_HINT) from None
         raise
     report = CompileReport(label, backend, str(pm.pipeline), cache=dict(cache.stats))
     report.notes.extend(lowered.notes)
-    if only is not None and only.unmatched():
+    if only is not None and only.unmatched() and lowered.decisions:
         report.notes.append(f"kernels=: {', '.join(map(repr, only.unmatched()))} matched no candidate kernel of any layer "
-                            "(a typo? the names are the labels of the report's kernel column)")
+                            "(a typo? names are the report's kernel labels up to their '{')")
     if was_training:
-        report.notes.append("the model was in training mode: compile() switched it to eval mode (inference: dropout off, "
-                            "batch norm on running statistics) and leaves it so")
+        report.notes.append("the model was in training mode: compiled in eval mode (inference: dropout off, batch norm on "
+                            "running statistics), and the model compile runs (yours, or sparsify='s pruned copy) stays in it")
     measured = any(not getattr(d, "cached", True) and getattr(d, "dense_us", 0) for d in lowered.decisions)
     if measured and others.share > BUSY_CPU_SHARE:
         report.notes.append(
@@ -691,8 +695,12 @@ def set_num_threads(n: int | None = None) -> int:
             n = int(env) if env else torch.get_num_threads()
         except ValueError:
             raise SparsecompError(f"SPARSECOMP_NUM_THREADS={env!r} is not an integer", hint="e.g. SPARSECOMP_NUM_THREADS=2") from None
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise SparsecompError(f"thread count must be an int, got {n!r}", hint="e.g. sparsecomp.set_num_threads(2)")
+    try:
+        if isinstance(n, bool):
+            raise TypeError
+        n = operator.index(n)  # ints and integer scalars (numpy's), not floats or strings
+    except TypeError:
+        raise SparsecompError(f"thread count must be an int, got {n!r}", hint="e.g. sparsecomp.set_num_threads(2)") from None
     if n < 1:
         raise SparsecompError(f"thread count must be >= 1, got {n}")
     cpus = os.cpu_count() or n

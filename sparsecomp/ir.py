@@ -268,9 +268,17 @@ def check_batches_fit(gm: fx.GraphModule, example: tuple[tuple, dict], batches: 
 
     ex_args, ex_kwargs = example
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # no example (a GraphModule captured earlier): the graph's own inputs are the reference
+    have_example = bool(ex_args or ex_kwargs)
+    if have_example:
+        expected = describe_inputs(example)
+    else:
+        vals = [ph.meta.get("val") for ph in placeholders]
+        expected = "(" + ", ".join(f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]"
+                                   if isinstance(v, torch.Tensor) else "?" for v in vals) + ")"
     for i, batch in enumerate(batches):
         args, kwargs = batch
-        bad = len(args) != len(ex_args) or set(kwargs) != set(ex_kwargs)
+        bad = have_example and (len(args) != len(ex_args) or set(kwargs) != set(ex_kwargs))
         if not bad:
             try:
                 flat = flat_inputs(gm, args, kwargs)
@@ -289,7 +297,7 @@ def check_batches_fit(gm: fx.GraphModule, example: tuple[tuple, dict], batches: 
         if bad:
             raise SparsecompError(
                 f"{what} {i} does not fit the model's inputs: got {describe_inputs(batch)}, "
-                f"expected inputs like {describe_inputs(example)}",
+                f"expected inputs like {expected}",
                 hint="each batch must have the example inputs' structure, dtypes and ranks "
                      "(only dimensions captured as dynamic, such as the batch, may differ)")
 

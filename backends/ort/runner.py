@@ -290,6 +290,8 @@ class OrtModule(torch.nn.Module):
         name), keyword inputs by name. Extra, missing, duplicate or unknown inputs are errors."""
         positional, keywords = self._signature
         n, total = len(positional), len(positional) + len(keywords)
+        if not kwargs and not keywords and len(args) == n:  # the usual call: nothing to bind or explain
+            return args, {}
         got = len(args) + len(kwargs)
         listed, call = self._form()
         hint = f"call it as {call}"
@@ -360,8 +362,8 @@ class OrtModule(torch.nn.Module):
                 raise SparsecompError(f"{self._label}: input {name!r} is {type(value).__name__} {value!r:.40}, "
                                       f"the compiled model takes {kind}",
                                       hint="call it with the same kinds of arguments as the example inputs")
-        want = _dtype_name(expected) if expected is not None else "tensor"
         if value.device.type != "cpu" or value.layout != torch.strided:
+            want = _dtype_name(expected) if expected is not None else "tensor"
             what = "sparse" if value.layout != torch.strided else ""
             extra = " (meta tensors have no data)" if value.device.type == "meta" else ""
             raise SparsecompError(
@@ -369,6 +371,7 @@ class OrtModule(torch.nn.Module):
                 f"{_dtype_name(value.dtype)} on {value.device}{extra}",
                 hint="pass dense CPU tensors with data (x.cpu(), x.to_dense())")
         if expected is not None and value.dtype != expected:
+            want = _dtype_name(expected)
             raise SparsecompError(
                 f"{self._label} was compiled for {want} inputs: input {name!r} is {_dtype_name(value.dtype)}",
                 hint=f"cast it ({name}.to(torch.{want})), or compile again with example inputs of this dtype")

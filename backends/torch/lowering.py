@@ -185,7 +185,7 @@ def choose_kernel(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
         if best == TIR_GEMV and "dense" in measured and measured[best] * DENSE_MARGIN >= measured["dense"]:
             best = min((k for k in measured if k != TIR_GEMV), key=measured.get)  # as in dense.py: must win by the margin
         chosen = by_label[best]
-        if family not in shortlists:
+        if family not in shortlists and not nonfinite:  # (nor is it a shortlist for the layer's kin)
             shortlists[family] = sorted((k for k in measured if k != "dense"), key=measured.get)[:SHORTLIST]
         dense_us, chosen_us = measured.get("dense", float("nan")), measured[best]
         if cache is not None and not nonfinite:  # (a decision forced by this input's NaN is not the layer's)

@@ -71,11 +71,14 @@ def test_kernel_names_that_match_nothing_are_named():
     from sparsecomp.errors import SparsecompError
 
     m, x = _sparse_mlp()
-    with pytest.raises(SparsecompError, match="'foo' matched no candidate kernel"):
+    with pytest.raises(SparsecompError, match="kernels='foo': no name matched a candidate kernel"):
         sc.compile(m, x, kernels="foo", max_seconds_per_layer=0.05)
     cm = sc.compile(m, x, kernels="dense,tir-selll", max_seconds_per_layer=0.05)  # a typo beside a real name
     assert any("'tir-selll' matched no candidate kernel" in n for n in cm.report.notes)
     assert all(r["kernel"] == "dense" for r in cm.report.rows)
+    dense_model = torch.nn.Sequential(torch.nn.Linear(256, 64)).eval()  # nothing sparse: no layer to match names against
+    cm = sc.compile(dense_model, x, kernels="dense,torch-csr", max_seconds_per_layer=0.05)
+    assert not any("matched no candidate" in n for n in cm.report.notes)
 
 
 def test_report_without_dense_timed_shows_no_nan():
@@ -91,7 +94,6 @@ def test_report_without_dense_timed_shows_no_nan():
 
 @pytest.mark.parametrize("calibration, match", [
     (5, "must be an iterable of input batches"),
-    ([], "is empty"),
     ([5], "batch 0 for Sequential is not an input batch"),
     (torch.randn(4, 64), r"batch 0 does not fit the model's inputs: got \(float32\[64\]\), expected inputs like \(float32\[4, 64\]\)"),
     ([(torch.randn(4, 64),), (torch.randn(4, 65),)], r"batch 1 does not fit.*float32\[4, 65\]"),
@@ -124,3 +126,30 @@ def test_set_num_threads_checks_its_argument(monkeypatch, n, env, match):
     with pytest.raises(SparsecompError, match=match):
         sc.set_num_threads(n)
     assert torch.get_num_threads() == before  # nothing changed
+
+
+def test_analyze_calibration_of_a_captured_graph_and_an_empty_one():
+    """A GraphModule captured earlier has no example inputs: its batches are checked against the
+    graph's own inputs. An empty calibration is as none (the weights' report alone)."""
+    import sparsecomp as sc
+    from sparsecomp.errors import SparsecompError
+    from sparsecomp.frontend import capture
+
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    gm = capture(m, (torch.randn(4, 16),))
+    assert len(sc.analyze(gm, calibration=[(torch.randn(7, 16),)]).activations) == 2
+    with pytest.raises(SparsecompError, match=r"got \(float32\[4, 17\]\), expected inputs like \(float32\[.*, 16\]\)"):
+        sc.analyze(gm, calibration=[(torch.randn(4, 17),)])
+    report = sc.analyze(m, (torch.randn(4, 16),), calibration=[])
+    assert report.activations == [] and len(report.layers) == 2
+
+
+def test_numpy_scalars_are_numbers_too():
+    import numpy as np
+
+    import sparsecomp as sc
+    from sparsecomp.api import _check_options
+
+    n = torch.get_num_threads()
+    assert sc.set_num_threads(np.int64(n)) == n and torch.get_num_threads() == n
+    _check_options(kernels=None, max_seconds_per_layer=np.float32(0.5), cache_dir=None)  # no error

@@ -483,5 +483,32 @@ def test_nan_reaching_a_layer_keeps_it_dense_and_says_why_once(tmp_path):
     assert "dropped" not in second["reason"]
     ok, err, allowed = compare_outputs(CompiledModel(cm.gm, cm.report, "torch")(x), m(x))  # NaN where eager has it
     assert ok, (err, allowed)
-    again = sc.compile(m, (torch.randn(3, 64),), cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
-    assert "input holds NaN" in next(r for r in again.report.rows if r["layer"] == "2")["reason"]  # not cached as the layer's choice
+    with torch.no_grad():
+        m[0].weight[3, 5] = 1.0  # finite again: same shapes, same sparsity pattern (NaN counted as nonzero)
+    again = sc.compile(m, (x,), cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    second = next(r for r in again.report.rows if r["layer"] == "2")
+    assert not second["cached"] and "NaN" not in second["reason"]  # the forced dense was not cached as the layer's choice
+    assert len(second["measured"]) > 1  # its candidates were timed
+
+
+def test_a_nan_layer_does_not_shortlist_its_kin(tmp_path):
+    """Two layers of one shape and density: the first sees a NaN, the second does not. The
+    first's dense-only decision is no shortlist for the second, which times its candidates."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(256, 512), nn.Linear(256, 512)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    torch.manual_seed(0)
+    m = Two().eval()
+    patterns.impose(m, "unstructured:0.95")
+    x, y = torch.randn(2, 256), torch.randn(2, 256)
+    x[0, 0] = float("nan")
+    cm = sc.compile(m, (x, y), cache_dir=str(tmp_path), max_seconds_per_layer=0.02)
+    rows = {r["layer"]: r for r in cm.report.rows}
+    assert "input holds NaN" in rows["a"]["reason"] and rows["a"]["decision"] == "dense"
+    assert "fastest kernels of an earlier layer" not in rows["b"]["reason"] and len(rows["b"]["measured"]) > 1
