@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # annotations only: the report (which reads TIR_GEMV) must not load torch
+    import torch
 
 __all__ = ["LOSSY_MIN_COSINE", "LayerDecision", "Lowered", "MLPDecision", "KernelFilter", "TIR_GEMV", "speedup_text"]
 

@@ -67,3 +67,14 @@ def test_the_check_sees_a_violation(tmp_path):
         assert _violations([bad], ("sparsecomp.backends",), module_level_only=True) == []
     finally:
         globals()["ROOT"] = real_root
+
+
+def test_the_report_and_errors_load_without_torch():
+    """`report` and `errors` depend on nothing above them: importing them (what a tool reading a
+    report's JSON needs) loads no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, sparsecomp.report, sparsecomp.errors; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
