@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,13 @@ def check_writable(path) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise OnnxError(f"cannot write {str(p)!r}: {'the file' if p.exists() and not os.access(p, os.W_OK) else 'its directory'} "
                         "is read-only", hint="choose a writable location")
+    # permissions can say yes where writing cannot (root on /proc or a read-only mount): try it
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".sparsecomp-", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise OnnxError(f"cannot write {str(p)!r}: creating a file in {str(parent)!r} failed ({err.strerror or err})",
+                        hint="choose a writable location") from None
     return p
 
 

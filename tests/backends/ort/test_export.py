@@ -121,6 +121,10 @@ def test_bad_inputs_fail_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(OnnxError, match="read-only"):  # (tests run as root, who may write anywhere: simulated)
         sc.export_onnx(m, (x,), tmp_path / "m.onnx")
     monkeypatch.setattr(os, "access", real_access)
+    if os.path.isdir("/proc") and os.access("/proc", os.W_OK):  # permissions say yes, writing says no (root)
+        with pytest.raises(OnnxError, match="creating a file in '/proc' failed"):
+            sc.export_onnx(m, (x,), "/proc/m.onnx")
+    assert not list(tmp_path.glob(".sparsecomp-*"))  # the probe file is gone
     with pytest.raises(OnnxError, match="opset 13 is too old.*minimum is opset 16"):
         sc.export_onnx(m, (x,), tmp_path / "m.onnx", opset=13)
     torch_cm = api.CompiledModel(m, api.CompileReport("m", "torch", "p"), "torch")
