@@ -65,6 +65,14 @@ def _check_output_file(path: str, option: str) -> None:
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         what = "the file" if os.path.exists(path) and not os.access(path, os.W_OK) else "its directory"
         raise SparsecompError(f"{option}: cannot write {path!r}: {what} is read-only", hint="choose a writable location")
+    import tempfile
+
+    try:  # permissions can say yes where writing cannot (root on /proc or a read-only mount)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".sparsecomp-", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise SparsecompError(f"{option}: cannot write {path!r}: creating a file in {parent!r} failed ({err.strerror or err})",
+                              hint="choose a writable location") from None
 
 
 def _check_output_dir(path: str, option: str) -> None:
