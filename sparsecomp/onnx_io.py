@@ -1203,6 +1203,15 @@ def import_onnx(model_or_path: onnx.ModelProto | str | os.PathLike) -> torch.fx.
             f"import_onnx needs an onnx.ModelProto or a path, got {type(model_or_path).__name__}",
             hint="pass the .onnx path or onnx.load(path)",
         )
+    from sparsecomp.backends.ort import files as ort_files  # function level: core imports no backend at import time
+
+    if ort_files.is_export(model):
+        # already compiled: its sparse layers are Gather / MatMul decompositions over compact
+        # arrays, which no pass can analyse or rewrite again
+        raise OnnxError(
+            f"{label} is a sparsecomp export (already compiled): there is nothing left to compile or optimise in it",
+            hint="run it in onnxruntime (`sparsecomp bench FILE`, `sparsecomp analyze FILE`), or compile the torch model",
+        )
     o2t = _import_onnx2torch()
     if model.functions:
         # dynamo exports may hold local functions; onnx2torch converts only plain nodes

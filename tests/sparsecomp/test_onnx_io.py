@@ -754,3 +754,13 @@ def test_impose_onnx_refuses_a_sparsecomp_export():
     del model.metadata_props[:]
     assert model.SerializeToString() == before  # untouched
     assert sorted(impose_onnx(model, "unstructured:0.5")) == ["gemm_const", "mm_cast", "mm_shared_a"]  # plain: imposed
+
+
+def test_import_onnx_refuses_a_sparsecomp_export():
+    """A sparsecomp export is already compiled: importing it to compile or optimise again would
+    find nothing to work on, so it is refused with where to run it instead."""
+    model, _ = _hand_model()
+    onnx.helper.set_model_props(model, {"sparsecomp.layers": "[]"})
+    with pytest.raises(OnnxError, match="is a sparsecomp export \\(already compiled\\)") as e:
+        import_onnx(model)
+    assert "sparsecomp bench FILE" in e.value.hint
