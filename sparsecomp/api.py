@@ -247,7 +247,7 @@ class CompiledModel(torch.nn.Module):
                                   hint="call it with the same arguments (number, names, nesting) as the example inputs") from None
         # the structure fits: then a value of another kind, dtype or rank (what the graph's shape
         # guards would trip on with an IndexError or a TypeError)
-        from sparsecomp.ir import describe_inputs, flat_inputs
+        from sparsecomp.ir import describe_graph_inputs, describe_inputs, flat_inputs
 
         try:
             flat = flat_inputs(self.gm, args, kwargs)
@@ -257,10 +257,8 @@ class CompiledModel(torch.nn.Module):
         for value, val in zip(flat, vals):
             if isinstance(val, torch.Tensor) and (not isinstance(value, torch.Tensor) or value.dtype != val.dtype
                                                   or value.dim() != val.dim() or value.device.type != "cpu"):
-                expected = ", ".join(f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]"
-                                     for v in vals if isinstance(v, torch.Tensor))
                 where = "" if not isinstance(value, torch.Tensor) or value.device.type == "cpu" else f" on {value.device}"
-                raise SparsecompError(f"{self.report.model} was compiled for CPU inputs ({expected}), got "
+                raise SparsecompError(f"{self.report.model} was compiled for CPU inputs {describe_graph_inputs(self.gm)}, got "
                                       f"{describe_inputs((args, kwargs))}{where}",
                                       hint="pass CPU torch tensors with the example inputs' dtypes and ranks "
                                            "(only the batch / sequence sizes may change)") from None

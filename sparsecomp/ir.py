@@ -23,6 +23,7 @@ from torch.nn.modules import module as _nn_module  # its global hook registries 
 
 __all__ = [
     "check_batches_fit",
+    "describe_graph_inputs",
     "describe_inputs",
     "META_PREFIX",
     "PROVENANCE",
@@ -258,6 +259,13 @@ def describe_inputs(batch: tuple[tuple, dict]) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
+def describe_graph_inputs(gm: fx.GraphModule) -> str:
+    """`(float32[s0, 16])`: a captured graph's own inputs, as `describe_inputs` shows a batch."""
+    vals = [ph.meta.get("val") for ph in gm.graph.nodes if ph.op == "placeholder"]
+    return "(" + ", ".join(f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]"
+                           if isinstance(v, torch.Tensor) else "?" for v in vals) + ")"
+
+
 def check_batches_fit(gm: fx.GraphModule, example: tuple[tuple, dict], batches: list[tuple[tuple, dict]],
                       what: str = "calibration batch") -> None:
     """Every batch (`(args, kwargs)`) has the example inputs' structure, dtypes and ranks, and the
@@ -270,12 +278,7 @@ def check_batches_fit(gm: fx.GraphModule, example: tuple[tuple, dict], batches: 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     # no example (a GraphModule captured earlier): the graph's own inputs are the reference
     have_example = bool(ex_args or ex_kwargs)
-    if have_example:
-        expected = describe_inputs(example)
-    else:
-        vals = [ph.meta.get("val") for ph in placeholders]
-        expected = "(" + ", ".join(f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]"
-                                   if isinstance(v, torch.Tensor) else "?" for v in vals) + ")"
+    expected = describe_inputs(example) if have_example else describe_graph_inputs(gm)
     for i, batch in enumerate(batches):
         args, kwargs = batch
         bad = have_example and (len(args) != len(ex_args) or set(kwargs) != set(ex_kwargs))
