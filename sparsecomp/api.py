@@ -107,8 +107,7 @@ def analyze(model: torch.nn.Module | str | Path, example_inputs: Any = None, cal
         gm = capture(model, example_inputs, name=label)
     pipeline = f'analyze-weights{{blocks="{blocks}",nm="{nm}"}},find-mlps'
     # an empty calibration is as none: the weights' report, without activation profiles
-    batches = calibration if calibration is None or isinstance(calibration, (str, bytes, int, float)) else list(calibration)
-    batches = _check_calibration(batches, label) if batches else []
+    batches = _check_calibration(calibration, label, empty_ok=True) if calibration is not None else []
     if batches:
         pipeline += ",profile-activations"
     ctx = PassContext.create(example_inputs, batches, model_name=label)
@@ -415,14 +414,14 @@ def _backend(name: str):
     return importlib.import_module(f"sparsecomp.backends.{name}")
 
 
-def _check_calibration(calibration, label: str) -> list:
+def _check_calibration(calibration, label: str, *, empty_ok: bool = False) -> list:
     """Calibration batches as a list (each a tuple of args or a dict of kwargs), or a clear error."""
     try:
         batches = list(calibration)
     except TypeError:
         raise SparsecompError(f"calibration for {label} must be an iterable of input batches, got {type(calibration).__name__}",
                               hint="pass a list of example-input tuples (or dicts of keyword inputs)") from None
-    if not batches:
+    if not batches and not empty_ok:
         raise SparsecompError(f"calibration for {label} is empty", hint="pass at least one input batch")
     for i, batch in enumerate(batches):
         try:

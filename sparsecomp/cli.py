@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.text import Text
 
 from sparsecomp.errors import SparsecompError
+from sparsecomp.paths import writable_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sparsecomp: a sparsity-aware compiler for PyTorch models. Errors are one line plus a hint; add --debug anywhere for the trace.")
@@ -50,29 +51,6 @@ def _positive_seconds(ctx: typer.Context, param: typer.CallbackParam, value: flo
     if value is not None and not (math.isfinite(value) and value > 0):
         raise typer.BadParameter(f"{value} is not a positive number of seconds (e.g. 0.5)", ctx=ctx, param=param)
     return value
-
-
-def _check_output_file(path: str, option: str) -> None:
-    """Fail before any work if `path` (given to `option`) cannot be written as a file."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise SparsecompError(f"{option} {path!r} is a directory", hint="give a file name, e.g. pruned.pt")
-    if not os.path.exists(parent):
-        raise SparsecompError(f"{option}: cannot write {path!r}: directory {os.path.dirname(path) or parent!r} does not exist",
-                              hint="create it first, or choose another path")
-    if not os.path.isdir(parent):
-        raise SparsecompError(f"{option}: cannot write {path!r}: {os.path.dirname(path)!r} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        what = "the file" if os.path.exists(path) and not os.access(path, os.W_OK) else "its directory"
-        raise SparsecompError(f"{option}: cannot write {path!r}: {what} is read-only", hint="choose a writable location")
-    import tempfile
-
-    try:  # permissions can say yes where writing cannot (root on /proc or a read-only mount)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".sparsecomp-", suffix=".tmp"):
-            pass
-    except OSError as err:
-        raise SparsecompError(f"{option}: cannot write {path!r}: creating a file in {parent!r} failed ({err.strerror or err})",
-                              hint="choose a writable location") from None
 
 
 def _check_output_dir(path: str, option: str) -> None:
@@ -430,7 +408,7 @@ def sparsify_cmd(
     if spec and (pattern or sparsity is not None):
         raise SparsecompError(f"--method {method} already names its pattern; drop --pattern / --sparsity")
     if output:  # fail before any slow work
-        _check_output_file(output, "-o/--output")
+        writable_file(output, "-o/--output", example="pruned.pt")
     options = dict(allocation=allocation, damp=damp, correct=correct, update_bias=update_bias, refine=refine,
                    **({"skip": tuple(skip)} if skip else {}))
     if spec:

@@ -204,8 +204,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
         raise CaptureError(f"cannot capture {model_name}: {err}") from None
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
-        raise CaptureError(f"cannot capture {model_name}: {meta[0]} (and {len(meta) - 1} more) are on the meta device, with no data"
-                           if len(meta) > 1 else f"cannot capture {model_name}: {meta[0]} is on the meta device, with no data",
+        more = f" (and {len(meta) - 1} more)" if len(meta) > 1 else ""
+        raise CaptureError(f"cannot capture {model_name}: {meta[0]}{more} on the meta device, with no data",
                            hint="materialise the weights first (e.g. model.to_empty(device='cpu') and load a state dict)")
     modes = {m: m.training for m in model.modules()}
     model.eval()

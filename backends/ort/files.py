@@ -20,8 +20,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from sparsecomp.errors import OnnxError
+from sparsecomp.paths import writable_file
 
 from .kernels import decode_weight
 
@@ -51,25 +50,7 @@ PROTOBUF_LIMIT = 2**31 - 64 * 2**20
 
 def check_writable(path) -> Path:
     """`path` as a Path, or an OnnxError (before any work) if it cannot be written."""
-    p = Path(path)
-    if p.is_dir():
-        raise OnnxError(f"ONNX output path {str(p)!r} is a directory", hint="give a file name, e.g. model.onnx")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise OnnxError(f"cannot write {str(p)!r}: directory {str(parent)!r} does not exist", hint="create it first")
-    if not parent.is_dir():
-        raise OnnxError(f"cannot write {str(p)!r}: {str(parent)!r} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise OnnxError(f"cannot write {str(p)!r}: {'the file' if p.exists() and not os.access(p, os.W_OK) else 'its directory'} "
-                        "is read-only", hint="choose a writable location")
-    # permissions can say yes where writing cannot (root on /proc or a read-only mount): try it
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".sparsecomp-", suffix=".tmp"):
-            pass
-    except OSError as err:
-        raise OnnxError(f"cannot write {str(p)!r}: creating a file in {str(parent)!r} failed ({err.strerror or err})",
-                        hint="choose a writable location") from None
-    return p
+    return writable_file(path, "ONNX output path", error=OnnxError, example="model.onnx")
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:

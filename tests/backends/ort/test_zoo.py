@@ -16,21 +16,12 @@ from sparsecomp.backends.ort import session
 import sparsecomp as sc
 from sparsecomp import models
 from sparsecomp.ir import normalize_inputs
+from zoo_cases import SMALL, other_shape  # the zoo at test size, shared with tests/backends/torch/test_zoo.py
 
-SMALL = {
-    "mlp-relu": {"hidden": 64, "ffn": 256},
-    "bert-tiny": {"layers": 1},
-    "bert-base": {"layers": 1, "hidden": 64, "heads": 4, "ffn": 128, "vocab": 500},
-    "opt-125m-like": {"layers": 1, "hidden": 64, "heads": 4, "ffn": 128, "vocab": 500},
-    "llama-tiny": {"layers": 1, "hidden": 64, "ffn": 96, "vocab": 500},
-    "vit-tiny": {"layers": 1, "image": 32},
-    "resnet18-like": {"image": 32, "width": 16, "classes": 10},
-    "minilm": {"layers": 1, "max_length": 16},
-}
 KERNELS = {"resnet18-like": "sell4,bsr16x1-b4", "vit-tiny": "bsr4x4,sell4"}  # default: sell4 (any pattern)
 
 
-def test_every_zoo_model_is_covered():
+def test_every_zoo_model_is_covered():  # (the table both backends' matrices run)
     assert set(SMALL) == set(models.names())
 
 
@@ -42,22 +33,6 @@ def _leaves(out):
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _leaves(v)]
     return [t for t in _leaves(out.to_tuple())] if hasattr(out, "to_tuple") else []
-
-
-def _other_shape(example):
-    """Batch 3 and, for token models, another sequence length (from the zoo's own calibration stream)."""
-    args, kwargs = normalize_inputs(example)
-
-    def grow(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        reps = [3] + [1] * (t.dim() - 1)
-        t = t.repeat(*reps)
-        if t.dim() == 2 and not t.is_floating_point():  # tokens / mask [B, T]: shorten T
-            t = t[:, : max(1, t.shape[1] - 3)]
-        return t
-
-    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
 @pytest.mark.parametrize("name", list(SMALL))
@@ -75,7 +50,7 @@ def test_zoo_model_matches_eager_in_onnxruntime(name, tmp_path):
         assert any(r["decision"] == "sparse" for r in cm.report.rows)
     module = cm.gm
     sessions = {"optimized": module.session, "ORT_DISABLE_ALL": session(module.onnx_model, optimize=False)}
-    for args, kwargs in (normalize_inputs(example), _other_shape(example)):
+    for args, kwargs in (normalize_inputs(example), other_shape(example)):
         with torch.no_grad():
             refs = _leaves(model(*args, **kwargs))
         feeds = module.feeds(args, kwargs)

@@ -17,37 +17,9 @@ import sparsecomp as sc
 from sparsecomp import models
 from sparsecomp.api import CompiledModel
 from sparsecomp.ir import compare_outputs, normalize_inputs
+from zoo_cases import SMALL, other_shape  # the zoo at test size, shared with tests/backends/ort/test_zoo.py
 
-SMALL = {
-    "mlp-relu": {"hidden": 64, "ffn": 256},
-    "bert-tiny": {"layers": 1},
-    "bert-base": {"layers": 1, "hidden": 64, "heads": 4, "ffn": 128, "vocab": 500},
-    "opt-125m-like": {"layers": 1, "hidden": 64, "heads": 4, "ffn": 128, "vocab": 500},
-    "llama-tiny": {"layers": 1, "hidden": 64, "ffn": 96, "vocab": 500},
-    "vit-tiny": {"layers": 1, "image": 32},
-    "resnet18-like": {"image": 32, "width": 16, "classes": 10},
-    "minilm": {"layers": 1, "max_length": 16},
-}
 EXPECTED_FAILURES: dict[str, str] = {}
-
-
-def test_every_zoo_model_is_covered():
-    assert set(SMALL) == set(models.names())
-
-
-def _other_shape(example):
-    """Batch 3 and, for token models, a shorter sequence."""
-    args, kwargs = normalize_inputs(example)
-
-    def grow(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        t = t.repeat(3, *[1] * (t.dim() - 1))
-        if t.dim() == 2 and not t.is_floating_point():  # tokens / mask [B, T]
-            t = t[:, : max(1, t.shape[1] - 3)]
-        return t
-
-    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
 def _load(name):
@@ -62,7 +34,7 @@ def _load(name):
 def _check(name, model, example, cm):
     assert cm.report.verify["ok"], cm.report.verify
     lowered = CompiledModel(cm.gm, cm.report, "torch")
-    for args, kwargs in (normalize_inputs(example), _other_shape(example)):
+    for args, kwargs in (normalize_inputs(example), other_shape(example)):
         with torch.no_grad():
             ok, err, allowed = compare_outputs(lowered(*args, **kwargs), model(*args, **kwargs))
         assert ok, (name, err, allowed)
