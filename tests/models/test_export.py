@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparsecomp.models import get
+from zoo_cases import SMALL as ZOO_SMALL
 
 AUTO = torch.export.Dim.AUTO
 FULL = {
@@ -21,16 +22,9 @@ FULL = {
     "vit-tiny": {},
     "resnet18-like": {},
 }
-# For the dynamic-shape runs: small, since each model is traced and run several times.
-SMALL = {
-    "mlp-relu": {"hidden": 64, "ffn": 256},
-    "bert-tiny": {"layers": 1},
-    "bert-base": {"layers": 1, "hidden": 64, "heads": 4, "ffn": 128, "vocab": 500},
-    "opt-125m-like": {"layers": 1, "hidden": 64, "heads": 4, "ffn": 128, "vocab": 500},
-    "llama-tiny": {"layers": 1, "hidden": 64, "ffn": 96, "vocab": 500},
-    "vit-tiny": {"layers": 1, "image": 32},
-    "resnet18-like": {"image": 32, "width": 8, "classes": 10},
-}
+# For the dynamic-shape runs: the zoo at test size, since each model is traced and run several
+# times (minilm is covered in test_minilm.py)
+SMALL = {name: sizes for name, sizes in ZOO_SMALL.items() if name != "minilm"}
 TOKEN_MODELS = {"bert-tiny", "bert-base", "opt-125m-like", "llama-tiny"}
 
 
