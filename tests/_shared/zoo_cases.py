@@ -1,4 +1,5 @@
-"""The zoo at test size, shared by the backends' end-to-end matrices (tests/backends/*/test_zoo.py).
+"""The zoo at test size, shared by the backends' end-to-end matrices (tests/backends/*/test_zoo.py)
+and the export test (tests/models/test_export.py).
 
 Models run small: their layers repeat, so depth and width add time, not coverage.
 """
