@@ -16,6 +16,12 @@ Lowering table (which sparsecomp op becomes what; `kernels.py` has the ONNX of e
         pruned       (exact mode, a weight <= 70% nonzero) each projection on its own measured
                      sparse_linear lowering above, every neuron computed   (keeps the weight sparsity)
         (weights not constants: its reference, exported dense, with a note)
+    self-attention whose q / k / v are block-format sparse_linear layers of one input (`attention.py`):
+                 split heads -> SDPA -> merge (the exporter's, ~10 Transposes) -> one site lowered
+                 from q^T / k^T / v^T as the block layers leave them: K^T per head is a view, Q
+                 and P enter their MatMuls transposed (FusedMatMul in onnxruntime), the context
+                 leaves as ctx^T for a block-format out-projection; an If picks the batch-1 branch
+                 (no Transpose node) or the general one
     any other sparsecomp op
                  -> its reference implementation, decomposed to ATen and exported dense, with a
                     note naming the op and node in the report (`export._reference_decompositions`,
@@ -26,8 +32,8 @@ Shape of the package (the same as every backend):
   Cast at run time, folded by onnxruntime at load);
 - `lowering.py`: per-layer decisions timed in onnxruntime on one-layer models, cached in
   `DecisionCache("ort")`; `mlp.py`: the sparse_mlp candidates and their per-MLP decisions (same rules);
-- `export.py`: FX -> ONNX (torch's exporter with a placeholder per sparse layer, replaced by the
-  chosen nodes), metadata, checker;
+- `export.py`: FX -> ONNX (torch's exporter with a placeholder per sparse layer and attention
+  site, replaced by the chosen nodes), metadata, checker; `attention.py`: the attention sites;
 - `runner.py`: sessions with sparsecomp's thread setting (own pools, or one process-wide pool on
   request: `use_global_thread_pool`) and `OrtModule`, the runner `lower` returns;
 - `files.py`: writing a model (external data above the protobuf limit) and reading a sparsecomp

@@ -43,6 +43,7 @@ from sparsecomp.dialect import SPARSE_LINEAR, SPARSE_MLP
 from sparsecomp.errors import OnnxError
 from sparsecomp.frontend import grow
 
+from . import attention
 from .kernels import MIN_OPSET, Candidate, Emitter, Orientation
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "Placement", "check_opset", "export_graph"]
@@ -89,19 +90,23 @@ def check_opset(opset: int | None) -> int:
     return opset
 
 
-def _placeholder(name: str):
+def _placeholder(name: str, inputs: tuple[str, ...] = ("x", "tag"), bool_inputs: tuple[str, ...] = ()):
     import onnxscript
     from onnx.defs import OpSchema
 
     P = OpSchema.FormalParameter
-    schema = OpSchema(name, DOMAIN, 1, inputs=[P("x", "T"), P("tag", "T")], outputs=[P("y", "T")],
-                      type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"], "")])
+    floats = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
+    schema = OpSchema(name, DOMAIN, 1, inputs=[P(i, "B" if i in bool_inputs else "T") for i in inputs], outputs=[P("y", "T")],
+                      type_constraints=[("T", floats, "")] + ([("B", ["tensor(bool)", *floats], "")] if bool_inputs else []))
     return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), name, schema)
 
 
 def _placeholder_table() -> dict:
-    """The exporter's translations of the lowered ops: opaque placeholders (x, tag)."""
+    """The exporter's translations of the lowered ops: opaque placeholders (x, tag), and an
+    attention site's (q, k, v[, mask], tag)."""
     linear, mlp = _placeholder("SparseLinear"), _placeholder("SparseMLP")
+    plain = _placeholder("Attention", ("q", "k", "v", "tag"))
+    masked = _placeholder("Attention", ("q", "k", "v", "mask", "tag"), bool_inputs=("mask",))
 
     def sparse_linear(x, weight, bias=None):  # names as the op's schema; weight is the tag here
         return linear(x, weight)
@@ -110,11 +115,16 @@ def _placeholder_table() -> dict:
                    mode="exact", threshold=None, scale=None, pred_a=None, pred_bt=None):  # w_down_t is the tag
         return mlp(x, w_down_t)
 
-    return {torch.ops.sparsecomp.sparse_linear.default: sparse_linear, torch.ops.sparsecomp.sparse_mlp.default: sparse_mlp}
+    def ort_attention(q, k, v, mask=None, tag=None, heads=1, scale=None):  # heads, scale: the site's record
+        return plain(q, k, v, tag) if mask is None else masked(q, k, v, mask, tag)
+
+    return {torch.ops.sparsecomp.sparse_linear.default: sparse_linear, torch.ops.sparsecomp.sparse_mlp.default: sparse_mlp,
+            attention.ort_attention.default: ort_attention}
 
 
-def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement], notes: list[str]) -> fx.GraphModule:
-    """A GraphModule sharing gm's parameters whose lowered nodes read tags instead of weights."""
+def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement], notes: list[str]) -> tuple[fx.GraphModule, list[attention.Site]]:
+    """A GraphModule sharing gm's parameters whose lowered nodes read tags instead of weights, and
+    whose self-attention over block-format projections is one `ort_attention` node (`attention.py`)."""
     import copy
 
     from sparsecomp.ops import op_def
@@ -141,6 +151,10 @@ def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement], notes: li
             node.args = (node.args[0], tag, None, None, None, tag, None, strs["activation"], strs["mode"], None, None, None, None)
             node.kwargs = {}
         p.extra["tag"] = i
+    sites = attention.fuse_sites(new, {name: p.candidate.chains for name, p in placements.items()})
+    if sites:
+        notes.append(f"{len(sites)} self-attention block(s) run on transposed heads: their block-format q / k / v "
+                     "projections feed the attention without Transposes")
     # the dense weights of sparse layers are no longer read (unless something else reads them)
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
@@ -150,7 +164,7 @@ def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement], notes: li
         if hasattr(gm, key):
             setattr(new, key, getattr(gm, key))
     new.meta.update(gm.meta)
-    return new
+    return new, sites
 
 
 def _dynamic(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic_axes: Any) -> dict[str, list[int]]:
@@ -230,7 +244,7 @@ def _reference_decompositions(ep, notes: list[str]):
 
     table = {}
     for node in ep.graph.nodes:
-        if node.op == "call_function" and is_sparsecomp_op(node.target) and str(node.target) not in LOWERED:
+        if node.op == "call_function" and is_sparsecomp_op(node.target) and str(node.target) not in (*LOWERED, attention.ATTENTION):
             d = op_def(node.target)
             table[node.target] = d.reference
             notes.append(f"{d.qualname} (node {node.name}) has no ONNX lowering in the ort backend: exported as its dense "
@@ -287,7 +301,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: di
     opset = check_opset(opset)
     args, kwargs = example
     dyn = _dynamic(gm, args, kwargs, dynamic_axes)
-    tagged = _tagged_copy(gm, placements, notes)
+    tagged, sites = _tagged_copy(gm, placements, notes)
     try:
         ep, kept = _export_program(tagged, args, kwargs, dyn, label)
     except OnnxError:
@@ -315,7 +329,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: di
         raise OnnxError(f"{label} cannot be written at ONNX opset {opset}: torch's exporter wrote opset {written} "
                         "(the model needs newer ops)", hint=f"ask for a newer opset (default {DEFAULT_OPSET})")
     by_tag = {p.extra["tag"]: p for p in placements.values() if "tag" in p.extra}
-    _lower_placeholders(model, by_tag)
+    _lower_placeholders(model, by_tag, sites)
     if dyn:
         _rename_dims(model, dyn)
     layers = []
@@ -363,18 +377,22 @@ def _placement_of(g: onnx.GraphProto, node: onnx.NodeProto, by_tag: dict[int, Pl
     return by_tag[int(tag.reshape(-1)[0])]
 
 
-def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> tuple[set[str], set[str], set[str]]:
+def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement],
+                       sites: dict[str, attention.Site] | None = None) -> tuple[set[str], set[str], set[str]]:
     """Which lowered layers pass their activation on transposed (`kernels.Orientation`).
 
     A layer whose kernel `chains` (block formats) and whose output reaches another such layer's
     input only through `ELEMENTWISE` ops, each tensor on the way read by exactly one node and none a
     graph output, leaves y^T for it: `Linear -> GELU -> Linear` with both Linears block-sparse keeps
-    the hidden activation [hidden, M] and pays no Transpose between them.
+    the hidden activation [hidden, M] and pays no Transpose between them. An attention site
+    (`attention.py`) reads its q / k / v transposed always, and passes its context on transposed
+    by the same rule as a layer.
 
-    `placements`: placeholder output name -> its Placement. Returns (the outputs of the layers that
-    leave y^T, the outputs of the layers that read x^T, the tensors on the way whose shape the
-    chaining changes).
+    `placements`: placeholder output name -> its Placement; `sites`: Attention placeholder output
+    name -> its Site. Returns (the outputs of the layers and sites that leave y^T, the outputs of the
+    layers that read x^T, the tensors on the way whose shape the chaining changes).
     """
+    sites = sites or {}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
@@ -383,9 +401,7 @@ def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> 
     leave_t: set[str] = set()
     read_t: set[str] = set()
     changed: set[str] = set()
-    for out, p in placements.items():
-        if not p.candidate.chains:
-            continue
+    for out in [o for o, p in placements.items() if p.candidate.chains] + list(sites):
         t, way = out, [out]
         while t not in graph_outputs and len(readers.get(t, [])) == 1:
             n = readers[t][0]
@@ -400,13 +416,33 @@ def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement]) -> 
                 break
             t = n.output[0]
             way.append(t)
+    by_out = {n.output[0]: n for n in g.node}
+    for out in sites:
+        for t in by_out[out].input[:3]:  # q, k, v: fused only where their layers chain (attention.fuse_sites)
+            p = placements.get(t)
+            if p is None or not p.candidate.chains or len(readers.get(t, [])) != 1 or t in graph_outputs:
+                raise OnnxError(f"internal: attention input {t} is not a block-format layer's own output",
+                                hint="please report it (--debug shows the trace)")
+            leave_t.add(t)
+            changed.add(t)
     return leave_t, read_t, changed
 
 
-def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement]) -> None:
+def _site_of(g: onnx.GraphProto, node: onnx.NodeProto, sites: list[attention.Site]) -> attention.Site:
+    tag = _tensor_value(g, node.input[-1])
+    i = int(tag.reshape(-1)[0]) - attention.TAG_BASE if tag is not None and tag.size else -1
+    if not 0 <= i < len(sites):
+        raise OnnxError(f"internal: cannot identify the attention site of placeholder {node.name}",
+                        hint="please report it (--debug shows the trace)")
+    return sites[i]
+
+
+def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], sites: list[attention.Site] | None = None) -> None:
     g = model.graph
-    placements = {node.output[0]: _placement_of(g, node, by_tag) for node in g.node if node.domain == DOMAIN}
-    leave_t, read_t, changed = chain_orientations(g, placements)
+    ours = [node for node in g.node if node.domain == DOMAIN]
+    placements = {node.output[0]: _placement_of(g, node, by_tag) for node in ours if node.op_type != "Attention"}
+    site_of = {node.output[0]: _site_of(g, node, sites or []) for node in ours if node.op_type == "Attention"}
+    leave_t, read_t, changed = chain_orientations(g, placements, site_of)
     lead_of: dict[str, str] = {}  # transposed tensor -> the tensor holding its original leading dims
     new_nodes, new_inits, dropped = [], [], set()
     for node in g.node:
@@ -414,6 +450,18 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement]) ->
             new_nodes.append(node)
             if node.input and node.input[0] in lead_of:  # an elementwise op on the way between two block layers
                 lead_of[node.output[0]] = lead_of[node.input[0]]
+            continue
+        if node.op_type == "Attention":
+            site, y_t = site_of[node.output[0]], node.output[0] in leave_t
+            dropped.add(node.input[-1])
+            e = Emitter(f"{placements[node.input[0]].layer}.attention")
+            lead = lead_of[node.input[0]]
+            if y_t:
+                lead_of[node.output[0]] = lead
+            attention.emit(e, site, *node.input[:3], node.input[3] if len(node.input) == 5 else None, node.output[0],
+                           lead=lead, y_t=y_t)
+            new_nodes.extend(e.nodes)
+            new_inits.extend(e.initializers)
             continue
         p = placements[node.output[0]]
         dropped.add(node.input[1])

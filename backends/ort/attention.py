@@ -1,0 +1,269 @@
+"""Self-attention whose q / k / v projections run a block format: lowered on transposed heads.
+
+A block-format layer computes y^T `[out, M]` and pays a Transpose to hand back y `[M, out]`
+(`kernels.Orientation`). Around self-attention the exported graph then transposes again: the
+heads split of q, k and v (`view` + `transpose(1, 2)`), K^T inside the attention, and the merge of
+the context (`transpose(1, 2)` + `reshape`). In 16x1-block bert-base at 128 tokens these are 10 of
+the 13 Transposes of a layer (with the out-projection's Pad), ~0.3 ms of ~3.9 ms.
+
+So where q, k and v are `sparse_linear` layers of one input lowered to a block format (`chains`),
+the export (`fuse_sites`, on its own copy of the FX graph) replaces
+
+    sdpa(split(q(x)), split(k(x)), split(v(x)), attn_mask) -> transpose(1, 2) -> reshape [B, S, H*D]
+
+by one placeholder, `sparsecomp::ort_attention(q, k, v, mask, tag, heads, scale)` (exported as
+`sparsecomp.placeholder::Attention`), and `emit` lowers it from q^T, k^T, v^T `[H*D, B*S]` as the
+block layers leave them:
+
+    [H*D, B*S] -> Reshape [H, D, B, S] -> Transpose [H, B, D, S]     (Q^T, K^T, V^T per head; a copy
+                                                                      when B = 1)
+    scores = MatMul(Transpose(Q^T), K^T) * scale [+ mask]            (onnxruntime fuses the
+    P = Softmax(scores); P = Where(IsNaN(P), 0, P)                    Transposes into FusedMatMul's
+    ctx^T = MatMul(V^T, Transpose(P))            [H, B, D, S]          transA / transB)
+    -> [H*D, B*S] for a block-format out-projection (it reads x^T), else [B, S, H*D]
+
+The semantics are torch's SDPA (the exporter's own translation, guard included: a row whose scores
+are all masked gives zeros, as eager does). Sites that do not match exactly (causal, dropout,
+grouped-query heads, another dtype, other users of the intermediate tensors) keep the exporter's
+translation. Only standard ONNX is written: with ORT_DISABLE_ALL the Transposes run as nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+from torch import fx
+
+from sparsecomp.ops import define_op
+
+from .kernels import Emitter
+
+__all__ = ["ATTENTION", "Site", "emit", "fuse_sites"]
+
+# Tag values of attention sites start here, far above the layers' tags (0, 1, ...), so the
+# exporter's initializer de-duplication cannot merge a site's tag with a layer's.
+TAG_BASE = 1_000_000
+
+
+def _ort_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], tag: torch.Tensor,
+                       heads: int, scale: Optional[float]) -> torch.Tensor:
+    b, s, hd = q.shape
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, t.shape[1], heads, hd // heads).transpose(1, 2)
+
+    ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, scale=scale)
+    return ctx.transpose(1, 2).reshape(b, s, hd)
+
+
+def _ort_attention_fake(q, k, v, mask, tag, heads, scale):
+    return q.new_empty(q.shape)
+
+
+ort_attention = define_op(
+    "ort_attention", "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor tag, int heads, float? scale) -> Tensor",
+    reference=_ort_attention_ref, fake=_ort_attention_fake,
+    doc="The ORT export's placeholder for one self-attention site (backends/ort/attention.py): "
+        "sdpa over the heads of packed [B, S, H*D] q / k / v, context packed the same way. Never in a user's graph.",
+)
+ATTENTION = "sparsecomp.ort_attention.default"
+
+
+@dataclass
+class Site:
+    """One fused attention: its projections (FX node names, keys of the placements) and shape."""
+
+    q: str
+    k: str
+    v: str
+    heads: int
+    head_dim: int
+    scale: float  # as applied to the scores (torch's default 1/sqrt(head_dim) made explicit)
+    mask: str | None  # None | "bool" | "float"
+    mask_rank: int = 0
+
+
+_VIEWS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _swaps_1_2(node) -> bool:
+    """transpose(1, 2) / permute(0, 2, 1, 3) of a 4-D tensor."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if str(node.target) == "aten.transpose.int":
+        return sorted(int(d) % 4 for d in node.args[1:3]) == [1, 2]
+    if str(node.target) == "aten.permute.default":
+        return [int(d) % 4 for d in node.args[1]] == [0, 2, 1, 3]
+    return False
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _head_input(node, chains: dict[str, bool]) -> tuple[fx.Node, int, int] | None:
+    """(projection node, heads, head dim) where node = split(proj(x)) and proj chains."""
+    if not _swaps_1_2(node) or _only_user(node) is None:
+        return None
+    view = node.args[0]
+    if not isinstance(view, fx.Node) or str(view.target) not in _VIEWS or _only_user(view) is not node:
+        return None
+    proj = view.args[0]
+    if not isinstance(proj, fx.Node) or not chains.get(proj.name) or _only_user(proj) is not view:
+        return None
+    pv, vv = _val(proj), _val(view)
+    if pv is None or vv is None or pv.dim() != 3 or vv.dim() != 4 or pv.dtype != torch.float32:
+        return None
+    heads, dim = _ints(vv.shape[2:])
+    if heads is None or not _same_dims(vv, pv, 2) or _ints(pv.shape[2:]) != (heads * dim,):
+        return None  # not the split of the last dim into [heads, dim] (e.g. a view(b, heads, s, dim))
+    return proj, heads, dim
+
+
+def _ints(dims) -> tuple:
+    """The dims as ints, or (None, ...) where one is symbolic."""
+    return tuple(d if isinstance(d, int) else None for d in dims)
+
+
+def _same_dims(a, b, n: int) -> bool:
+    """The first n dims of two fake tensors are the same (symbols compared by name: no guards added)."""
+    return [str(d) for d in a.shape[:n]] == [str(d) for d in b.shape[:n]]
+
+
+def _sdpa_args(node: fx.Node) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    return dict(zip(names, node.args)) | dict(node.kwargs)
+
+
+def _site(node: fx.Node, chains: dict[str, bool]) -> tuple[Site, fx.Node, fx.Node | None] | None:
+    """(site, the reshape that ends it, its mask node) if `node` is an SDPA to fuse, else None."""
+    a = _sdpa_args(node)
+    if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
+        return None
+    heads = [_head_input(a[n], chains) for n in ("query", "key", "value")]
+    if any(h is None for h in heads):
+        return None
+    (q, hq, dq), (k, hk, dk), (v, hv, dv) = heads
+    if not (hq == hk == hv and dq == dk == dv) or not (q.args[0] is k.args[0] is v.args[0]):
+        return None  # one input x (self-attention) and one head shape
+    mask = a.get("attn_mask")
+    kind = None
+    if mask is not None:
+        mv = _val(mask)
+        if not isinstance(mask, fx.Node) or mv is None or mv.dim() < 2 or mv.dim() > 4 or mv.dtype not in (torch.bool, torch.float32):
+            return None
+        kind = "bool" if mv.dtype == torch.bool else "float"
+    # the merge: transpose(1, 2) -> reshape [B, S, H*D], read by anything
+    t = _only_user(node)
+    if t is None or not _swaps_1_2(t):
+        return None
+    r = _only_user(t)
+    rv = _val(r)
+    if r is None or str(r.target) not in _VIEWS or rv is None or rv.dim() != 3 or _ints(rv.shape[2:]) != (hq * dq,) \
+            or not _same_dims(rv, _val(q), 2):
+        return None
+    scale = a.get("scale")
+    scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(dq))
+    site = Site(q.name, k.name, v.name, hq, dq, scale, kind, _val(mask).dim() if kind else 0)
+    return site, r, mask if kind else None
+
+
+def fuse_sites(gm: fx.GraphModule, chains: dict[str, bool]) -> list[Site]:
+    """Replace each matching attention in `gm` (the export's own copy) by `ort_attention`.
+
+    `chains`: FX node name of a lowered sparse_linear -> whether its kernel chains (block formats).
+    Returns the sites in order; site i's tag holds TAG_BASE + i. Call `gm.recompile()` after.
+    """
+    graph = gm.graph
+    sites: list[Site] = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or str(node.target) != "aten.scaled_dot_product_attention.default":
+            continue
+        found = _site(node, chains)
+        if found is None:
+            continue
+        site, merge, mask = found
+        i = len(sites)
+        attr = f"_sparsecomp_attention_tag_{i}"
+        gm.register_buffer(attr, torch.full((1,), float(TAG_BASE + i)))
+        splits = [_sdpa_args(node)[n] for n in ("query", "key", "value")]  # transpose(view(projection))
+        q, k, v = (t.args[0].args[0] for t in splits)
+        with graph.inserting_before(merge):
+            tag = graph.get_attr(attr)
+            fused = graph.call_function(ort_attention.default, (q, k, v, mask, tag, site.heads, site.scale))
+        merge.replace_all_uses_with(fused)
+        # users before what they read, so each has none left when erased; the projections stay
+        dead = [merge, merge.args[0], node, *splits, *(t.args[0] for t in splits)]
+        for d in dead:
+            graph.erase_node(d)
+        sites.append(site)
+    return sites
+
+
+def emit(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, mask: str | None, out: str, *, lead: str, y_t: bool) -> None:
+    """The site's ONNX from q^T, k^T, v^T `[H*D, B*S]`; `lead` holds [B, S]. Output ctx^T
+    `[H*D, B*S]` when `y_t` (a block-format out-projection reads it), else ctx `[B, S, H*D]`.
+
+    Batch 1 (the common deployment case) runs on `[H, D, S]` views with no Transpose node at all;
+    a larger batch needs the batch axis moved next to the heads, 4 copies more (~30 us each at
+    bert-base's 128 tokens), so the two are the branches of an `If` on B == 1."""
+    m = None
+    if mask is not None:
+        m = mask
+        if site.mask == "bool":  # True = may attend, as torch
+            m = e.node("Where", [m, e.const("zero", np.array(0.0, dtype=np.float32), stored=False),
+                                 e.const("neg_inf", np.array(-np.inf, dtype=np.float32), stored=False)])
+        if site.mask_rank < 4:
+            m = e.node("Unsqueeze", [m, e.ints("mask_axes", list(range(4 - site.mask_rank)))])
+    branches = {}
+    for name, batched in (("then_branch", False), ("else_branch", True)):
+        b = Emitter(f"{e.prefix}/{'batch' if batched else 'batch1'}")
+        res = _core(b, site, q_t, k_t, v_t, m, lead=lead, y_t=y_t, batched=batched)
+        e.initializers.extend(b.initializers)
+        branches[name] = helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(res, TensorProto.FLOAT, None)])
+    batch = e.node("Slice", [lead, e.ints("first", [0]), e.ints("one", [1])])
+    e.node("If", [e.node("Equal", [batch, e.ints("batch_one", [1])])], out=out, **branches)
+
+
+def _core(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, m: str | None, *, lead: str, y_t: bool, batched: bool) -> str:
+    h, d = site.heads, site.head_dim
+    if batched:  # [H*D, B*S] -> [H, B, D, S]: a batch of per-head transposed matrices
+        hdbs = e.node("Concat", [e.ints("heads_dims", [h, d]), lead], axis=0)
+
+        def per_head(t: str) -> str:
+            return e.node("Transpose", [e.node("Reshape", [t, hdbs])], perm=[0, 2, 1, 3])
+    else:  # B = 1: [H*D, S] -> [H, D, S] is a view
+        hds = e.ints("heads_dims", [h, d, -1])
+
+        def per_head(t: str) -> str:
+            return e.node("Reshape", [t, hds])
+
+    qh, kh, vh = per_head(q_t), per_head(k_t), per_head(v_t)
+    swap = [0, 1, 3, 2] if batched else [0, 2, 1]
+    scores = e.node("MatMul", [e.node("Transpose", [qh], perm=swap), kh])  # [H, (B,) Sq, Sk]
+    scores = e.node("Mul", [scores, e.const("scale", np.array(site.scale, dtype=np.float32), stored=False)])
+    if m is not None:  # [B|1, H|1, Sq|1, Sk] -> [H|1, B|1, ...] (B = 1: [H|1, Sq|1, Sk]) as the scores
+        m = e.node("Transpose", [m], perm=[1, 0, 2, 3]) if batched else e.node("Squeeze", [m, e.ints("batch_axis", [0])])
+        scores = e.node("Add", [scores, m])
+    p = e.node("Softmax", [scores], axis=-1)
+    p = e.node("Where", [e.node("IsNaN", [p]), e.const("zero", np.array(0.0, dtype=np.float32), stored=False), p])  # all-masked rows: zeros, as torch
+    ctx = e.node("MatMul", [vh, e.node("Transpose", [p], perm=swap)])  # [H, (B,) D, S]
+    if y_t:
+        if batched:
+            ctx = e.node("Transpose", [ctx], perm=[0, 2, 1, 3])  # [H, D, B, S]
+        return e.node("Reshape", [ctx, e.ints("ctx_rows", [h * d, -1])])
+    if batched:
+        ctx = e.node("Transpose", [ctx], perm=[1, 3, 0, 2])  # [B, S, H, D]
+    else:
+        ctx = e.node("Transpose", [ctx], perm=[2, 0, 1])  # [S, H, D]
+    return e.node("Reshape", [ctx, e.node("Concat", [lead, e.ints("hidden", [h * d])], axis=0)])
