@@ -145,8 +145,8 @@ def _sdpa_args(node: fx.Node) -> dict:
     return dict(zip(names, node.args)) | dict(node.kwargs)
 
 
-def _site(node: fx.Node, chains: dict[str, bool]) -> tuple[Site, fx.Node, fx.Node | None] | None:
-    """(site, the reshape that ends it, its mask node) if `node` is an SDPA to fuse, else None."""
+def _site(node: fx.Node, chains: dict[str, bool]) -> tuple[Site, list[fx.Node], fx.Node | None] | None:
+    """(site, the merge's nodes in order, its mask node) if `node` is an SDPA to fuse, else None."""
     a = _sdpa_args(node)
     if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
         return None
@@ -163,19 +163,29 @@ def _site(node: fx.Node, chains: dict[str, bool]) -> tuple[Site, fx.Node, fx.Nod
         if not isinstance(mask, fx.Node) or mv is None or mv.dim() < 2 or mv.dim() > 4 or mv.dtype not in (torch.bool, torch.float32):
             return None
         kind = "bool" if mv.dtype == torch.bool else "float"
-    # the merge: transpose(1, 2) -> reshape [B, S, H*D], read by anything
-    t = _only_user(node)
+    # the merge: transpose(1, 2) -> reshape [B, S, H*D], read by anything; as transformers writes
+    # it, also a reshape to the same shape before the transpose and a contiguous() copy after it
+    merge = []
+    t, tv, sv = _only_user(node), _val(_only_user(node)), _val(node)
+    if t is not None and str(t.target) in _VIEWS and tv is not None and sv is not None and tv.dim() == 4 and _same_dims(tv, sv, 4):
+        merge.append(t)
+        t = _only_user(t)
     if t is None or not _swaps_1_2(t):
         return None
+    merge.append(t)
     r = _only_user(t)
+    if r is not None and str(r.target) == "aten.clone.default" and set(r.kwargs) <= {"memory_format"}:
+        merge.append(r)
+        r = _only_user(r)
     rv = _val(r)
     if r is None or str(r.target) not in _VIEWS or rv is None or rv.dim() != 3 or _ints(rv.shape[2:]) != (hq * dq,) \
             or not _same_dims(rv, _val(q), 2):
         return None
+    merge.append(r)
     scale = a.get("scale")
     scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(dq))
     site = Site(q.name, k.name, v.name, hq, dq, scale, kind, _val(mask).dim() if kind else 0)
-    return site, r, mask if kind else None
+    return site, merge, mask if kind else None
 
 
 def fuse_sites(gm: fx.GraphModule, chains: dict[str, bool]) -> list[Site]:
@@ -193,17 +203,18 @@ def fuse_sites(gm: fx.GraphModule, chains: dict[str, bool]) -> list[Site]:
         if found is None:
             continue
         site, merge, mask = found
+        end = merge[-1]  # the reshape to [B, S, H*D]: what the rest of the graph reads
         i = len(sites)
         attr = f"_sparsecomp_attention_tag_{i}"
         gm.register_buffer(attr, torch.full((1,), float(TAG_BASE + i)))
         splits = [_sdpa_args(node)[n] for n in ("query", "key", "value")]  # transpose(view(projection))
         q, k, v = (t.args[0].args[0] for t in splits)
-        with graph.inserting_before(merge):
+        with graph.inserting_before(end):
             tag = graph.get_attr(attr)
             fused = graph.call_function(ort_attention.default, (q, k, v, mask, tag, site.heads, site.scale))
-        merge.replace_all_uses_with(fused)
+        end.replace_all_uses_with(fused)
         # users before what they read, so each has none left when erased; the projections stay
-        dead = [merge, merge.args[0], node, *splits, *(t.args[0] for t in splits)]
+        dead = [*reversed(merge), node, *splits, *(t.args[0] for t in splits)]
         for d in dead:
             graph.erase_node(d)
         sites.append(site)

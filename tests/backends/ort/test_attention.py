@@ -176,3 +176,24 @@ def test_fuse_sites_replaces_the_split_attention_and_merge():
     # a projection that does not chain (its layer not a block format) leaves the site alone
     gm2 = getattr(sc.capture(m, (x, mask)), "gm", None) or sc.capture(m, (x, mask))
     assert attention.fuse_sites(gm2, chains | {linears[1]: False}) == []
+
+
+def test_transformers_attention_is_fused_too(tmp_path):
+    """The real MiniLM (transformers' SDPA attention: an identity reshape before the merge's
+    transpose), padded sentences: one site per layer, eager's outputs at batch 2 and batch 1."""
+    from sparsecomp import models
+
+    m, ex = models.get("minilm", layers=1, max_length=16)
+    sc.impose(m, "block:16x1:0.9")
+    cm = sc.compile(m, ex, backend="ort", kernels="bsr16x1", cache_dir=str(tmp_path / "cache"), max_seconds_per_layer=0.05)
+    proto = cm.gm.onnx_model
+    assert len(ifs(proto)) == 1 and count(proto.graph, "Softmax") == 0
+    assert bool((ex["attention_mask"] == 0).any())  # the example has padding
+    for batch in (ex, {k: v[:1] for k, v in ex.items()}):
+        with torch.no_grad():
+            ref = m(**batch)
+        ref = getattr(ref, "last_hidden_state", ref[0] if isinstance(ref, (tuple, list)) else ref)
+        for optimize in (True, False):
+            s = session(proto, optimize=optimize)
+            out = s.run(None, {i.name: batch[i.name].numpy() for i in s.get_inputs()})[0]
+            assert close(torch.from_numpy(out), ref)
