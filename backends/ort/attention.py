@@ -43,7 +43,7 @@ from sparsecomp.ops import define_op
 
 from .kernels import Emitter
 
-__all__ = ["ATTENTION", "Site", "emit", "fuse_sites"]
+__all__ = ["ATTENTION", "Site", "emit", "emit_plain", "fuse_sites", "record"]
 
 # Tag values of attention sites start here, far above the layers' tags (0, 1, ...), so the
 # exporter's initializer de-duplication cannot merge a site's tag with a layer's.
@@ -119,7 +119,7 @@ def _head_input(node, chains: dict[str, bool]) -> tuple[fx.Node, int, int] | Non
     if not isinstance(view, fx.Node) or str(view.target) not in _VIEWS or _only_user(view) is not node:
         return None
     proj = view.args[0]
-    if not isinstance(proj, fx.Node) or not chains.get(proj.name) or _only_user(proj) is not view:
+    if not isinstance(proj, fx.Node) or not chains.get(proj.name) or any(u is not view and not _leading_size(u) for u in proj.users):
         return None
     pv, vv = _val(proj), _val(view)
     if pv is None or vv is None or pv.dim() != 3 or vv.dim() != 4 or pv.dtype != torch.float32:
@@ -128,6 +128,12 @@ def _head_input(node, chains: dict[str, bool]) -> tuple[fx.Node, int, int] | Non
     if heads is None or not _same_dims(vv, pv, 2) or _ints(pv.shape[2:]) != (heads * dim,):
         return None  # not the split of the last dim into [heads, dim] (e.g. a view(b, heads, s, dim))
     return proj, heads, dim
+
+
+def _leading_size(node: fx.Node) -> bool:
+    """`t.shape[0]` / `t.shape[1]` of a [B, S, F] tensor (`view(b, t.shape[1], H, D)`): the same as
+    the input x's, which `fuse_sites` reads instead (the projection's output becomes y^T)."""
+    return str(node.target) == "aten.sym_size.int" and int(node.args[1]) in (0, 1, -3, -2)
 
 
 def _ints(dims) -> tuple:
@@ -150,6 +156,8 @@ def _site(node: fx.Node, chains: dict[str, bool]) -> tuple[Site, list[fx.Node], 
     a = _sdpa_args(node)
     if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
         return None
+    if len({id(a[n]) for n in ("query", "key", "value")}) != 3:
+        return None  # one split read as two of q / k / v (shared QK, k = v): not three projections
     heads = [_head_input(a[n], chains) for n in ("query", "key", "value")]
     if any(h is None for h in heads):
         return None
@@ -213,6 +221,9 @@ def fuse_sites(gm: fx.GraphModule, chains: dict[str, bool]) -> list[Site]:
             tag = graph.get_attr(attr)
             fused = graph.call_function(ort_attention.default, (q, k, v, mask, tag, site.heads, site.scale))
         end.replace_all_uses_with(fused)
+        for proj in (q, k, v):  # leading sizes read from a projection: the same from its input
+            for u in [u for u in proj.users if _leading_size(u)]:
+                u.replace_input_with(proj, proj.args[0])
         # users before what they read, so each has none left when erased; the projections stay
         dead = [*reversed(merge), node, *splits, *(t.args[0] for t in splits)]
         for d in dead:
@@ -230,10 +241,7 @@ def emit(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, mask: str | None,
     bert-base's 128 tokens), so the two are the branches of an `If` on B == 1."""
     m = None
     if mask is not None:
-        m = mask
-        if site.mask == "bool":  # True = may attend, as torch
-            m = e.node("Where", [m, e.const("zero", np.array(0.0, dtype=np.float32), stored=False),
-                                 e.const("neg_inf", np.array(-np.inf, dtype=np.float32), stored=False)])
+        m = _additive(e, mask, site.mask)
         if site.mask_rank < 4:
             m = e.node("Unsqueeze", [m, e.ints("mask_axes", list(range(4 - site.mask_rank)))])
     branches = {}
@@ -266,8 +274,7 @@ def _core(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, m: str | None, *
     if m is not None:  # [B|1, H|1, Sq|1, Sk] -> [H|1, B|1, ...] (B = 1: [H|1, Sq|1, Sk]) as the scores
         m = e.node("Transpose", [m], perm=[1, 0, 2, 3]) if batched else e.node("Squeeze", [m, e.ints("batch_axis", [0])])
         scores = e.node("Add", [scores, m])
-    p = e.node("Softmax", [scores], axis=-1)
-    p = e.node("Where", [e.node("IsNaN", [p]), e.const("zero", np.array(0.0, dtype=np.float32), stored=False), p])  # all-masked rows: zeros, as torch
+    p = _softmax(e, scores)
     ctx = e.node("MatMul", [vh, e.node("Transpose", [p], perm=swap)])  # [H, (B,) D, S]
     if y_t:
         if batched:
@@ -278,3 +285,41 @@ def _core(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, m: str | None, *
     else:
         ctx = e.node("Transpose", [ctx], perm=[2, 0, 1])  # [S, H, D]
     return e.node("Reshape", [ctx, e.node("Concat", [lead, e.ints("hidden", [h * d])], axis=0)])
+
+
+def record(site: Site, prefix: str, qkv, mask: str | None, out: str, y_t: bool) -> dict:
+    """What the model's metadata keeps of a lowered site (`sparsecomp.attention`): enough for
+    `emit_plain` to write it again from plain inputs (`files.dense_equivalent`)."""
+    return {"prefix": prefix, "q": qkv[0], "k": qkv[1], "v": qkv[2], "mask": mask, "output": out,
+            "output_layout": "transposed" if y_t else "plain", "heads": site.heads, "head_dim": site.head_dim,
+            "scale": site.scale, "mask_kind": site.mask, "mask_rank": site.mask_rank}
+
+
+def emit_plain(e: Emitter, rec: dict) -> None:
+    """A recorded site as a plain export writes attention, from q / k / v `[B, S, H*D]` to a plain
+    context (the dense view of an export, `files.dense_equivalent`, where every layer is a plain
+    MatMul again): heads split with Transposes, K^T included, and merged back."""
+    h, d = rec["heads"], rec["head_dim"]
+    split = e.ints("heads_shape", [0, 0, h, d])  # 0: that dim of the input ([B, S, H*D] -> [B, S, H, D])
+    qh, kt, vh = (e.node("Transpose", [e.node("Reshape", [rec[n], split])], perm=perm)
+                  for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])))
+    scores = e.node("Mul", [e.node("MatMul", [qh, kt]), e.const("scale", np.array(rec["scale"], dtype=np.float32), stored=False)])
+    if rec["mask"] is not None:  # [B|1, H|1, Sq|1, Sk] (or fewer leading dims) broadcasts against [B, H, Sq, Sk]
+        scores = e.node("Add", [scores, _additive(e, rec["mask"], rec["mask_kind"])])
+    ctx = e.node("MatMul", [_softmax(e, scores), vh])  # [B, H, S, D]
+    merged = e.node("Transpose", [ctx], perm=[0, 2, 1, 3])
+    e.node("Reshape", [merged, e.ints("merged_shape", [0, 0, h * d])], out=rec["output"])
+
+
+def _additive(e: Emitter, mask: str, kind: str) -> str:
+    """The mask as scores to add: a bool one (True = may attend, as torch) as 0 / -inf."""
+    if kind != "bool":
+        return mask
+    return e.node("Where", [mask, e.const("zero", np.array(0.0, dtype=np.float32), stored=False),
+                            e.const("neg_inf", np.array(-np.inf, dtype=np.float32), stored=False)])
+
+
+def _softmax(e: Emitter, scores: str) -> str:
+    """Softmax over the keys; rows whose scores are all -inf (every key masked) give zeros, as torch."""
+    p = e.node("Softmax", [scores], axis=-1)
+    return e.node("Where", [e.node("IsNaN", [p]), e.const("nan_to", np.array(0.0, dtype=np.float32), stored=False), p])

@@ -329,7 +329,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: di
         raise OnnxError(f"{label} cannot be written at ONNX opset {opset}: torch's exporter wrote opset {written} "
                         "(the model needs newer ops)", hint=f"ask for a newer opset (default {DEFAULT_OPSET})")
     by_tag = {p.extra["tag"]: p for p in placements.values() if "tag" in p.extra}
-    _lower_placeholders(model, by_tag, sites)
+    site_records = _lower_placeholders(model, by_tag, sites)
     if dyn:
         _rename_dims(model, dyn)
     layers = []
@@ -344,6 +344,8 @@ def export_graph(gm: fx.GraphModule, example: tuple[tuple, dict], placements: di
         "sparsecomp.layers": json.dumps(layers),
         "sparsecomp.inputs": json.dumps(_input_record(args, kwargs, tagged, dyn)),
     }
+    if site_records:
+        meta["sparsecomp.attention"] = json.dumps(site_records)
     set_metadata(model, meta)
     model.producer_name, model.producer_version = "sparsecomp", sparsecomp.__version__
     return model, {"dynamic": dyn}
@@ -437,14 +439,15 @@ def _site_of(g: onnx.GraphProto, node: onnx.NodeProto, sites: list[attention.Sit
     return sites[i]
 
 
-def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], sites: list[attention.Site] | None = None) -> None:
+def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], sites: list[attention.Site] | None = None) -> list[dict]:
+    """Replace the placeholders by their chosen nodes; returns the attention sites' records (`attention.record`)."""
     g = model.graph
     ours = [node for node in g.node if node.domain == DOMAIN]
     placements = {node.output[0]: _placement_of(g, node, by_tag) for node in ours if node.op_type != "Attention"}
     site_of = {node.output[0]: _site_of(g, node, sites or []) for node in ours if node.op_type == "Attention"}
     leave_t, read_t, changed = chain_orientations(g, placements, site_of)
     lead_of: dict[str, str] = {}  # transposed tensor -> the tensor holding its original leading dims
-    new_nodes, new_inits, dropped = [], [], set()
+    new_nodes, new_inits, dropped, site_records = [], [], set(), []
     for node in g.node:
         if node.domain != DOMAIN:
             new_nodes.append(node)
@@ -458,8 +461,9 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], si
             lead = lead_of[node.input[0]]
             if y_t:
                 lead_of[node.output[0]] = lead
-            attention.emit(e, site, *node.input[:3], node.input[3] if len(node.input) == 5 else None, node.output[0],
-                           lead=lead, y_t=y_t)
+            mask = node.input[3] if len(node.input) == 5 else None
+            attention.emit(e, site, *node.input[:3], mask, node.output[0], lead=lead, y_t=y_t)
+            site_records.append(attention.record(site, e.prefix, node.input[:3], mask, node.output[0], y_t))
             new_nodes.extend(e.nodes)
             new_inits.extend(e.initializers)
             continue
@@ -491,6 +495,7 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], si
     for field_, items in ((g.node, nodes), (g.initializer, inits), (g.value_info, value_info), (model.opset_import, opsets)):
         del field_[:]
         field_.extend(items)
+    return site_records
 
 
 def check(model: onnx.ModelProto, path: str | None = None) -> None:

@@ -5,15 +5,17 @@
 - `save(model, path)`: one `.onnx` file, or, when the tensors pass the protobuf limit (2 GiB),
   `.onnx` + `<name>.onnx.data` (external data) automatically; then the full `onnx.checker` pass
   on the file.
-- `is_export(model)`, `layers(model)`: sparsecomp's metadata (`sparsecomp.layers`: per lowered
-  layer its name, shape, kernel, input / output value names and which initializers hold which
-  arrays).
+- `is_export(model)`, `layers(model)`, `attention_sites(model)`: sparsecomp's metadata
+  (`sparsecomp.layers`: per lowered layer its name, shape, kernel, input / output value names and
+  which initializers hold which arrays; `sparsecomp.attention`: the self-attention sites lowered on
+  transposed heads, `attention.record`).
 - `stored_weights(model)`: each lowered layer's dense `[out, in]` weight rebuilt from its compact
   arrays, so `sparsecomp analyze model.onnx` reports the same density and patterns as the torch model
   (a lowered MLP gives its up / gate / down weights, under the names of its Linears).
 - `dense_equivalent(model)`: the same model with every lowered layer as a plain dense
-  MatMul + Add, and every lowered MLP as the plain dense MLP, no neuron skipped (what a plain
-  export of the pruned model runs): the baseline `bench` times against.
+  MatMul + Add, every lowered MLP as the plain dense MLP, no neuron skipped, and every attention
+  site as plain heads (what a plain export of the pruned model runs): the baseline `bench` times
+  against.
 - `example_feeds(model)`: random inputs shaped like the recorded example inputs.
 """
 
@@ -115,6 +117,17 @@ def _meta(model: onnx.ModelProto) -> dict[str, str]:
 
 def is_export(model: onnx.ModelProto) -> bool:
     return "sparsecomp.layers" in _meta(model)
+
+
+def attention_sites(model: onnx.ModelProto) -> list[dict]:
+    """The attention sites lowered on transposed heads (`attention.record`), [] for none."""
+    raw = _meta(model).get("sparsecomp.attention")
+    if raw is None:
+        return []
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise OnnxError("the model's sparsecomp.attention metadata is damaged", hint="export the model again") from None
 
 
 def layers(model: onnx.ModelProto) -> list[dict]:
@@ -229,7 +242,8 @@ def owns(model: onnx.ModelProto, node_name: str) -> bool:
 
 def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every lowered layer as MatMul(x, W^T) (+ bias), every lowered MLP as the plain
-    dense MLP: a plain dense export."""
+    dense MLP, every attention site on plain q / k / v: a plain dense export."""
+    from . import attention
     from .kernels import Emitter
     from .mlp import plain_dense
 
@@ -239,17 +253,24 @@ def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
                      + [n for r in recs if _is_mlp(r) for n in r["arrays"].values()])
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 20)
     by_layer = {r["layer"]: r for r in recs}
+    sites = {r["prefix"]: r for r in attention_sites(model)}
     g = model.graph
     nodes, inits = [], []
     done = set()
     for node in g.node:
         prefix = node.name.split("/", 1)[0] if "/" in node.name else None
-        if prefix not in by_layer:
+        if prefix not in by_layer and prefix not in sites:
             nodes.append(node)
             continue
         if prefix in done:
             continue
         done.add(prefix)
+        if prefix in sites:  # its q / k / v are plain again: the site from plain inputs
+            e = Emitter(f"{prefix}.plain")
+            attention.emit_plain(e, sites[prefix])
+            nodes += e.nodes
+            inits += e.initializers
+            continue
         r = by_layer[prefix]
         if _is_mlp(r):
             e = Emitter(prefix)
@@ -274,12 +295,23 @@ def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.node.extend(nodes)
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept + inits)
-    used = {i for n in out.graph.node for i in n.input}
+    used = _read_names(out.graph)
     keep = [t for t in out.graph.initializer if t.name in used or t.name in {o.name for o in out.graph.output}]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
     del out.metadata_props[:]
     return out
+
+
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of `graph` reads, its subgraphs' (an If's branches) included."""
+    names = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _read_names(sub)
+    return names
 
 
 _NP = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int64": np.int64, "int32": np.int32,

@@ -19,10 +19,10 @@ HIDDEN, HEADS = 64, 4
 class Attn(nn.Module):
     """One attention block as the zoo's BERT writes it: split heads, SDPA, merge, out-projection."""
 
-    def __init__(self, causal=False, dropout=0.0, odd=False):
+    def __init__(self, causal=False, dropout=0.0, odd=False, share=None, own_sizes=False):
         super().__init__()
         self.q, self.k, self.v, self.o = (nn.Linear(HIDDEN, HIDDEN) for _ in range(4))
-        self.causal, self.dropout, self.odd = causal, dropout, odd
+        self.causal, self.dropout, self.odd, self.share, self.own_sizes = causal, dropout, odd, share, own_sizes
 
     def forward(self, x, mask=None):
         b, s, h = x.shape
@@ -30,10 +30,14 @@ class Attn(nn.Module):
         def split(t):
             if self.odd:  # halves of the sequence as separate items (valid, unusual): heads as usual, other meaning
                 return t.view(2 * b, s // 2, HEADS, h // HEADS).transpose(1, 2)
+            if self.own_sizes:  # sizes read from the projection itself
+                return t.view(t.shape[0], t.shape[1], HEADS, h // HEADS).transpose(1, 2)
             return t.view(b, s, HEADS, h // HEADS).transpose(1, 2)
 
-        ctx = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=mask,
-                                             is_causal=self.causal, dropout_p=self.dropout)
+        q = split(self.q(x))
+        k = q if self.share == "qk" else split(self.k(x))  # shared query-key attention (Reformer)
+        v = k if self.share == "kv" else split(self.v(x))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal, dropout_p=self.dropout)
         return self.o(ctx.transpose(1, 2).reshape(b, s, h)) + x
 
 
@@ -104,6 +108,11 @@ def test_attention_runs_on_transposed_heads(tmp_path):
     # the fully masked item's attention is zeros, as eager's: what remains is o's bias plus the residual
     xb, mb = cases[2]
     assert torch.allclose(run(proto, cases[2])[1], m.o.bias + xb[1], atol=1e-5)
+    # the dense view of the file (`sparsecomp bench model.onnx`'s baseline): plain layers, plain attention
+    dense = files.dense_equivalent(proto)
+    assert ifs(dense) == [] and count(dense.graph, "Softmax") == 1 and count(dense.graph, "Gather") == 0
+    for inputs in cases:
+        assert close(run(dense, inputs), m(*inputs))
 
 
 def test_no_mask_and_a_float_mask(tmp_path):
@@ -136,9 +145,20 @@ def test_a_dense_out_projection_gets_the_context_back_plain(tmp_path):
             assert close(run(proto, inputs, optimize), m(*inputs))
 
 
-@pytest.mark.parametrize("case", ["dense key", "causal", "dropout", "odd split"])
+def test_sizes_read_from_the_projections_are_read_from_their_input(tmp_path):
+    m = model(seed=4, own_sizes=True)
+    x = torch.randn(2, 6, HIDDEN)
+    proto = compiled(m, (x, key_mask([6, 4], 6)), tmp_path).gm.onnx_model
+    assert len(ifs(proto)) == 1
+    for inputs in ((x, key_mask([6, 4], 6)), (x[1:], key_mask([2], 6))):
+        for optimize in (True, False):
+            assert close(run(proto, inputs, optimize), m(*inputs))
+
+
+@pytest.mark.parametrize("case", ["dense key", "causal", "dropout", "odd split", "shared qk", "shared kv"])
 def test_sites_that_must_not_be_fused(case, tmp_path):
-    kw = {"causal": {"causal": True}, "dropout": {"dropout": 0.1}, "odd split": {"odd": True}}.get(case, {})
+    kw = {"causal": {"causal": True}, "dropout": {"dropout": 0.1}, "odd split": {"odd": True},
+          "shared qk": {"share": "qk"}, "shared kv": {"share": "kv"}}.get(case, {})
     sparse = ("q", "v", "o") if case == "dense key" else ("q", "k", "v", "o")
     m = model(sparse=sparse, seed=3, **kw)
     x = torch.randn(2, 6, HIDDEN)
