@@ -444,6 +444,13 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], si
     g = model.graph
     ours = [node for node in g.node if node.domain == DOMAIN]
     placements = {node.output[0]: _placement_of(g, node, by_tag) for node in ours if node.op_type != "Attention"}
+    # A module called more than once (shared weights) is lowered once per call: its later calls are
+    # named `layer#2`, ... so node, initializer and metadata names stay unique (a re-export keeps them).
+    calls: dict[str, int] = {}
+    for p in placements.values():
+        base = p.extra.setdefault("module", p.layer)
+        calls[base] = calls.get(base, 0) + 1
+        p.layer = base if calls[base] == 1 else f"{base}#{calls[base]}"
     site_of = {node.output[0]: _site_of(g, node, sites or []) for node in ours if node.op_type == "Attention"}
     leave_t, read_t, changed = chain_orientations(g, placements, site_of)
     lead_of: dict[str, str] = {}  # transposed tensor -> the tensor holding its original leading dims

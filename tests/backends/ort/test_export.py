@@ -279,3 +279,31 @@ def test_impose_on_a_sparsecomp_export_is_refused(exported, tmp_path, capsys):
     assert len(loaded.imposed) == 2
     densities = [l.density for l in sc.analyze(loaded.onnx).layers]
     assert len(densities) == 2 and all(abs(d - 0.01) < 1e-3 for d in densities), densities
+
+
+class _Twice(nn.Module):
+    """One Linear called twice (shared weights, as ALBERT's layers): lowered once per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.a(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sell4", "bsr16x1"])
+def test_a_module_called_twice_gets_one_lowering_per_call(kernel, tmp_path):
+    torch.manual_seed(0)
+    m = _Twice().eval()
+    patterns.impose(m, "block:16x1:0.9", "a")
+    x = torch.randn(2, 5, 64)
+    cm = sc.compile(m, (x,), backend="ort", kernels=kernel, cache_dir=str(tmp_path / "cache"), max_seconds_per_layer=0.05)
+    proto = cm.gm.onnx_model  # (node and initializer names were duplicated before: onnxruntime refused the model)
+    assert [r["layer"] for r in files.layers(proto)] == ["a", "a#2"]
+    for xb in (x, torch.randn(1, 5, 64), torch.randn(3, 5, 64)):
+        for optimize in (True, False):
+            s = session(proto, optimize=optimize)
+            assert close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: xb.numpy()})[0]), m(xb))
+    s = session(files.dense_equivalent(proto))
+    assert close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]), m(x))
