@@ -5,8 +5,9 @@ shape and at another batch / sequence length.
 Models run at test size (their layers repeat, so depth and width add time, not coverage); every
 Linear is imposed 90% unstructured and the sparse layers are forced onto the sparse lowerings
 (`kernels=`), so the ONNX decompositions themselves are what is checked, on every model's real
-graph (attention, convolutions as 1x1 sparse_linear, embeddings, norms). minilm needs the `hf`
-extra and is skipped cleanly without it.
+graph (attention, convolutions as 1x1 sparse_linear, embeddings, norms). The transformers run
+again with 16x1 blocks on block kernels, where the bidirectional ones' attention runs on the block
+layers' transposed outputs. minilm needs the `hf` extra and is skipped cleanly without it.
 """
 
 import pytest
@@ -48,7 +49,12 @@ def test_zoo_model_matches_eager_in_onnxruntime(name, tmp_path):
     assert cm.report.verify["ok"], cm.report.verify
     if name != "resnet18-like":  # its 1x1 convs have stride 2 and its head < 16 classes: nothing to lower
         assert any(r["decision"] == "sparse" for r in cm.report.rows)
-    module = cm.gm
+    _assert_matches_eager(name, model, example, cm.gm)
+
+
+def _assert_matches_eager(name, model, example, module):
+    """The compiled module's sessions (optimized, ORT_DISABLE_ALL) against eager, at the example
+    shape and at another batch / sequence length."""
     sessions = {"optimized": module.session, "ORT_DISABLE_ALL": session(module.onnx_model, optimize=False)}
     for args, kwargs in (normalize_inputs(example), other_shape(example)):
         with torch.no_grad():
@@ -62,3 +68,23 @@ def test_zoo_model_matches_eager_in_onnxruntime(name, tmp_path):
                 assert out.shape == ref.shape, (label, out.shape, ref.shape)
                 err = float((out - ref).abs().max())
                 assert err <= 1e-4 * float(ref.abs().max()), (name, label, tuple(ref.shape), err)
+
+
+FUSED = {"bert-tiny": True, "bert-base": True, "minilm": True,  # bidirectional self-attention
+         "opt-125m-like": False, "llama-tiny": False,  # causal: the exporter's attention
+         "vit-tiny": False}  # q, k and v from one fused Linear
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_zoo_attention_with_block_weights(name, tmp_path):
+    """16x1 blocks on every Linear, block kernels forced: where the attention's q / k / v run them,
+    the attention runs on their transposed outputs (backends/ort/attention.py); eager's outputs either way."""
+    try:
+        model, example = models.get(name, **SMALL[name])
+    except models.MissingExtraError as err:
+        pytest.skip(str(err))
+    sc.impose(model, "block:16x1:0.9")
+    cm = sc.compile(model, example, backend="ort", kernels="bsr16x1", cache_dir=str(tmp_path), max_seconds_per_layer=0.02, name=name)
+    sites = sum(n.op_type == "If" for n in cm.gm.onnx_model.graph.node)
+    assert sites == (SMALL[name]["layers"] if FUSED[name] else 0), sites
+    _assert_matches_eager(name, model, example, cm.gm)
