@@ -251,7 +251,10 @@ def emit(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, mask: str | None,
         e.initializers.extend(b.initializers)
         branches[name] = helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(res, TensorProto.FLOAT, None)])
     batch = e.node("Slice", [lead, e.ints("first", [0]), e.ints("one", [1])])
-    e.node("If", [e.node("Equal", [batch, e.ints("batch_one", [1])])], out=out, **branches)
+    ctx = e.node("If", [e.node("Equal", [batch, e.ints("batch_one", [1])])], **branches)
+    h, d = site.heads, site.head_dim
+    shape = e.ints("ctx_rows", [h * d, -1]) if y_t else e.node("Concat", [lead, e.ints("hidden", [h * d])], axis=0)
+    e.node("Reshape", [ctx, shape], out=out)
 
 
 def _core(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, m: str | None, *, lead: str, y_t: bool, batched: bool) -> str:
@@ -276,15 +279,11 @@ def _core(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, m: str | None, *
         scores = e.node("Add", [scores, m])
     p = _softmax(e, scores)
     ctx = e.node("MatMul", [vh, e.node("Transpose", [p], perm=swap)])  # [H, (B,) D, S]
+    # (the branches differ in rank; `emit` reshapes either after the If: a Reshape as a branch's
+    # last node would cost a copy of the context out of the subgraph, ~25 us at bert-base's size)
     if y_t:
-        if batched:
-            ctx = e.node("Transpose", [ctx], perm=[0, 2, 1, 3])  # [H, D, B, S]
-        return e.node("Reshape", [ctx, e.ints("ctx_rows", [h * d, -1])])
-    if batched:
-        ctx = e.node("Transpose", [ctx], perm=[1, 3, 0, 2])  # [B, S, H, D]
-    else:
-        ctx = e.node("Transpose", [ctx], perm=[2, 0, 1])  # [S, H, D]
-    return e.node("Reshape", [ctx, e.node("Concat", [lead, e.ints("hidden", [h * d])], axis=0)])
+        return e.node("Transpose", [ctx], perm=[0, 2, 1, 3]) if batched else ctx  # [H, D, (B,) S]
+    return e.node("Transpose", [ctx], perm=[1, 3, 0, 2] if batched else [2, 0, 1])  # [(B,) S, H, D]
 
 
 def record(site: Site, prefix: str, qkv, mask: str | None, out: str, y_t: bool) -> dict:

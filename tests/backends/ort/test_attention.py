@@ -131,6 +131,12 @@ def test_no_mask_and_a_float_mask(tmp_path):
     for optimize in (True, False):
         assert close(run(proto, (x, additive), optimize), m(x, additive))
         assert close(run(proto, (x[:1], additive[:1]), optimize), m(x[:1], additive[:1]))
+    square = additive[0, 0]  # [S, S]: broadcast over batch and heads
+    proto = compiled(m, (x, square), tmp_path / "s").gm.onnx_model
+    assert len(ifs(proto)) == 1
+    for model_ in (proto, files.dense_equivalent(proto)):
+        for xb in (x, x[:1]):
+            assert close(run(model_, (xb, square)), m(xb, square))
 
 
 def test_a_dense_out_projection_gets_the_context_back_plain(tmp_path):
