@@ -43,7 +43,7 @@ from .runner import session, threads
 
 __all__ = ["CANDIDATE_SET_VERSION", "LinearChoice", "choose_linear", "decide_layers", "layer_model", "run_candidate", "time_candidates"]
 
-CANDIDATE_SET_VERSION = 1  # bump when kernels change: old cached decisions no longer apply
+CANDIDATE_SET_VERSION = 2  # bump when kernels or their timing change: old cached decisions no longer apply (2: candidates timed spinning within a run)
 SHORTLIST = 2  # sparse kernels kept for later layers of the same shape, M and density
 SPARSE_MARGIN = 1.05  # a sparse lowering must beat dense by 5% (timing noise must not flip a layer)
 
@@ -87,7 +87,7 @@ def run_candidate(cand: K.Candidate, x: torch.Tensor, reference: torch.Tensor, o
     """(callable, why): a session running the candidate (`copies` times per call), checked on the
     layer's real input."""
     try:
-        sess = session(layer_model(cand, list(x.shape), opset, copies), spinning=False)  # timed side by side
+        sess = session(layer_model(cand, list(x.shape), opset, copies), spinning="run")  # timed side by side
         feed = {"x": x.numpy()}
         out = torch.from_numpy(sess.run(["y"], feed)[0])
     except Exception as err:  # noqa: BLE001 - a candidate that cannot run this shape is dropped, with the reason

@@ -7,10 +7,14 @@ a library, because once it exists onnxruntime refuses every session that asks fo
 which is what a user's plain `InferenceSession(path)` does (measured: it broke every other
 onnxruntime user in the process). So:
 
-- the short-lived one-layer sessions timed at compile time run with spinning off
-  (`session.intra_op.allow_spinning = 0`): idle pools sleep instead of spin-waiting, so the
-  candidates timed round-robin do not fight each other (DESIGN.md section 3); the compiled model's
-  session keeps onnxruntime's default (spinning: lower latency per call);
+- the short-lived one-layer sessions timed at compile time spin only within a run
+  (`session.force_spinning_stop = 1`): their workers spin-wait between the nodes of a call, as
+  the compiled model's do, and park when the call ends, so the candidates timed round-robin do not
+  fight each other (DESIGN.md section 3). With spinning off altogether (how they ran before),
+  lowerings of many nodes paid each node's wake-up and looked up to 20% slower than they run in
+  the model (a 16x1 768 x 768 layer at 128 tokens: 380 us timed, 310 us spinning within the run);
+  left spinning, sessions timed side by side starve each other (one measured 1568 against 887 us).
+  The compiled model's session keeps onnxruntime's default (spinning: lower latency per call);
 - `use_global_thread_pool()` opts the whole process into one shared pool (what a process with
   several models alive at once wants, e.g. `benchmarks/bench_onnx.py`); a global pool created by
   someone else is detected and used too. Its size is fixed when it is created; `pool_note()` says
@@ -141,12 +145,12 @@ def fusion_note(model) -> str | None:
             "you open yourself keeps it unless you pass InferenceSession(..., disabled_optimizers=['SkipLayerNormFusion'])")
 
 
-def session(model: Any, *, optimize: bool = True, spinning: bool = True, disabled_optimizers: list[str] | None = None):
+def session(model: Any, *, optimize: bool = True, spinning: bool | str = True, disabled_optimizers: list[str] | None = None):
     """An InferenceSession on the CPU provider (model: ModelProto, bytes or path).
 
     `optimize=False` is ORT_DISABLE_ALL (no constant folding, no fusions): the tests run every
     export both ways, since folding is what turns the narrow stored indices into int32 once.
-    `spinning=False` lets the pool's idle workers sleep (sessions that are timed side by side).
+    `spinning="run"` spins only within a call (sessions timed side by side), `spinning=False` never.
     Fusions measured slower here are left off (`fusion_choice`) unless `disabled_optimizers` names
     the ones to leave off (`[]`: onnxruntime's defaults, as a plain InferenceSession has them).
     """
@@ -158,8 +162,12 @@ def session(model: Any, *, optimize: bool = True, spinning: bool = True, disable
             so.use_per_session_threads = False
         else:
             so.intra_op_num_threads, so.inter_op_num_threads = threads(), 1
-            if not spinning:
+            if spinning not in (True, False, "run"):
+                raise ValueError(f"spinning={spinning!r}: True, False or 'run'")
+            if spinning is False:
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            elif spinning == "run":
+                so.add_session_config_entry("session.force_spinning_stop", "1")
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         so.log_severity_level = 3
