@@ -68,7 +68,7 @@ from .runner import threads
 
 __all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "part_records", "plain_dense", "pruned_candidate"]
 
-CANDIDATE_SET_VERSION = 3  # bump when the candidates change: cached decisions no longer apply
+CANDIDATE_SET_VERSION = 4  # bump when the candidates or their timing change: cached decisions no longer apply (4: timed spinning within a run)
 # Up to this many rows per call (at the example inputs) the selected neurons are laid out [M, nact]:
 # the down Gemm then takes onnxruntime's GEMV path at M = 1 (MLAS has one for an untransposed A
 # only; measured 20 us instead of 72 us for 300 neurons -> 768 at M = 1), and the element-wise
