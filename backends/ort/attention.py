@@ -15,17 +15,19 @@ by one placeholder, `sparsecomp::ort_attention(q, k, v, mask, tag, heads, scale)
 `sparsecomp.placeholder::Attention`), and `emit` lowers it from q^T, k^T, v^T `[H*D, B*S]` as the
 block layers leave them:
 
-    [H*D, B*S] -> Reshape [H, D, B, S] -> Transpose [H, B, D, S]     (Q^T, K^T, V^T per head; a copy
-                                                                      when B = 1)
+    If B == 1:  [H*D, S] -> Reshape [H, D, S]                        (Q^T, K^T, V^T per head: views)
+    else:       [H*D, B*S] -> Reshape [H, D, B, S] -> Transpose [H, B, D, S]
     scores = MatMul(Transpose(Q^T), K^T) * scale [+ mask]            (onnxruntime fuses the
     P = Softmax(scores); P = Where(IsNaN(P), 0, P)                    Transposes into FusedMatMul's
-    ctx^T = MatMul(V^T, Transpose(P))            [H, B, D, S]          transA / transB)
+    ctx^T = MatMul(V^T, Transpose(P))            [H, (B,) D, S]        transA / transB)
     -> [H*D, B*S] for a block-format out-projection (it reads x^T), else [B, S, H*D]
 
 The semantics are torch's SDPA (the exporter's own translation, guard included: a row whose scores
 are all masked gives zeros, as eager does). Sites that do not match exactly (causal, dropout,
-grouped-query heads, another dtype, other users of the intermediate tensors) keep the exporter's
-translation. Only standard ONNX is written: with ORT_DISABLE_ALL the Transposes run as nodes.
+grouped-query heads, shared projections, another dtype, other users of the intermediate tensors)
+keep the exporter's translation. Only standard ONNX is written: with ORT_DISABLE_ALL the
+Transposes run as nodes. Each site is recorded in the model's metadata (`record`, key
+`sparsecomp.attention`), so the file's dense view can write it again on plain heads (`emit_plain`).
 """
 
 from __future__ import annotations
