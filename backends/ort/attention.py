@@ -234,28 +234,34 @@ def fuse_sites(gm: fx.GraphModule, chains: dict[str, bool]) -> list[Site]:
     return sites
 
 
-def emit(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, mask: str | None, out: str, *, lead: str, y_t: bool) -> None:
+def emit(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, mask: str | None, out: str, *, lead: str, y_t: bool,
+         batch: int | None = None) -> None:
     """The site's ONNX from q^T, k^T, v^T `[H*D, B*S]`; `lead` holds [B, S]. Output ctx^T
     `[H*D, B*S]` when `y_t` (a block-format out-projection reads it), else ctx `[B, S, H*D]`.
 
     Batch 1 (the common deployment case) runs on `[H, D, S]` views with no Transpose node at all;
     a larger batch needs the batch axis moved next to the heads, 4 copies more (~30 us each at
-    bert-base's 128 tokens), so the two are the branches of an `If` on B == 1."""
+    bert-base's 128 tokens), so the two are the branches of an `If` on B == 1 (~50 us of its own
+    per call), or, where the export fixes the batch size (`batch`, static shapes), just the one."""
     m = None
     if mask is not None:
         m = _additive(e, mask, site.mask)
         if site.mask_rank < 4:
             m = e.node("Unsqueeze", [m, e.ints("mask_axes", list(range(4 - site.mask_rank)))])
+    h, d = site.heads, site.head_dim
+    shape = e.ints("ctx_rows", [h * d, -1]) if y_t else e.node("Concat", [lead, e.ints("hidden", [h * d])], axis=0)
+    if batch is not None:  # static: the one branch that applies, inline
+        ctx = _core(e, site, q_t, k_t, v_t, m, lead=lead, y_t=y_t, batched=batch != 1)
+        e.node("Reshape", [ctx, shape], out=out)
+        return
     branches = {}
     for name, batched in (("then_branch", False), ("else_branch", True)):
         b = Emitter(f"{e.prefix}/{'batch' if batched else 'batch1'}")
         res = _core(b, site, q_t, k_t, v_t, m, lead=lead, y_t=y_t, batched=batched)
         e.initializers.extend(b.initializers)
         branches[name] = helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(res, TensorProto.FLOAT, None)])
-    batch = e.node("Slice", [lead, e.ints("first", [0]), e.ints("one", [1])])
-    ctx = e.node("If", [e.node("Equal", [batch, e.ints("batch_one", [1])])], **branches)
-    h, d = site.heads, site.head_dim
-    shape = e.ints("ctx_rows", [h * d, -1]) if y_t else e.node("Concat", [lead, e.ints("hidden", [h * d])], axis=0)
+    b = e.node("Slice", [lead, e.ints("first", [0]), e.ints("one", [1])])
+    ctx = e.node("If", [e.node("Equal", [b, e.ints("batch_one", [1])])], **branches)
     e.node("Reshape", [ctx, shape], out=out)
 
 

@@ -430,6 +430,15 @@ def chain_orientations(g: onnx.GraphProto, placements: dict[str, Placement],
     return leave_t, read_t, changed
 
 
+def _static_dim(g: onnx.GraphProto, name: str | None, axis: int) -> int | None:
+    """The size of `name`'s dim `axis` where the exported graph fixes it (static shapes), else None."""
+    for vi in [*g.input, *g.value_info]:
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            return dims[axis].dim_value if len(dims) > axis and dims[axis].HasField("dim_value") else None
+    return None
+
+
 def _site_of(g: onnx.GraphProto, node: onnx.NodeProto, sites: list[attention.Site]) -> attention.Site:
     tag = _tensor_value(g, node.input[-1])
     i = int(tag.reshape(-1)[0]) - attention.TAG_BASE if tag is not None and tag.size else -1
@@ -452,6 +461,7 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], si
         calls[base] = calls.get(base, 0) + 1
         p.layer = base if calls[base] == 1 else f"{base}#{calls[base]}"
     site_of = {node.output[0]: _site_of(g, node, sites or []) for node in ours if node.op_type == "Attention"}
+    x_of = {node.output[0]: node.input[0] for node in ours}
     leave_t, read_t, changed = chain_orientations(g, placements, site_of)
     lead_of: dict[str, str] = {}  # transposed tensor -> the tensor holding its original leading dims
     new_nodes, new_inits, dropped, site_records = [], [], set(), []
@@ -469,7 +479,8 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], si
             if y_t:
                 lead_of[node.output[0]] = lead
             mask = node.input[3] if len(node.input) == 5 else None
-            attention.emit(e, site, *node.input[:3], mask, node.output[0], lead=lead, y_t=y_t)
+            batch = _static_dim(g, x_of[node.input[0]], 0)  # the q projection's input [B, S, F]
+            attention.emit(e, site, *node.input[:3], mask, node.output[0], lead=lead, y_t=y_t, batch=batch)
             site_records.append(attention.record(site, e.prefix, node.input[:3], mask, node.output[0], y_t))
             new_nodes.extend(e.nodes)
             new_inits.extend(e.initializers)

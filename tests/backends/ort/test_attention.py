@@ -223,3 +223,19 @@ def test_transformers_attention_is_fused_too(tmp_path):
             s = session(proto, optimize=optimize)
             out = s.run(None, {i.name: batch[i.name].numpy() for i in s.get_inputs()})[0]
             assert close(torch.from_numpy(out), ref)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_shapes_need_no_if(batch, tmp_path):
+    """With the batch size fixed by the export (dynamic_axes=None), only the branch that applies is written."""
+    import onnx
+
+    m = model(seed=5)
+    x, mask = torch.randn(batch, 7, HIDDEN), key_mask([7, 3][:batch], 7)
+    cm = compiled(m, (x, mask), tmp_path)
+    info = sc.export_onnx(cm, (x, mask), tmp_path / "static.onnx", dynamic_axes=None)
+    proto = onnx.load(info["path"])
+    assert ifs(proto) == [] and count(proto.graph, "Softmax") == 1
+    assert count(proto.graph, "Transpose") == 4 + (2 if batch == 1 else 7)  # the layers' own + the one branch's
+    for optimize in (True, False):
+        assert close(run(proto, (x, mask), optimize), m(x, mask))
