@@ -14,7 +14,8 @@ two layers, and the weights are never serialised by the exporter at all; the oth
 arguments are passed as None (the lowering adds its own). A sparse_mlp node with no placement (its
 weights are not constants) is exported as its reference implementation, with a note.
 
-Steps: (1) a shallow copy of the graph with tags instead of weights; (2) `torch.export` with the
+Steps: (1) a shallow copy of the graph with tags instead of weights, each self-attention over
+block-format projections one placeholder too (`attention.fuse_sites`); (2) `torch.export` with the
 batch / sequence dims recorded dynamic at capture (size-1 dims traced at size 2, as capture does);
 (3) sparsecomp ops with no ONNX lowering are decomposed into their reference implementation (a
 dense fallback, reported); (4) `torch.onnx.export(..., dynamo=True)`; (5) placeholders replaced
