@@ -78,11 +78,8 @@ ATTENTION = "sparsecomp.ort_attention.default"
 
 @dataclass
 class Site:
-    """One fused attention: its projections (FX node names, keys of the placements) and shape."""
+    """One fused attention's shape: what its lowering needs besides its input tensors."""
 
-    q: str
-    k: str
-    v: str
     heads: int
     head_dim: int
     scale: float  # as applied to the scores (torch's default 1/sqrt(head_dim) made explicit)
@@ -127,7 +124,7 @@ def _head_input(node, chains: dict[str, bool]) -> tuple[fx.Node, int, int] | Non
     if pv is None or vv is None or pv.dim() != 3 or vv.dim() != 4 or pv.dtype != torch.float32:
         return None
     heads, dim = _ints(vv.shape[2:])
-    if heads is None or not _same_dims(vv, pv, 2) or _ints(pv.shape[2:]) != (heads * dim,):
+    if None in (heads, dim) or not _same_dims(vv, pv, 2) or _ints(pv.shape[2:]) != (heads * dim,):
         return None  # not the split of the last dim into [heads, dim] (e.g. a view(b, heads, s, dim))
     return proj, heads, dim
 
@@ -153,30 +150,43 @@ def _sdpa_args(node: fx.Node) -> dict:
     return dict(zip(names, node.args)) | dict(node.kwargs)
 
 
-def _site(node: fx.Node, chains: dict[str, bool]) -> tuple[Site, list[fx.Node], fx.Node | None] | None:
-    """(site, the merge's nodes in order, its mask node) if `node` is an SDPA to fuse, else None."""
+@dataclass
+class _Match:
+    """An SDPA node to fuse and the nodes around it that the fusion replaces."""
+
+    site: Site
+    projections: list[fx.Node]  # q, k, v: the sparse_linear nodes, kept
+    splits: list[fx.Node]  # transpose(view(projection)) of each, erased with their views
+    merge: list[fx.Node]  # the context's way to [B, S, H*D], in order; its last node is what the graph reads
+    mask: fx.Node | None
+
+
+def _site(node: fx.Node, chains: dict[str, bool]) -> _Match | None:
+    """The match if `node` is an SDPA to fuse, else None."""
     a = _sdpa_args(node)
     if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
         return None
-    if len({id(a[n]) for n in ("query", "key", "value")}) != 3:
+    splits = [a[n] for n in ("query", "key", "value")]
+    if len({id(t) for t in splits}) != 3:
         return None  # one split read as two of q / k / v (shared QK, k = v): not three projections
-    heads = [_head_input(a[n], chains) for n in ("query", "key", "value")]
+    heads = [_head_input(t, chains) for t in splits]
     if any(h is None for h in heads):
         return None
     (q, hq, dq), (k, hk, dk), (v, hv, dv) = heads
     if not (hq == hk == hv and dq == dk == dv) or not (q.args[0] is k.args[0] is v.args[0]):
         return None  # one input x (self-attention) and one head shape
     mask = a.get("attn_mask")
-    kind = None
+    kind, rank = None, 0
     if mask is not None:
         mv = _val(mask)
         if not isinstance(mask, fx.Node) or mv is None or mv.dim() < 2 or mv.dim() > 4 or mv.dtype not in (torch.bool, torch.float32):
             return None
-        kind = "bool" if mv.dtype == torch.bool else "float"
+        kind, rank = "bool" if mv.dtype == torch.bool else "float", mv.dim()
     # the merge: transpose(1, 2) -> reshape [B, S, H*D], read by anything; as transformers writes
     # it, also a reshape to the same shape before the transpose and a contiguous() copy after it
     merge = []
-    t, tv, sv = _only_user(node), _val(_only_user(node)), _val(node)
+    t = _only_user(node)
+    tv, sv = _val(t), _val(node)
     if t is not None and str(t.target) in _VIEWS and tv is not None and sv is not None and tv.dim() == 4 and _same_dims(tv, sv, 4):
         merge.append(t)
         t = _only_user(t)
@@ -194,8 +204,7 @@ def _site(node: fx.Node, chains: dict[str, bool]) -> tuple[Site, list[fx.Node], 
     merge.append(r)
     scale = a.get("scale")
     scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(dq))
-    site = Site(q.name, k.name, v.name, hq, dq, scale, kind, _val(mask).dim() if kind else 0)
-    return site, merge, mask if kind else None
+    return _Match(Site(hq, dq, scale, kind, rank), [q, k, v], splits, merge, mask)
 
 
 def fuse_sites(gm: fx.GraphModule, chains: dict[str, bool]) -> list[Site]:
@@ -209,28 +218,23 @@ def fuse_sites(gm: fx.GraphModule, chains: dict[str, bool]) -> list[Site]:
     for node in list(graph.nodes):
         if node.op != "call_function" or str(node.target) != "aten.scaled_dot_product_attention.default":
             continue
-        found = _site(node, chains)
-        if found is None:
+        m = _site(node, chains)
+        if m is None:
             continue
-        site, merge, mask = found
-        end = merge[-1]  # the reshape to [B, S, H*D]: what the rest of the graph reads
-        i = len(sites)
-        attr = f"_sparsecomp_attention_tag_{i}"
-        gm.register_buffer(attr, torch.full((1,), float(TAG_BASE + i)))
-        splits = [_sdpa_args(node)[n] for n in ("query", "key", "value")]  # transpose(view(projection))
-        q, k, v = (t.args[0].args[0] for t in splits)
+        end = m.merge[-1]  # the reshape to [B, S, H*D]: what the rest of the graph reads
+        attr = f"_sparsecomp_attention_tag_{len(sites)}"
+        gm.register_buffer(attr, torch.full((1,), float(TAG_BASE + len(sites))))
         with graph.inserting_before(end):
             tag = graph.get_attr(attr)
-            fused = graph.call_function(ort_attention.default, (q, k, v, mask, tag, site.heads, site.scale))
+            fused = graph.call_function(ort_attention.default, (*m.projections, m.mask, tag, m.site.heads, m.site.scale))
         end.replace_all_uses_with(fused)
-        for proj in (q, k, v):  # leading sizes read from a projection: the same from its input
+        for proj in m.projections:  # leading sizes read from a projection: the same from its input
             for u in [u for u in proj.users if _leading_size(u)]:
                 u.replace_input_with(proj, proj.args[0])
         # users before what they read, so each has none left when erased; the projections stay
-        dead = [*reversed(merge), node, *splits, *(t.args[0] for t in splits)]
-        for d in dead:
+        for d in [*reversed(m.merge), node, *m.splits, *(t.args[0] for t in m.splits)]:
             graph.erase_node(d)
-        sites.append(site)
+        sites.append(m.site)
     return sites
 
 

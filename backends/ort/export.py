@@ -372,10 +372,11 @@ def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
         model.metadata_props.add(key=k, value=v)
 
 
-def _placement_of(g: onnx.GraphProto, node: onnx.NodeProto, by_tag: dict[int, Placement]) -> Placement:
-    tag = _tensor_value(g, node.input[1])
+def _tagged(g: onnx.GraphProto, node: onnx.NodeProto, by_tag: dict):
+    """What a placeholder stands for (a layer's Placement, an attention Site), by its tag: its last input."""
+    tag = _tensor_value(g, node.input[-1])
     if tag is None or tag.size == 0 or int(tag.reshape(-1)[0]) not in by_tag:
-        raise OnnxError(f"internal: cannot identify the sparse layer of placeholder {node.name}",
+        raise OnnxError(f"internal: cannot identify the sparse layer or attention of placeholder {node.name}",
                         hint="please report it (--debug shows the trace)")
     return by_tag[int(tag.reshape(-1)[0])]
 
@@ -440,20 +441,11 @@ def _static_dim(g: onnx.GraphProto, name: str | None, axis: int) -> int | None:
     return None
 
 
-def _site_of(g: onnx.GraphProto, node: onnx.NodeProto, sites: list[attention.Site]) -> attention.Site:
-    tag = _tensor_value(g, node.input[-1])
-    i = int(tag.reshape(-1)[0]) - attention.TAG_BASE if tag is not None and tag.size else -1
-    if not 0 <= i < len(sites):
-        raise OnnxError(f"internal: cannot identify the attention site of placeholder {node.name}",
-                        hint="please report it (--debug shows the trace)")
-    return sites[i]
-
-
 def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], sites: list[attention.Site] | None = None) -> list[dict]:
     """Replace the placeholders by their chosen nodes; returns the attention sites' records (`attention.record`)."""
     g = model.graph
     ours = [node for node in g.node if node.domain == DOMAIN]
-    placements = {node.output[0]: _placement_of(g, node, by_tag) for node in ours if node.op_type != "Attention"}
+    placements = {node.output[0]: _tagged(g, node, by_tag) for node in ours if node.op_type != "Attention"}
     # A module called more than once (shared weights) is lowered once per call: its later calls are
     # named `layer#2`, ... so node, initializer and metadata names stay unique (a re-export keeps them).
     calls: dict[str, int] = {}
@@ -461,7 +453,8 @@ def _lower_placeholders(model: onnx.ModelProto, by_tag: dict[int, Placement], si
         base = p.extra.setdefault("module", p.layer)
         calls[base] = calls.get(base, 0) + 1
         p.layer = base if calls[base] == 1 else f"{base}#{calls[base]}"
-    site_of = {node.output[0]: _site_of(g, node, sites or []) for node in ours if node.op_type == "Attention"}
+    sites_by_tag = {attention.TAG_BASE + i: site for i, site in enumerate(sites or [])}
+    site_of = {node.output[0]: _tagged(g, node, sites_by_tag) for node in ours if node.op_type == "Attention"}
     x_of = {node.output[0]: node.input[0] for node in ours}
     leave_t, read_t, changed = chain_orientations(g, placements, site_of)
     lead_of: dict[str, str] = {}  # transposed tensor -> the tensor holding its original leading dims

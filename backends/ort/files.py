@@ -119,27 +119,26 @@ def is_export(model: onnx.ModelProto) -> bool:
     return "sparsecomp.layers" in _meta(model)
 
 
-def attention_sites(model: onnx.ModelProto) -> list[dict]:
-    """The attention sites lowered on transposed heads (`attention.record`), [] for none."""
-    raw = _meta(model).get("sparsecomp.attention")
-    if raw is None:
-        return []
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        raise OnnxError("the model's sparsecomp.attention metadata is damaged", hint="export the model again") from None
-
-
-def layers(model: onnx.ModelProto) -> list[dict]:
-    raw = _meta(model).get("sparsecomp.layers")
+def _records(model: onnx.ModelProto, key: str, fields: tuple[str, ...]) -> list[dict]:
+    """The JSON list of records under metadata `key` ([] when absent), each with `fields`."""
+    raw = _meta(model).get(key)
     if raw is None:
         return []
     try:
         data = json.loads(raw)
-        assert isinstance(data, list) and all(isinstance(d, dict) and "layer" in d and "arrays" in d for d in data)
+        assert isinstance(data, list) and all(isinstance(d, dict) and all(f in d for f in fields) for d in data)
     except (ValueError, AssertionError):
-        raise OnnxError("the model's sparsecomp.layers metadata is damaged", hint="export the model again") from None
+        raise OnnxError(f"the model's {key} metadata is damaged", hint="export the model again") from None
     return data
+
+
+def attention_sites(model: onnx.ModelProto) -> list[dict]:
+    """The attention sites lowered on transposed heads (`attention.record`), [] for none."""
+    return _records(model, "sparsecomp.attention", ("prefix", "q", "k", "v", "output"))
+
+
+def layers(model: onnx.ModelProto) -> list[dict]:
+    return _records(model, "sparsecomp.layers", ("layer", "arrays"))
 
 
 def _arrays(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:

@@ -16,17 +16,12 @@ from sparsecomp import patterns
 from sparsecomp.api import CompiledModel
 from sparsecomp.errors import OnnxError, SparsecompError
 from sparsecomp.ir import compare_outputs
+from nets import three_linears  # tests/_shared: the model both backends' tests use
 from sparsecomp.ops import define_op
 
 
 def net(seed=0):
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(96, 160), nn.ReLU(), nn.Linear(160, 96), nn.ReLU(), nn.Linear(96, 24)).eval()
-    patterns.impose(m, "unstructured:0.9", "0")
-    patterns.impose(m, "block:16x1:0.9", "2")
-    with torch.no_grad():
-        m[0].weight[5].zero_()  # an all-zero row
-    return m
+    return three_linears("block:16x1:0.9", seed)
 
 
 def ops(cm):
