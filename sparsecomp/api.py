@@ -296,7 +296,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     """Compile `model` for `backend`; the result computes the same outputs, faster where sparsity pays.
 
     Stages (each a small function below): optional one-shot sparsification of a copy of the model
-    (`sparsify=`, lossy, only when asked) -> capture -> the pass pipeline (default: analysis,
+    (`sparsify=`, or the sparsify passes `pipeline=` starts with; lossy, only when asked) -> capture -> the pass pipeline (default: analysis,
     `sparse-linear`, and the activation-sparsity rewrite when asked) -> the backend's lowering, which
     chooses every layer's format/kernel by measuring the candidates on its real weights and input
     shape (bounded by `max_seconds_per_layer`, cached in `cache_dir`, default `$SPARSECOMP_CACHE_DIR`)
@@ -319,17 +319,14 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     from sparsecomp.ir import compare_outputs, output_cosine, run_graph
 
     label = name or type(model).__name__
+    plan = _plan(pipeline, sparsify, activation_sparsity)  # a typo fails here, before any slow work
     batches = _check_calibration(calibration, label) if calibration is not None else None
-    lossy: list[str] = []
-    if sparsify is not None:
-        model, what = _apply_sparsify(model, sparsify, batches, label)
-        lossy.append(what)
-    act_passes, act_lossy = _activation_pipeline(activation_sparsity)
-    if act_lossy:
-        lossy.append(act_lossy)
-    # MLP regions are fused first, so their up/down Linears are not also taken by sparse-linear.
-    pipeline = pipeline or ",".join(["analyze-weights", *act_passes, "sparse-linear"])
-    pm = PassManager(pipeline)
+    pruned: list[str] = []
+    for cfg in plan.sparsify:
+        model, what = _apply_sparsify(model, cfg, batches, label)
+        pruned.append(what)
+    lossy = [*pruned, *plan.graph_lossy]
+    pm = PassManager(plan.graph)
     example = normalize_inputs(example_inputs)
     # Compiled models are for inference; the reference and the fallback to the original model run
     # it too, so it stays in eval mode (capture alone would leave it as it was).
@@ -340,7 +337,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     ctx = PassContext.create(example_inputs, batches or [], model_name=label)
     pm.run(gm, ctx)
     # The reference: eager (lossless) or the rewritten graph on the reference ops (after lossy passes).
-    reference = run_graph(gm, example) if act_lossy else run_graph(model, example)
+    reference = run_graph(gm, example) if plan.graph_lossy else run_graph(model, example)
 
     backend_mod = _backend(backend)
     cache = DecisionCache(backend, Path(cache_dir) if cache_dir else None)
@@ -356,7 +353,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
         if only is not None and not only.hits:  # no name matched any candidate: the cause is kernels= itself
             raise type(err)(f"kernels={kernels!r}: no name matched a candidate kernel ({err.message})", hint=KERNELS_HINT) from None
         raise
-    report = CompileReport(label, backend, str(pm.pipeline), cache=dict(cache.stats))
+    report = CompileReport(label, backend, plan.text, cache=dict(cache.stats))
     report.notes.extend(lowered.notes)
     if only is not None and only.unmatched() and lowered.decisions:
         report.notes.append(f"kernels=: {', '.join(map(repr, only.unmatched()))} matched no candidate kernel of any layer "
@@ -383,8 +380,8 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
         out = run_graph(lowered.module, example)
         ok, err, allowed = compare_outputs(out, reference)
         report.verify = {"ok": ok, "max_abs_error": err, "allowed": allowed,
-                         "reference": "rewritten graph on reference ops" if act_lossy else "eager"}
-        if not ok and act_lossy:
+                         "reference": "rewritten graph on reference ops" if plan.graph_lossy else "eager"}
+        if not ok and plan.graph_lossy:
             # With thresholds, a kernel's last-bit rounding in one layer can flip a neuron sitting at
             # its threshold in a later one, so elementwise 1e-4 is the wrong test for the whole model.
             # Every kernel was already checked against the reference op on its real input; the whole
@@ -401,10 +398,16 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
                                          reason=f"fallback: compiled model disagreed with the reference (error {err:.3g} > {allowed:.3g})")
                                     for r in report.rows]
             fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed}
-            fallback.report.notes.extend(n for n in report.notes if n.startswith("lossy"))
+            fallback.report.notes.extend(f"lossy (asked for): {what}" for what in pruned)
+            fallback.report.notes.extend(f"not applied (the fallback runs the model without it): {what}" for what in plan.graph_lossy)
             fallback.report.notes.append("verification failed with sparse kernels; every layer fell back to dense")
             return fallback
-    return _choose_end_to_end(model, lowered.module, report, backend, example)
+    cm = _choose_end_to_end(model, lowered.module, report, backend, example,
+                            "the pruned model, uncompiled" if pruned else "the original model")
+    if report.end_to_end.get("runs") == "eager":  # the graph's lossy steps do not run either
+        report.notes = [f"not applied (calls go to the model without it): {n.removeprefix('lossy (asked for): ')}"
+                        if n.removeprefix("lossy (asked for): ") in plan.graph_lossy else n for n in report.notes]
+    return cm
 
 
 def _backend(name: str):
@@ -455,23 +458,82 @@ def _apply_sparsify(model, spec, batches: list | None, label: str):
     return pruned, what
 
 
-def _activation_pipeline(activation_sparsity) -> tuple[list[str], str | None]:
-    """The passes `compile(activation_sparsity=...)` appends, and a description when they are lossy.
+class _Plan:
+    """What `compile` runs, from its pipeline / sparsify= / activation_sparsity= arguments.
 
-    `"exact"` (lossless: ReLU-family zeros), `"threshold:S"` / `"predictor:S"` (lossy, calibrated
-    on `calibration=` to skip the fraction S of hidden neurons; see `passes/rewrite/sparse_mlp.py`).
+    `sparsify`: the one-shot sparsifications applied, in order, to a copy of the model before capture
+    (the sparsify= spec, or the sparsify passes a pipeline starts with: the report's pipeline text
+    names them as those passes, so it is an exact repro); `graph`: the pass pipeline over the
+    captured graph; `graph_lossy`: descriptions of its lossy steps (then verify's reference is the
+    rewritten graph on the reference ops, DESIGN.md section 2).
     """
+
+    def __init__(self, sparsify: list, graph, graph_lossy: list[str]):
+        from sparsecomp.passes.sparsify import pass_text
+
+        self.sparsify, self.graph, self.graph_lossy = sparsify, graph, graph_lossy
+        self.text = ",".join([*(pass_text(cfg) for cfg in sparsify), str(graph)])
+
+
+def _plan(pipeline: str | None, sparsify, activation_sparsity) -> _Plan:
+    from sparsecomp.errors import PipelineError
+    from sparsecomp.passes.sparsify import config_from_pass, parse_sparsify_spec
+    from sparsecomp.pipeline import Pipeline, parse_pipeline
+    from sparsecomp.registry import PassKind
+
+    if pipeline is not None and activation_sparsity is not None:
+        raise SparsecompError("compile() got both pipeline= and activation_sparsity=; give one",
+                              hint='activation_sparsity= adds find-mlps,sparse-mlp{mode=...} to the default pipeline; in '
+                                   'a pipeline of your own, name them, e.g. \'analyze-weights,find-mlps,sparse-mlp{mode="exact"},sparse-linear\'')
+    configs = [parse_sparsify_spec(sparsify)] if sparsify is not None else []
+    if pipeline is None:
+        # MLP regions are fused first, so their up/down Linears are not also taken by sparse-linear.
+        parsed = parse_pipeline(",".join(["analyze-weights", *_activation_passes(activation_sparsity), "sparse-linear"]))
+    else:
+        parsed = parse_pipeline(pipeline)
+    graph = []
+    for entry in parsed:
+        if entry.info.kind is not PassKind.SPARSIFY:
+            graph.append(entry)
+            continue
+        # compile prunes (a copy of) the model itself before capture, so the verify reference and the
+        # fallback (the original model) carry the pruning; a sparsify pass among graph passes cannot.
+        if graph:
+            raise PipelineError(f"in compile's pipeline '{parsed}', sparsify pass '{entry.name}' comes after '{graph[-1].name}'",
+                                hint="compile runs sparsify passes on the model before capture: put them first")
+        if sparsify is not None:
+            raise PipelineError(f"compile() got sparsify={sparsify!r} and sparsify pass '{entry.name}' in its pipeline",
+                                hint="give the sparsification once")
+        configs.append(config_from_pass(entry.name, entry.options))
+    if not graph:
+        raise PipelineError(f"compile's pipeline '{parsed}' has only sparsify passes",
+                            hint='follow them with the graph passes, e.g. ",analyze-weights,sparse-linear"')
+    lossy = [what for entry in graph if (what := _lossy_step(entry))]
+    return _Plan(configs, Pipeline(tuple(graph)), lossy)
+
+
+def _activation_passes(activation_sparsity) -> list[str]:
+    """The passes `compile(activation_sparsity=...)` appends: `"exact"` (lossless: ReLU-family zeros),
+    `"threshold:S"` / `"predictor:S"` (lossy, calibrated on `calibration=` to skip the fraction S of
+    hidden neurons; see `passes/rewrite/sparse_mlp.py`)."""
     if activation_sparsity is None:
-        return [], None
+        return []
     from sparsecomp.passes.rewrite.sparse_mlp import parse_activation_sparsity
 
     mode, target = parse_activation_sparsity(activation_sparsity)
     if mode == "exact":
-        return ["find-mlps", 'sparse-mlp{mode="exact"}'], None
-    what = (f"activation sparsity {mode}:{target:g} (MLP hidden neurons below a per-layer threshold calibrated to "
+        return ["find-mlps", 'sparse-mlp{mode="exact"}']
+    return ["find-mlps", f'sparse-mlp{{mode="{mode}",sparsity={target:g}}}']
+
+
+def _lossy_step(entry) -> str | None:
+    """What a graph pass entry changes in the model's function (None: lossless)."""
+    if entry.name != "sparse-mlp" or entry.options["mode"] == "exact":
+        return None
+    mode, target = entry.options["mode"], entry.options["sparsity"]
+    return (f"activation sparsity {mode}:{target:g} (MLP hidden neurons below a per-layer threshold calibrated to "
             f"{target:.0%} sparsity are skipped{'; a low-rank predictor picks them before the up-projection' if mode == 'predictor' else ''}; "
             "per-layer MLP output cosine to dense on the calibration data is in each sparse-mlp row)")
-    return ["find-mlps", f'sparse-mlp{{mode="{mode}",sparsity={target:g}}}'], what
 
 
 def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
@@ -520,15 +582,17 @@ def _tir_pool() -> str:
     return pool_tag()
 
 
-def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backend: str, example) -> CompiledModel:
-    """Run the lowered graph only if it is measured faster end to end than the original model."""
+def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backend: str, example,
+                       eager_name: str = "the original model") -> CompiledModel:
+    """Run the lowered graph only if it is measured faster end to end than the original model
+    (`eager_name`: what the report calls it; after sparsify=, the pruned copy)."""
     from sparsecomp.timing import compare
 
     # torch: an all-dense lowered graph only adds call overhead. ORT: its dense path (MLAS) is often
     # faster than eager torch, so it is measured like any lowered model.
     if backend == "torch" and not any(r["decision"] == "sparse" or r.get("kernel") == TIR_GEMV for r in report.rows):
         report.end_to_end = {"runs": "eager", "why": "no layer runs sparse or on a TIR kernel; the captured graph would only add call overhead"}
-        report.notes.append("no layer runs sparse or on a TIR kernel: calls go to the original model")
+        report.notes.append(f"no layer runs sparse or on a TIR kernel: calls go to {eager_name}")
         return CompiledModel(gm, report, backend, eager=model)
     args, kwargs = example
     compiled = CompiledModel(gm, report, backend)  # timed as it will be called
@@ -564,7 +628,7 @@ def _choose_end_to_end(model, gm: torch.nn.Module, report: CompileReport, backen
                             f"{torch.get_num_threads()}, {compiled_ms:.2f} ms with 1); the TIR kernels keep their threads")
     if compiled_ms >= eager_ms:
         report.notes.append(f"the compiled graph measured slower end to end ({compiled_ms:.2f} ms vs eager {eager_ms:.2f} ms "
-                            "on the example inputs): calls go to the original model")
+                            f"on the example inputs): calls go to {eager_name}")
         return CompiledModel(gm, report, backend, eager=model)
     return CompiledModel(gm, report, backend)  # its thread choice and the call size it holds for, from the report
 

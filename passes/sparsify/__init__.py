@@ -19,6 +19,7 @@ from sparsecomp.passes.sparsify.config import (
                                                parse_sparsify_spec,
                                                resolve_pattern,
 )
+from sparsecomp.passes.sparsify.passes import config_from_pass, pass_text
 from sparsecomp.passes.sparsify.engine import (
                                                LayerResult,
                                                SparsifyResult,
@@ -26,4 +27,4 @@ from sparsecomp.passes.sparsify.engine import (
 )
 
 __all__ = ["ALLOCATIONS", "DEFAULT_SKIP", "METHODS", "SparsifyConfig", "SparsifyError", "SparsifyResult", "LayerResult",
-           "parse_sparsify_spec", "resolve_pattern", "sparsify_module"]
+           "config_from_pass", "parse_sparsify_spec", "pass_text", "resolve_pattern", "sparsify_module"]

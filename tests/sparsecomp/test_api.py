@@ -1,5 +1,7 @@
 """sparsecomp/api.py helpers (compile itself is tested per backend under tests/backends/)."""
 
+import sys
+
 import pytest
 import torch
 
@@ -153,3 +155,152 @@ def test_numpy_scalars_are_numbers_too():
     n = torch.get_num_threads()
     assert sc.set_num_threads(np.int64(n)) == n and torch.get_num_threads() == n
     _check_options(kernels=None, max_seconds_per_layer=np.float32(0.5), cache_dir=None)  # no error
+
+
+# ---------------------------------------------------------------- what compile runs: sparsify, pipeline
+
+
+def test_report_pipeline_names_the_sparsify_step_and_reproduces_it(tmp_path):
+    """compile(sparsify=...) writes its step into the report's pipeline as the sparsify pass; that
+    text given back as pipeline= prunes the same weights, and the result is the pruned model's
+    (not the dense one's) function."""
+    import sparsecomp as sc
+    from sparsecomp.ir import compare_outputs
+
+    m, x = _sparse_mlp()
+    torch.nn.init.normal_(m[0].weight)  # dense again: sparsify must do the pruning
+    a = sc.compile(m, x, sparsify="magnitude:unstructured:0.9", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert a.report.pipeline == "sparsify-magnitude{pattern=unstructured:0.9},analyze-weights,sparse-linear"
+    b = sc.compile(m, x, pipeline=a.report.pipeline, cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert b.report.pipeline == a.report.pipeline
+    assert [r["density"] for r in b.report.rows] == [r["density"] for r in a.report.rows] and a.report.rows[0]["density"] < 0.11
+    assert b.report.verify["ok"] and b.report.verify["reference"] == "eager"  # eager = the pruned model
+    assert any(n.startswith("lossy (asked for): sparsify magnitude:unstructured:0.9") for n in b.report.notes)
+    xs = torch.randn(3, 256)
+    assert compare_outputs(b(xs), a(xs))[0]
+    assert not compare_outputs(b(xs), m(xs))[0]  # the dense model's function: pruned away, not a fallback to it
+
+
+@pytest.mark.parametrize("spec, options", [
+    ("magnitude:unstructured:0.9", {}),
+    ("magnitude:block:16x1:0.75", {"skip": ("fc*", "head")}),
+    ("wanda:2:4", {"skip": ()}),
+    ("wanda:unstructured:0.6", {"allocation": "owl", "owl_m": 7.0, "owl_lambda": 0.05}),
+    ("sparsegpt:unstructured:0.5", {"damp": 0.05, "blocksize": 64, "correct": True, "update_bias": True, "refine": 3}),
+])
+def test_sparsify_config_and_pass_text_round_trip(spec, options):
+    from sparsecomp.passes.sparsify import config_from_pass, parse_sparsify_spec, pass_text
+    from sparsecomp.pipeline import parse_pipeline
+
+    cfg = parse_sparsify_spec(spec, **options)
+    (entry,) = parse_pipeline(pass_text(cfg))
+    assert entry.name == f"sparsify-{cfg.method}"
+    assert config_from_pass(entry.name, entry.options) == cfg
+    assert str(entry) == pass_text(cfg)  # canonical text
+
+
+def test_sparsify_pass_text_refuses_a_glob_it_cannot_write():
+    from sparsecomp.passes.sparsify import SparsifyError, parse_sparsify_spec, pass_text
+
+    with pytest.raises(SparsifyError, match="comma"):
+        pass_text(parse_sparsify_spec("magnitude:2:4", skip=("a,b",)))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"pipeline": 'analyze-weights,sparsify-magnitude{pattern=2:4},sparse-linear'}, "comes after 'analyze-weights'"),
+    ({"pipeline": "sparsify-magnitude", "sparsify": "magnitude:2:4"}, "give the sparsification once"),
+    ({"pipeline": "sparsify-magnitude{pattern=2:4}"}, "only sparsify passes"),
+    ({"pipeline": "analyze-weights,sparse-linear", "activation_sparsity": "exact"}, "give one"),
+    ({"pipeline": "analyze-weights,sparse-linaer", "sparsify": "sparsegpt:2:4"}, "unknown pass 'sparse-linaer'"),
+])
+def test_compile_pipeline_conflicts_are_clear_errors_before_any_work(options, match, monkeypatch):
+    import sparsecomp as sc
+    import sparsecomp.api as api
+    from sparsecomp.errors import SparsecompError
+
+    monkeypatch.setattr(api, "_apply_sparsify", lambda *a: pytest.fail("sparsified before the pipeline was checked"))
+    m, x = _sparse_mlp()
+    with pytest.raises(SparsecompError, match=match):
+        sc.compile(m, x, **options)
+
+
+def _gelu_mlp():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 96), torch.nn.GELU(), torch.nn.Linear(96, 16)).eval()
+    return m, (torch.randn(1, 32),), [(torch.randn(8, 32),) for _ in range(4)]
+
+
+KEEP_SPARSE = "torch-up+tir-down"  # the MLP on a sparse kernel, whatever its timing (a tiny MLP)
+
+
+def _end_to_end_measures(monkeypatch, faster: str):
+    from types import SimpleNamespace
+
+    from sparsecomp import timing
+
+    monkeypatch.setattr(timing, "compare", lambda cands, **kw: {
+        k: SimpleNamespace(median=1e-3 if k == faster else 2e-3) for k in cands})
+
+
+def test_lossy_sparse_mlp_named_in_a_pipeline_is_verified_against_the_rewritten_graph(tmp_path, monkeypatch):
+    """A threshold sparse-mlp written in pipeline= (not activation_sparsity=) is lossy too: verify's
+    reference is the rewritten graph, so the lossy step is kept (not undone by a fallback)."""
+    import sparsecomp as sc
+
+    _end_to_end_measures(monkeypatch, faster="compiled")  # (this tiny MLP's timing is not the point)
+    m, x, cal = _gelu_mlp()
+    text = 'analyze-weights,find-mlps,sparse-mlp{mode="threshold",sparsity=0.5},sparse-linear'
+    cm = sc.compile(m, x, pipeline=text, calibration=cal, cache_dir=str(tmp_path), max_seconds_per_layer=0.05,
+                    kernels=KEEP_SPARSE)
+    assert cm.report.pipeline == 'analyze-weights,find-mlps,sparse-mlp{mode=threshold,sparsity=0.5},sparse-linear'
+    assert cm.report.verify["ok"] and cm.report.verify["reference"] == "rewritten graph on reference ops"
+    assert any(n.startswith("lossy (asked for): activation sparsity threshold:0.5") for n in cm.report.notes)
+    assert not any("fell back" in n for n in cm.report.notes) and cm.report.end_to_end["runs"] == "compiled"
+    assert not torch.allclose(cm(*x), m(*x), rtol=1e-4, atol=1e-5)  # skipped neurons: not the dense function
+    row = next(r for r in cm.report.rows if r["pattern"].startswith("mlp"))
+    assert row["calibration"]["calibrated_sparsity"] >= 0.5
+
+
+def test_lossy_step_not_run_when_calls_go_to_the_original_model(tmp_path, monkeypatch):
+    """Where the compiled graph measures slower end to end, calls go to the original model: the
+    report then says the lossy activation sparsity is not applied, instead of 'asked for'."""
+    import sparsecomp as sc
+
+    m, x, cal = _gelu_mlp()
+    _end_to_end_measures(monkeypatch, faster="eager")
+    cm = sc.compile(m, x, activation_sparsity="threshold:0.5", calibration=cal, cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05, kernels=KEEP_SPARSE)
+    assert cm.report.end_to_end["runs"] == "eager"
+    assert any(n.startswith("not applied (calls go to the model without it): activation sparsity threshold:0.5")
+               for n in cm.report.notes)
+    assert not any(n.startswith("lossy (asked for)") for n in cm.report.notes)
+    assert torch.equal(cm(*x), m(*x))  # and indeed: the original model's outputs
+
+
+def test_verify_fallback_keeps_the_pruning_and_says_the_activation_sparsity_is_dropped(tmp_path, monkeypatch):
+    """The verify fallback recompiles the (pruned) model with every layer dense: the sparsify step
+    still holds and is noted so; the graph's lossy activation sparsity does not run in it."""
+    import sparsecomp as sc
+    import sparsecomp.ir as ir
+
+    real, calls = ir.compare_outputs, {"n": 0}
+
+    def fail_compiles_first_check(actual, reference, **kw):  # the whole model disagrees (kernels' checks pass)
+        if sys._getframe(1).f_code.co_name == "compile":
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return False, 1.0, 0.1
+        return real(actual, reference, **kw)
+
+    monkeypatch.setattr(ir, "compare_outputs", fail_compiles_first_check)
+    monkeypatch.setattr(ir, "output_cosine", lambda a, b: 0.0)
+    m, x, cal = _gelu_mlp()
+    cm = sc.compile(m, x, sparsify="magnitude:unstructured:0.5", activation_sparsity="threshold:0.5", calibration=cal,
+                    cache_dir=str(tmp_path), max_seconds_per_layer=0.05, kernels=KEEP_SPARSE)
+    notes = cm.report.notes
+    assert any(n.startswith("lossy (asked for): sparsify magnitude:unstructured:0.5") for n in notes)
+    assert any(n.startswith("not applied (the fallback runs the model without it): activation sparsity threshold:0.5")
+               for n in notes)
+    assert not any(n.startswith("lossy (asked for): activation") for n in notes)
+    assert all(r["decision"] == "dense" for r in cm.report.rows)
+    assert 0.45 < cm.report.rows[0]["density"] <= 0.5 and calls["n"] == 1  # the pruning held
