@@ -394,16 +394,27 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
             # (Sparsification already happened on `model`; it is what was asked and stays.)
             fallback = compile(model, example_inputs, backend, pipeline="analyze-weights", verify=False,
                                cache_dir=cache_dir, name=label, use_tir=use_tir, kernels=kernels)
-            fallback.report.rows = [dict(r, decision="dense", kernel="aten.linear",
+            fallback.report.rows = [dict(r, decision="dense", kernel="aten.linear" if backend == "torch" else "dense",
                                          reason=f"fallback: compiled model disagreed with the reference (error {err:.3g} > {allowed:.3g})")
                                     for r in report.rows]
-            fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed}
+            fallback.report.pipeline = _Plan(plan.sparsify, "analyze-weights", []).text  # what it runs
+            if fallback.runs == "compiled":  # a dense lowered graph (e.g. onnxruntime's) measured faster: checked too
+                ok, err2, allowed2 = compare_outputs(run_graph(fallback, example), run_graph(model, example))
+                fallback.report.verify = {"ok": ok, "max_abs_error": err2, "allowed": allowed2, "reference": "eager"}
+                if not ok:
+                    fallback = CompiledModel(fallback.gm, fallback.report, backend, eager=model)
+                    fallback.report.end_to_end = {"runs": "eager", "why": "the dense lowered graph disagreed with eager too"}
+                    fallback.report.notes.append(f"the dense lowered graph disagreed with eager too (error {err2:.3g}): "
+                                                 "calls go to the model itself")
+            if fallback.runs == "eager":  # the model itself: nothing to compare
+                fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed,
+                                          "reference": "eager (the fallback runs the model itself)"}
             fallback.report.notes.extend(f"lossy (asked for): {what}" for what in pruned)
             fallback.report.notes.extend(f"not applied (the fallback runs the model without it): {what}" for what in plan.graph_lossy)
             fallback.report.notes.append("verification failed with sparse kernels; every layer fell back to dense")
             return fallback
     cm = _choose_end_to_end(model, lowered.module, report, backend, example,
-                            "the pruned model, uncompiled" if pruned else "the original model")
+                            "the pruned model, uncompiled" if pruned or getattr(model, PRUNED_COPY, False) else "the original model")
     if report.end_to_end.get("runs") == "eager":  # the graph's lossy steps do not run either
         report.notes = [f"not applied (calls go to the model without it): {n.removeprefix('lossy (asked for): ')}"
                         if n.removeprefix("lossy (asked for): ") in plan.graph_lossy else n for n in report.notes]
@@ -435,6 +446,9 @@ def _check_calibration(calibration, label: str, *, empty_ok: bool = False) -> li
     return batches
 
 
+PRUNED_COPY = "_sparsecomp_pruned_copy"  # set on compile(sparsify=...)'s pruned copy of the model
+
+
 def _apply_sparsify(model, spec, batches: list | None, label: str):
     """One-shot sparsification for `compile(sparsify=spec)`: returns (a pruned copy of model, what was done).
 
@@ -453,6 +467,7 @@ def _apply_sparsify(model, spec, batches: list | None, label: str):
     pruned = copy.deepcopy(model)
     with progress_bar(f"sparsifying {label}") as update:
         result = sparsify_module(pruned, cfg, batches if cfg.needs_calibration else None, label=label, progress=update)
+    setattr(pruned, PRUNED_COPY, True)  # (a fallback compile of this copy says what its calls go to)
     what = (f"sparsify {cfg.describe()}: {len(result.pruned)} layers pruned to {result.sparsity:.1%} zeros"
             + (f", {len(result.skipped)} left dense" if result.skipped else ""))
     return pruned, what
@@ -537,17 +552,25 @@ def _lossy_step(entry) -> str | None:
 
 
 def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
-    """One row per candidate layer: the rewrite's verdict joined with the backend's decision."""
+    """One row per candidate layer call: the rewrite's verdict joined with the backend's decision.
+
+    A layer called more than once (or a weight two layers share) is one site per call, in graph
+    order in both lists: the k-th call of a name joins its k-th decision and is labelled `name#k`.
+    """
+    from collections import defaultdict, deque
+
     from sparsecomp.report import describe_pattern
 
     stats = {s.name: s for s in ctx.results.get("analyze-weights", [])}
-    by_layer = {d.layer: d for d in decisions}
+    by_layer: dict[str, deque] = defaultdict(deque)
+    for d in decisions:
+        by_layer[d.layer].append(d)
     rows = []
     for name_, _rewritten, why in ctx.results.get("sparse-linear", []):
         st = stats.get(name_)
         row = {"layer": name_, "shape": st.shape if st else None, "density": st.density if st else None,
                "pattern": describe_pattern(st)}
-        d = by_layer.pop(name_, None)
+        d = by_layer[name_].popleft() if by_layer[name_] else None
         if d is None:
             row.update(decision="dense", kernel="aten.linear", reason=f"not rewritten: {why}")
         else:
@@ -555,7 +578,12 @@ def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
             if not _rewritten:  # a dense layer a backend still lowered (e.g. the torch backend's one-row GEMV)
                 row["reason"] = f"not rewritten: {why}; {d.reason}"
         rows.append(row)
-    rows.extend(d.to_dict() for d in by_layer.values())  # decisions of other rewrites (e.g. sparse-mlp)
+    rows.extend(d.to_dict() for queue in by_layer.values() for d in queue)  # decisions of other rewrites (e.g. sparse-mlp)
+    seen: dict[str, int] = defaultdict(int)
+    for row in rows:
+        seen[row["layer"]] += 1
+        if seen[row["layer"]] > 1:
+            row["layer"] = f"{row['layer']}#{seen[row['layer']]}"
     return rows
 
 
@@ -681,7 +709,7 @@ def sparsify(model, method: str = "magnitude", sparsity: float | None = None, pa
 def export_onnx(model_or_compiled, example_inputs, path, *, opset: int | None = None, dynamic_axes: Any = "auto",
                 **compile_options) -> dict:
     """Write `model_or_compiled` as one standard-ONNX model for stock onnxruntime; returns
-    `{"path", "bytes", "external_data", "opset"}`.
+    `{"path", "bytes", "external_data", "opset", "notes"}`.
 
     Given an `nn.Module`, first runs exactly what `compile(model, example_inputs, backend="ort",
     **compile_options)` runs (pipeline, per-layer lowering timed in onnxruntime, verification), so
@@ -694,6 +722,10 @@ def export_onnx(model_or_compiled, example_inputs, path, *, opset: int | None = 
     (sparsecomp version, pipeline, per-layer decisions and storage), passes the full
     `onnx.checker`, and moves its weights to `<path>.data` when they pass the protobuf limit.
     A missing or read-only directory, or a too-old opset, is an error before any work is done.
+
+    The file always holds the lowered graph, with every lossy step asked for; where the compiled
+    model's own calls go to the model uncompiled (measured faster in this process), its lossy
+    activation sparsity does not run in those calls, but it does in the file: `notes` says so.
     """
     import json
 
@@ -710,6 +742,9 @@ def export_onnx(model_or_compiled, example_inputs, path, *, opset: int | None = 
             raise OnnxError(f"{cm.report.model} was compiled for backend '{cm.backend}', which has no ONNX model",
                             hint="pass the nn.Module itself, or compile it with backend='ort'")
     elif isinstance(model_or_compiled, torch.nn.Module):
+        if "backend" in compile_options:
+            raise OnnxError(f"export_onnx compiles for backend 'ort', got backend={compile_options['backend']!r}",
+                            hint="leave backend= out (the other compile options are passed on)")
         cm = compile(model_or_compiled, example_inputs, backend="ort", **compile_options)
     else:
         raise OnnxError(f"export_onnx expects an nn.Module or a CompiledModel, got {type(model_or_compiled).__name__}")
@@ -724,7 +759,13 @@ def export_onnx(model_or_compiled, example_inputs, path, *, opset: int | None = 
 
             args, kwargs = normalize_inputs(example_inputs)
             feeds = module.feeds(args, kwargs)
-            out = [torch.from_numpy(o) for o in session(proto).run(None, {i.name: feeds[i.name] for i in proto.graph.input})]
+            try:
+                out = [torch.from_numpy(o) for o in session(proto).run(None, {i.name: feeds[i.name] for i in proto.graph.input})]
+            except Exception as err:  # noqa: BLE001 - e.g. static shapes of the compile's example, fed other sizes
+                first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+                raise OnnxError(f"the re-export of {cm.report.model} does not run on these example inputs: {first}",
+                                hint="a re-export with dynamic_axes=None fixes the shapes of the inputs the model was "
+                                     "compiled with: pass those as example_inputs (or None to skip the check)") from None
             ref = _flat_outputs(module, args, kwargs)
             ok, err, allowed = compare_outputs(out, ref)
             if not ok:
@@ -734,6 +775,12 @@ def export_onnx(model_or_compiled, example_inputs, path, *, opset: int | None = 
                          "sparsecomp.decisions": json.dumps(cm.report.rows, default=str)})
     info = files.save(proto, target)
     info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    info["notes"] = []
+    if cm.runs == "eager":
+        from sparsecomp.pipeline import parse_pipeline
+
+        info["notes"] += [f"the file applies {what} (asked for); the compiled model's own calls go to the model without it"
+                          for what in filter(None, map(_lossy_step, parse_pipeline(cm.report.pipeline)))]
     return info
 
 

@@ -294,6 +294,8 @@ def compile_cmd(
             info = sparsecomp.export_onnx(cm, loaded.example_inputs, output)
         extra = f" + external data {info['external_data']}" if info["external_data"] else ""
         err.print(f"wrote {info['path']}{extra} ({info['bytes'] / 2**20:.1f} MiB, opset {info['opset']})")
+        for note in info["notes"]:
+            err.print(Text(f"note: {note}"))
 
 
 @app.command()

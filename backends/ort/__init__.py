@@ -44,23 +44,32 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import fx
+
 from sparsecomp.dialect import SPARSE_LINEAR, SPARSE_MLP
 from sparsecomp.lowering import Lowered
 
 from .export import DEFAULT_OPSET, MIN_OPSET, export_graph
 from .lowering import decide_layers
 from .mlp import decide_mlps
-from .runner import OrtModule, fusion_choice, fusion_note, pool_note, session, threads, use_global_thread_pool
+from .runner import OUTPUT, OrtModule, fusion_choice, fusion_note, pool_note, session, threads, use_global_thread_pool
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "NAME", "OrtModule", "fusion_choice", "lower", "session", "threads", "use_global_thread_pool"]
 
 NAME = "ort"
 
 
+def _onnx_input(name: str, graph_inputs: set[str]) -> str | None:
+    """The ONNX input a placeholder feeds: its own name, or `<name>_orig` where torch's exporter
+    renamed an input the model also returns unchanged (an output took the name); None: dropped."""
+    return name if name in graph_inputs else f"{name}_orig" if f"{name}_orig" in graph_inputs else None
+
+
 def lower(gm, example, *, cache=None, max_seconds: float = 0.5, only=None, progress=None, opset: int | None = None,
-          dynamic_axes: Any = "auto", **_other_backends_options) -> Lowered:
+          dynamic_axes: Any = "auto", tune: bool = False, **_other_backends_options) -> Lowered:
     """Choose every sparse layer's (and MLP's) lowering by timing in onnxruntime, export, and open a session.
 
+    `tune`: time every candidate for every layer under its own cache key (`lowering.choose_linear`).
     `**_other_backends_options` (e.g. the torch backend's `use_tir`) are accepted and ignored, so
     `compile()` can pass one set of options to every backend.
     """
@@ -75,9 +84,9 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, only=None, progr
         return None if progress is None else (lambda i, _n, layer: progress(offset + i, n_linears + n_mlps, layer))
 
     placements, decisions = decide_layers(gm, example, cache=cache, max_seconds=max_seconds, only=only,
-                                          progress=step(0), opset=opset)
+                                          progress=step(0), opset=opset, tune=tune)
     mlp_placements, mlp_decisions = decide_mlps(gm, example, cache=cache, max_seconds=max_seconds, only=only,
-                                                progress=step(n_linears), opset=opset)
+                                                progress=step(n_linears), opset=opset, tune=tune)
     placements.update(mlp_placements)
     decisions = [*decisions, *mlp_decisions]
     notes: list[str] = []
@@ -97,9 +106,14 @@ def lower(gm, example, *, cache=None, max_seconds: float = 0.5, only=None, progr
     # also to inputs the graph does not use or that are nested
     pytree_info = getattr(getattr(gm.graph, "_codegen", None), "pytree_info", None)
     arg_names = list(pytree_info.orig_args) if pytree_info is not None and getattr(pytree_info, "orig_args", None) else None
+    # outputs that are not values of the graph (None, a number) have no ONNX output: put back per call
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    flat_out = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
+    constants = [OUTPUT if isinstance(a, fx.Node) else a for a in flat_out]
     module = OrtModule(model, sess, in_spec=getattr(gm, "_in_spec", None), out_spec=getattr(gm, "_out_spec", None),
-                       input_names=[n if n in graph_inputs else None for n in flat_names], label=label,
-                       exporter=lambda **kw: exporter(**kw)[0], arg_names=arg_names)
+                       input_names=[_onnx_input(n, graph_inputs) for n in flat_names], label=label,
+                       exporter=lambda **kw: exporter(**kw)[0], arg_names=arg_names,
+                       out_constants=constants if any(c is not OUTPUT for c in constants) else None)
     for note in (pool_note(), fusion_note(model)):
         if note:
             notes.append(note)

@@ -140,14 +140,30 @@ class LinearChoice:
     reason: str
 
 
+def tuned_or(cache: DecisionCache, key: str, tuned_key: str | None, by_label: dict, notes: list[str]) -> dict | None:
+    """The cached decision for `key`, or first the one `tune` made under `tuned_key` (it timed every
+    candidate, with more time: it beats a compile's shortlist); None when neither is cached."""
+    def valid(e, labels=by_label):
+        return e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e
+
+    if tuned_key is not None:
+        entry = cache.get(tuned_key, validate=valid) if cache.has(tuned_key) else None
+        if entry is not None:
+            notes.append("tuned decision (sparsecomp tune)")
+            return entry
+    return cache.get(key, validate=valid)
+
+
 def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *, layer: str,
                   cache: DecisionCache | None, cold: bool, opset: int, max_seconds: float = 0.5, min_runs: int = 20,
-                  only: set[str] | None = None, shortlists: dict | None = None) -> LinearChoice:
+                  only: set[str] | None = None, shortlists: dict | None = None, tune: bool = False) -> LinearChoice:
     """Build, check and time every candidate lowering of `x @ weight.T + bias` on the real input
     `x` in onnxruntime, keep the fastest (a sparse one must beat dense by `SPARSE_MARGIN`), cache
     it. Used for each `sparse_linear` node and for the projections of a pruned MLP (`mlp.py`).
     `shortlists` (shared across calls): later weights of one shape, M and density time only the
-    fastest candidates of the first."""
+    fastest candidates of the first. `tune`: every candidate for every layer (no shortlist), under
+    its own cache key (so it measures again after a compile); an untuned compile then prefers a
+    tuned decision for the layer."""
     import onnxruntime
 
     shortlists = {} if shortlists is None else shortlists
@@ -169,10 +185,14 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
     by_label = {c.label: c for c in cands}
     key, entry, chosen, cached, measured = None, None, None, False, {}
     if cache is not None:
-        key = cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
-                        pattern=pattern_hash(weight), version=CANDIDATE_SET_VERSION, candidates=sorted(by_label),
-                        ort=onnxruntime.__version__, threads=threads(), bias=bias is not None, cold=cold)
-        entry = cache.get(key, validate=lambda e, labels=by_label: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
+        def key_for(tuned: bool):
+            return cache.key(op="sparse_linear", shape=list(weight.shape), m=m, dtype=str(weight.dtype),
+                             pattern=pattern_hash(weight), version=CANDIDATE_SET_VERSION, candidates=sorted(by_label),
+                             ort=onnxruntime.__version__, threads=threads(), bias=bias is not None, cold=cold,
+                             **({"tuned": True} if tuned else {}))
+
+        key = key_for(tune)
+        entry = tuned_or(cache, key, key_for(True) if not tune and only is None else None, by_label, notes)
     if entry is not None:
         chosen = by_label[entry["kernel"]]
         fn, why = run_candidate(chosen, x, reference, opset)
@@ -192,7 +212,7 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
         notes.append("the only candidate left: not timed")
     if chosen is None:
         trial = cands
-        if family in shortlists:
+        if family in shortlists and not tune:
             trial = [c for c in cands if c.label in shortlists[family] or c.family == "dense"]
             notes.append(f"timed the {len(trial) - 1} fastest kernels of an earlier layer of this shape and density")
         measured, best = time_candidates(trial, x, reference, opset=opset, cold=cold, m=m, max_seconds=max_seconds,
@@ -219,9 +239,10 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
 
 
 def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max_seconds: float = 0.5,
-                  min_runs: int = 20, only: set[str] | None = None, progress=None, opset: int = 20
+                  min_runs: int = 20, only: set[str] | None = None, progress=None, opset: int = 20, tune: bool = False
                   ) -> tuple[dict[str, Placement], list[LayerDecision]]:
-    """Measure and choose every sparse_linear node's lowering (the graph is not modified)."""
+    """Measure and choose every sparse_linear node's lowering (the graph is not modified); `tune`:
+    see `choose_linear`."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_LINEAR]
     if not nodes:
         return {}, []
@@ -234,7 +255,7 @@ def decide_layers(gm: fx.GraphModule, example, *, cache: DecisionCache | None, m
         layer, weight, bias = sparse_linear_args(gm, node)
         x = inputs[node]
         c = choose_linear(weight, bias, x, layer=layer, cache=cache, cold=cold, opset=opset, max_seconds=max_seconds,
-                          min_runs=min_runs, only=only, shortlists=shortlists)
+                          min_runs=min_runs, only=only, shortlists=shortlists, tune=tune)
         chosen, m, density, dense_us, chosen_us = c.candidate, c.m, c.density, c.dense_us, c.chosen_us
         measured, cached, reason = c.measured, c.cached, c.reason
         decision = LayerDecision(layer, list(weight.shape), m, density, chosen.decision, chosen.label, dense_us, chosen_us,

@@ -63,7 +63,7 @@ from sparsecomp.timing import model_is_cold
 from . import kernels as K
 from .export import Placement
 from .kernels import Candidate, Emitter
-from .lowering import run_candidate, time_candidates
+from .lowering import run_candidate, time_candidates, tuned_or
 from .runner import threads
 
 __all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "part_records", "plain_dense", "pruned_candidate"]
@@ -401,9 +401,11 @@ def _active_fraction(h: torch.Tensor) -> float:
 
 
 def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max_seconds: float = 0.5, min_runs: int = 20,
-                only: set[str] | None = None, progress=None, opset: int = 20) -> tuple[dict[str, Placement], list[MLPDecision]]:
+                only: set[str] | None = None, progress=None, opset: int = 20, tune: bool = False
+                ) -> tuple[dict[str, Placement], list[MLPDecision]]:
     """Measure and choose every sparse_mlp node's lowering (the graph is not modified). A node that
-    cannot be lowered (computed weights) gets no placement: export runs its dense reference."""
+    cannot be lowered (computed weights) gets no placement: export runs its dense reference.
+    `tune`: as `lowering.choose_linear` (own cache key, preferred by later compiles)."""
     import onnxruntime
 
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SPARSE_MLP]
@@ -437,7 +439,7 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
         parts = None
         if a.mode == "exact" and _pruned(a) and (not only or "pruned" in only):  # both sparsities
             parts, note = _choose_parts(values, x, h, layer, cache=cache, cold=cold, opset=opset, max_seconds=max_seconds / 2,
-                                        min_runs=min_runs, shortlists=linear_shortlists)
+                                        min_runs=min_runs, shortlists=linear_shortlists, tune=tune)
             cands.append(pruned_candidate(a, parts, opset))
             notes.append(note)
         if not cands:
@@ -446,11 +448,15 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
         by_label = {c.label: c for c in cands}
         key, entry, chosen, cached, measured, dense_us, chosen_us = None, None, None, False, {}, 0.0, 0.0
         if cache is not None:
-            key = cache.key(op="sparse_mlp", shape=a.shape, m=m, mode=a.mode, activation=a.activation, gated=a.gated,
-                            density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(by_label),
-                            ort=onnxruntime.__version__, threads=threads(), opset=opset, cold=cold,
-                            parts={r: c.label for r, c in parts.items()} if parts else None)
-            entry = cache.get(key, validate=lambda e, labels=by_label: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
+            def key_for(tuned: bool):
+                return cache.key(op="sparse_mlp", shape=a.shape, m=m, mode=a.mode, activation=a.activation, gated=a.gated,
+                                 density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(by_label),
+                                 ort=onnxruntime.__version__, threads=threads(), opset=opset, cold=cold,
+                                 parts={r: c.label for r, c in parts.items()} if parts else None,
+                                 **({"tuned": True} if tuned else {}))
+
+            key = key_for(tune)
+            entry = tuned_or(cache, key, key_for(True) if not tune and not only else None, by_label, notes)
         if entry is not None:
             fn, why = run_candidate(by_label[entry["kernel"]], x, reference, opset)
             if fn is not None:

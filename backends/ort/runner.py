@@ -219,6 +219,9 @@ def _spec_children(spec) -> list:
     return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)  # torch < 2.10
 
 
+OUTPUT = object()  # `OrtModule(out_constants=...)`: a graph output onnxruntime returns
+
+
 class OrtModule(torch.nn.Module):
     """Runs an exported model in onnxruntime with the original model's calling convention.
 
@@ -237,11 +240,14 @@ class OrtModule(torch.nn.Module):
     """
 
     def __init__(self, onnx_model, sess, *, in_spec, out_spec, input_names: list[str], label: str, exporter=None,
-                 arg_names: list[str] | None = None):
+                 arg_names: list[str] | None = None, out_constants: list | None = None):
         super().__init__()
         self.onnx_model = onnx_model
         self._sess = [sess]  # a list: nn.Module must not try to deep-copy or register it
         self._in_spec, self._out_spec = in_spec, out_spec
+        # the graph's flat outputs: OUTPUT where onnxruntime returns the next one, else the constant
+        # the model returns there (None, a number), which the ONNX graph has no output for
+        self._out_constants = out_constants
         self._input_names = input_names  # flattened placeholder order -> ONNX input name (or None: unused)
         self._graph_inputs = {i.name: i for i in sess.get_inputs()}
         # name -> (torch dtype or None where not one `_ORT_DTYPE` knows, dims or None), read once
@@ -428,4 +434,7 @@ class OrtModule(torch.nn.Module):
             return tensors[0] if len(tensors) == 1 else tuple(tensors)
         from torch.utils._pytree import tree_unflatten
 
+        if self._out_constants is not None:
+            it = iter(tensors)
+            tensors = [next(it) if c is OUTPUT else c for c in self._out_constants]
         return tree_unflatten(tensors, self._out_spec)

@@ -304,3 +304,8 @@ def test_verify_fallback_keeps_the_pruning_and_says_the_activation_sparsity_is_d
     assert not any(n.startswith("lossy (asked for): activation") for n in notes)
     assert all(r["decision"] == "dense" for r in cm.report.rows)
     assert 0.45 < cm.report.rows[0]["density"] <= 0.5 and calls["n"] == 1  # the pruning held
+    assert cm.report.pipeline == "sparsify-magnitude{pattern=unstructured:0.5},analyze-weights"  # what runs
+    assert cm.runs == "eager"  # (torch: an all-dense graph only adds call overhead)
+    assert any(n.endswith("calls go to the pruned model, uncompiled") for n in notes), notes  # not the user's
+    assert cm.report.verify["reference"] == "eager (the fallback runs the model itself)"
+    assert cm._eager[0] is not m and float((cm._eager[0][0].weight == 0).float().mean()) == 0.5

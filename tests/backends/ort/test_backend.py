@@ -110,6 +110,53 @@ def test_dense_model_and_kwargs_and_tuple_outputs(tmp_path):
     assert ref[0].shape == (1, 1, 48)
 
 
+class _Passes(nn.Module):
+    """Returns an input unchanged (torch's exporter renames that ONNX input `mask_orig`) and None."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 48)
+
+    def forward(self, x, mask):
+        return self.a(x), mask, None
+
+
+def test_outputs_that_are_an_input_or_none(tmp_path):
+    torch.manual_seed(0)
+    m = _Passes().eval()
+    patterns.impose(m, "unstructured:0.8")
+    cm = sc.compile(m, (torch.randn(2, 32), torch.ones(2, 7)), backend="ort", cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    assert [i.name for i in cm.gm.onnx_model.graph.input] == ["x", "mask_orig"]
+    for batch in (1, 5):
+        x, mask = torch.randn(batch, 32), torch.rand(batch, 7)
+        y, mask_out, none = lowered(cm)(x, mask)
+        assert none is None and torch.equal(mask_out, mask) and compare_outputs(y, m(x, mask)[0])[0]
+        assert not torch.equal(mask_out, torch.ones(batch, 7))  # the call's mask, not the example's
+    path = tmp_path / "m.onnx"
+    sc.export_onnx(cm, None, path)
+    assert path.exists()
+
+
+def test_tune_after_compile_measures_again_and_later_compiles_use_it(tmp_path):
+    """tune=True on the ort backend: every candidate timed under its own key (not the compile's
+    cached decisions), then preferred by an untuned compile; MLPs too."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.Linear(64, 64)).eval()
+    patterns.impose(m, "unstructured:0.9")
+    x = torch.randn(2, 64)
+    for i, extra in enumerate(({}, {"activation_sparsity": "exact"})):
+        cache = str(tmp_path / f"c{i}")  # (the MLP's projections are the first model's layers: their own cache)
+        first = sc.compile(m, (x,), backend="ort", cache_dir=cache, max_seconds_per_layer=0.02, **extra)
+        n = len(first.report.rows)
+        tuned = sc.compile(m, (x,), backend="ort", cache_dir=cache, max_seconds_per_layer=0.02, tune=True, **extra)
+        assert tuned.report.cache["hit"] == 0 and tuned.report.cache["written"] >= n  # measured again
+        again = sc.compile(m, (x,), backend="ort", cache_dir=cache, max_seconds_per_layer=0.02, **extra)
+        assert again.report.cache["hit"] >= n and all("tuned decision" in r["reason"] for r in again.report.rows)
+        assert [r["kernel"] for r in again.report.rows] == [r["kernel"] for r in tuned.report.rows]
+        assert compare_outputs(lowered(again)(x), m(x))[0]
+
+
 def test_threads_leave_other_onnxruntime_users_alone(tmp_path):
     """Compiling must not switch the process to a global pool: onnxruntime would then refuse every
     plain InferenceSession a user (or another library) opens."""

@@ -107,6 +107,9 @@ def test_export_of_compiled_model_does_not_recompile(tmp_path, monkeypatch):
     model17 = onnx.load(info17["path"])
     assert info17["opset"] == 17 and [d.dim_value for d in model17.graph.input[0].type.tensor_type.shape.dim] == [3, 128]
     assert close(run_file(info17["path"], x, optimize=False), m(x))
+    # a static re-export checked on inputs of another shape: a clear error, not onnxruntime's
+    with pytest.raises(OnnxError, match="does not run on these example inputs"):
+        sc.export_onnx(cm, (torch.randn(5, 128),), tmp_path / "cm5.onnx", dynamic_axes=None)
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path, monkeypatch):
@@ -127,6 +130,8 @@ def test_bad_inputs_fail_before_any_work(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".sparsecomp-*"))  # the probe file is gone
     with pytest.raises(OnnxError, match="opset 13 is too old.*minimum is opset 16"):
         sc.export_onnx(m, (x,), tmp_path / "m.onnx", opset=13)
+    with pytest.raises(OnnxError, match="compiles for backend 'ort', got backend='torch'"):
+        sc.export_onnx(m, (x,), tmp_path / "m.onnx", backend="torch")
     torch_cm = api.CompiledModel(m, api.CompileReport("m", "torch", "p"), "torch")
     with pytest.raises(OnnxError, match="compiled for backend 'torch'"):
         sc.export_onnx(torch_cm, (x,), tmp_path / "m.onnx")
@@ -307,3 +312,27 @@ def test_a_module_called_twice_gets_one_lowering_per_call(kernel, tmp_path):
             assert close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: xb.numpy()})[0]), m(xb))
     s = session(files.dense_equivalent(proto))
     assert close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]), m(x))
+
+
+def test_export_of_a_model_whose_calls_go_eager_says_the_file_is_lossy(tmp_path, monkeypatch):
+    """compile(backend="ort", activation_sparsity="threshold:...") whose graph measured slower than
+    eager: its calls skip nothing, but the file is the lowered (lossy) graph, and export says so."""
+    from types import SimpleNamespace
+
+    from sparsecomp import timing
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)).eval()
+    x, cal = torch.randn(1, 16), [(torch.randn(4, 16),) for _ in range(4)]
+    monkeypatch.setattr(timing, "compare", lambda cands, **kw: {k: SimpleNamespace(median=1e-3 if k == "eager" else 2e-3)
+                                                                  for k in cands})
+    cm = sc.compile(m, (x,), backend="ort", activation_sparsity="threshold:0.5", calibration=cal,
+                    cache_dir=str(tmp_path / "c"), max_seconds_per_layer=0.02)
+    assert cm.runs == "eager" and torch.equal(cm(x), m(x))
+    info = sc.export_onnx(cm, (x,), tmp_path / "t.onnx")
+    assert len(info["notes"]) == 1 and info["notes"][0].startswith("the file applies activation sparsity threshold:0.5")
+    xs = torch.randn(8, 16)
+    assert close(run_file(info["path"], xs), api.CompiledModel(cm.gm, cm.report, "ort")(xs))  # the lowered graph
+    assert not close(run_file(info["path"], xs), m(xs))  # lossy: not the model
+    lossless = sc.compile(mlp(), (torch.randn(2, 128),), backend="ort", cache_dir=str(tmp_path / "c"), max_seconds_per_layer=0.02)
+    assert sc.export_onnx(lossless, None, tmp_path / "l.onnx")["notes"] == []

@@ -507,3 +507,34 @@ def test_a_nan_layer_does_not_shortlist_its_kin(tmp_path):
     rows = {r["layer"]: r for r in cm.report.rows}
     assert "input holds NaN" in rows["a"]["reason"] and rows["a"]["decision"] == "dense"
     assert "fastest kernels of an earlier layer" not in rows["b"]["reason"] and len(rows["b"]["measured"]) > 1
+
+
+class _Reused(nn.Module):
+    """l2 shares l1's weight; l3 is called twice: four layer calls, four sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(96, 96), nn.Linear(96, 96), nn.Linear(96, 96, bias=False)
+        self.l2.weight = self.l1.weight
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x))))) + self.l3(x)
+
+
+def test_report_has_one_row_per_layer_call(tmp_path):
+    """A weight two layers share and a layer called twice: one row per call with its own decision
+    (the second call of a name is `name#2`), not a second row claiming it was not rewritten."""
+    from sparsecomp.patterns import impose
+
+    torch.manual_seed(0)
+    m = _Reused().eval()
+    impose(m, "unstructured:0.9")
+    x = torch.randn(2, 96)
+    cm = sc.compile(m, (x,), kernels="torch-csr", cache_dir=str(tmp_path), use_tir=False)
+    rows = cm.report.rows
+    assert kinds(cm) == (4, 0) and len(rows) == 4
+    assert all(r["decision"] == "sparse" and r["kernel"].startswith("torch-csr") for r in rows), rows
+    names = [r["layer"] for r in rows]
+    assert len(set(names)) == 4 and sum(n.endswith("#2") for n in names) == 2
+    assert "4/4 layers sparse" in str(cm.report)
+    assert compare_outputs(cm(x), m(x))[0]

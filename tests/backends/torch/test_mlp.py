@@ -864,3 +864,27 @@ def test_tir_exact_strategy_variants(rows, unroll, down_rows, screen, tmp_path):
     finally:
         with torch.no_grad():
             mod._w.b_up.sub_(100.0)
+
+
+def test_mlp_applied_twice_has_a_row_per_call(tmp_path):
+    """The same MLP modules applied twice: two fused MLPs, two report rows (`up->down#2`)."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(K, H), nn.Linear(H, K)
+            with torch.no_grad():
+                self.up.bias -= 0.5
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(self.down(torch.relu(self.up(x))))))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    x = torch.randn(1, K)
+    cm = sc.compile(model, (x,), activation_sparsity="exact", kernels="tir-up+tir-down", cache_dir=str(tmp_path),
+                    max_seconds_per_layer=0.05)
+    rows = [r for r in cm.report.rows if r["pattern"].startswith("mlp")]
+    assert len(_mlp_modules(cm)) == 2 and [r["layer"] for r in rows] == ["up->down", "up->down#2"]
+    assert all(r["decision"] == "sparse" for r in rows)
+    _close(cm(x), model(x))
