@@ -60,20 +60,23 @@ def _analyze_onnx(model: Any, name: str | None, blocks: str, nm: str) -> Sparsit
     sites = [(i, s.name, s.op.lower(), s.weight) for i, s in enumerate(onnx_io.onnx_weight_sites(proto))]
     from sparsecomp.backends.ort import files as ort_files
 
+    note = "ONNX input: weights are read from the initializers of MatMul/Gemm/Conv nodes"
     if ort_files.is_export(proto):
         # sparsecomp's own export stores sparse layers compactly (values + narrow indices): read
         # them back from its metadata instead of the graph, in graph order among the other sites
         order = {n.name: i for i, n in enumerate(proto.graph.node)}
         sites = [(order.get(s.node_name, i), s.name, s.op.lower(), s.weight) for i, s in enumerate(onnx_io.onnx_weight_sites(proto))
                  if not ort_files.owns(proto, s.node_name)]
-        sites += [(first, name, "linear", w) for name, w, first in ort_files.stored_weights(proto)]
+        stored = ort_files.stored_weights(proto)
+        sites += [(first, name, "matmul", w) for name, w, first in stored]  # (lowered: no one ONNX op holds them)
         sites.sort(key=lambda t: t[0])
+        note = (f"ONNX input, a sparsecomp export: the {len(stored)} lowered layers' weights are rebuilt from its compact "
+                "storage (metadata `sparsecomp.layers`), the others read from MatMul/Gemm/Conv initializers")
     layers = [weight_stats(name, op, w, blocks=block_list, nm=nm_list) for _, name, op, w in sites]
     label = name or (Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "onnx model")
     return SparsityReport(
         model=label, source="onnx", pipeline="analyze-weights", layers=layers,
-        notes=["ONNX input: weights are read from the initializers of MatMul/Gemm/Conv nodes; "
-               "MLP regions and activation profiles need the torch model"],
+        notes=[f"{note}; MLP regions and activation profiles need the torch model"],
     )
 
 
@@ -389,36 +392,46 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
             cos = output_cosine(out, reference)
             ok = cos >= LOSSY_MIN_COSINE
             report.verify.update(ok=ok, cosine=cos, rule=f"cosine >= {LOSSY_MIN_COSINE} (lossy modes)")
-        if not ok:
-            # Never return a model that disagrees: compile again with every layer dense, and say why.
-            # (Sparsification already happened on `model`; it is what was asked and stays.)
-            fallback = compile(model, example_inputs, backend, pipeline="analyze-weights", verify=False,
-                               cache_dir=cache_dir, name=label, use_tir=use_tir, kernels=kernels)
-            fallback.report.rows = [dict(r, decision="dense", kernel="aten.linear" if backend == "torch" else "dense",
-                                         reason=f"fallback: compiled model disagreed with the reference (error {err:.3g} > {allowed:.3g})")
-                                    for r in report.rows]
-            fallback.report.pipeline = _Plan(plan.sparsify, "analyze-weights", []).text  # what it runs
-            if fallback.runs == "compiled":  # a dense lowered graph (e.g. onnxruntime's) measured faster: checked too
-                ok, err2, allowed2 = compare_outputs(run_graph(fallback, example), run_graph(model, example))
-                fallback.report.verify = {"ok": ok, "max_abs_error": err2, "allowed": allowed2, "reference": "eager"}
-                if not ok:
-                    fallback = CompiledModel(fallback.gm, fallback.report, backend, eager=model)
-                    fallback.report.end_to_end = {"runs": "eager", "why": "the dense lowered graph disagreed with eager too"}
-                    fallback.report.notes.append(f"the dense lowered graph disagreed with eager too (error {err2:.3g}): "
-                                                 "calls go to the model itself")
-            if fallback.runs == "eager":  # the model itself: nothing to compare
-                fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed,
-                                          "reference": "eager (the fallback runs the model itself)"}
-            fallback.report.notes.extend(f"lossy (asked for): {what}" for what in pruned)
-            fallback.report.notes.extend(f"not applied (the fallback runs the model without it): {what}" for what in plan.graph_lossy)
-            fallback.report.notes.append("verification failed with sparse kernels; every layer fell back to dense")
-            return fallback
+        if not ok:  # never return a model that disagrees
+            return _dense_fallback(model, example_inputs, backend, report, plan, pruned, err, allowed,
+                                   cache_dir=cache_dir, name=label, use_tir=use_tir, kernels=kernels)
     cm = _choose_end_to_end(model, lowered.module, report, backend, example,
                             "the pruned model, uncompiled" if pruned or getattr(model, PRUNED_COPY, False) else "the original model")
     if report.end_to_end.get("runs") == "eager":  # the graph's lossy steps do not run either
         report.notes = [f"not applied (calls go to the model without it): {n.removeprefix('lossy (asked for): ')}"
                         if n.removeprefix("lossy (asked for): ") in plan.graph_lossy else n for n in report.notes]
     return cm
+
+
+def _dense_fallback(model, example_inputs, backend: str, report: CompileReport, plan: _Plan, pruned: list[str],
+                    err: float, allowed: float, **options) -> CompiledModel:
+    """compile()'s answer when the compiled model disagreed with its reference (error `err`): the
+    same model compiled again with every layer dense, checked, with a report that says why.
+    Sparsification (`pruned`) already happened on `model`: it is what was asked, and stays; the
+    graph's lossy steps (`plan.graph_lossy`) do not run in the fallback."""
+    from sparsecomp.ir import compare_outputs, normalize_inputs, run_graph
+
+    example = normalize_inputs(example_inputs)
+    fallback = compile(model, example_inputs, backend, pipeline="analyze-weights", verify=False, **options)
+    fallback.report.rows = [dict(r, decision="dense", kernel="aten.linear" if backend == "torch" else "dense",
+                                 reason=f"fallback: compiled model disagreed with the reference (error {err:.3g} > {allowed:.3g})")
+                            for r in report.rows]
+    fallback.report.pipeline = _Plan(plan.sparsify, "analyze-weights", []).text  # what it runs
+    if fallback.runs == "compiled":  # a dense lowered graph (e.g. onnxruntime's) measured faster: checked too
+        ok, err2, allowed2 = compare_outputs(run_graph(fallback, example), run_graph(model, example))
+        fallback.report.verify = {"ok": ok, "max_abs_error": err2, "allowed": allowed2, "reference": "eager"}
+        if not ok:
+            fallback = CompiledModel(fallback.gm, fallback.report, backend, eager=model)
+            fallback.report.end_to_end = {"runs": "eager", "why": "the dense lowered graph disagreed with eager too"}
+            fallback.report.notes.append(f"the dense lowered graph disagreed with eager too (error {err2:.3g}): "
+                                         "calls go to the model itself")
+    if fallback.runs == "eager":  # the model itself: nothing to compare
+        fallback.report.verify = {"ok": True, "max_abs_error": 0.0, "allowed": allowed,
+                                  "reference": "eager (the fallback runs the model itself)"}
+    fallback.report.notes.extend(f"lossy (asked for): {what}" for what in pruned)
+    fallback.report.notes.extend(f"not applied (the fallback runs the model without it): {what}" for what in plan.graph_lossy)
+    fallback.report.notes.append("verification failed with sparse kernels; every layer fell back to dense")
+    return fallback
 
 
 def _backend(name: str):
@@ -542,9 +555,14 @@ def _activation_passes(activation_sparsity) -> list[str]:
 
 
 def _lossy_step(entry) -> str | None:
-    """What a graph pass entry changes in the model's function (None: lossless)."""
-    if entry.name != "sparse-mlp" or entry.options["mode"] == "exact":
+    """What a lossy graph pass entry changes in the model's function, for the report (None: a
+    lossless entry, or a sparsify pass: those compile applies to the model itself, `_Plan`)."""
+    from sparsecomp.registry import PassKind
+
+    if not entry.lossy or entry.info.kind is PassKind.SPARSIFY:
         return None
+    if entry.name != "sparse-mlp":
+        return f"{entry} (a lossy pass)"
     mode, target = entry.options["mode"], entry.options["sparsity"]
     return (f"activation sparsity {mode}:{target:g} (MLP hidden neurons below a per-layer threshold calibrated to "
             f"{target:.0%} sparsity are skipped{'; a low-rank predictor picks them before the up-projection' if mode == 'predictor' else ''}; "

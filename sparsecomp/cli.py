@@ -65,6 +65,11 @@ def _check_output_dir(path: str, option: str) -> None:
         raise SparsecompError(f"{option}: cannot create {path!r}: {existing!r} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SparsecompError(f"{option}: cannot write to {path!r}: {existing!r} is read-only", hint="choose a writable location")
+    try:  # made now, and a file tried in it: permissions can say yes where writing fails (root on /proc)
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SparsecompError(f"{option}: cannot create {path!r}: {e.strerror or e}", hint="choose a writable location") from None
+    writable_file(os.path.join(path, "000_input.txt"), option)
 
 
 def _load(model: str, impose, layers, weights):
@@ -130,6 +135,9 @@ def opt(
     parsed = parse_pipeline(pipeline)  # a typo fails before any slow loading
     for name in [*print_ir_after, *print_ir_before]:
         get_pass(name)
+        if name not in {e.name for e in parsed}:
+            raise SparsecompError(f"--print-ir-after/--print-ir-before {name}: the pipeline '{parsed}' does not run it",
+                                  hint=f"name one of its passes: {', '.join(dict.fromkeys(e.name for e in parsed))}")
     if dump_dir:
         _check_output_dir(dump_dir, "--dump-dir")
     loaded = _load(model, impose, layers, weights)
@@ -142,8 +150,9 @@ def opt(
     timer = Timing() if timing else None
     if timer:
         instruments.append(timer)
-    if verify_each:
-        instruments.append(VerifyEach())
+    verifier = VerifyEach() if verify_each else None
+    if verifier:
+        instruments.append(verifier)
     repro = "sparsecomp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["opt"] else ""
     if loaded.is_onnx:
         from sparsecomp import onnx_io
@@ -151,6 +160,17 @@ def opt(
         with err.status(f"importing {loaded.name} into torch.fx (onnx2torch)"):
             gm = onnx_io.import_onnx(loaded.onnx)
         example = loaded.example_inputs
+        if example is None and (verify_each or calib):  # an ONNX file records none: random ones of its input types
+            import torch
+
+            from sparsecomp.backends.ort import files
+
+            feeds = files.example_feeds(loaded.onnx)
+            example = tuple(torch.from_numpy(feeds[i.name]) for i in loaded.onnx.graph.input if i.name in feeds)
+            shapes = ", ".join(f"{i.name}{list(feeds[i.name].shape)}" for i in loaded.onnx.graph.input if i.name in feeds)
+            err.print(Text(f"note: {loaded.name} records no example inputs: --verify-each / --calib use random inputs "
+                           f"of its input types ({shapes}; symbolic dims at 1)"))
+            loaded.example_inputs = example
     else:
         gm, example = loaded.model, loaded.example_inputs
     calibration = loaded.calibration(calib) if calib else None
@@ -158,6 +178,10 @@ def opt(
                                name=loaded.name, repro=repro)
     if timer:
         out.print(timer.table())
+    if verifier:
+        for entry in verifier.accepted:
+            err.print(Text(f"verify-each: '{entry}' is lossy (asked for): the passes after it were checked against its outputs"))
+        err.print(f"verify-each: every pass checked ({len(parsed)} passes: graph lint, outputs on the example inputs)")
     if dump_dir:
         err.print(f"wrote {len(parsed) + 1} stages to {dump_dir}/")
 
@@ -201,6 +225,10 @@ def demo(
     import sparsecomp
 
     dense = _load(model, None, None, None)
+    if dense.is_onnx:
+        raise SparsecompError(f"demo needs a torch model, got the ONNX file {model}",
+                              hint=f"give --model zoo:NAME or path/file.py:factory; for the file: sparsecomp analyze {model}, "
+                                   f"sparsecomp bench {model}")
     with err.status("analysing the dense model"):
         before = sparsecomp.analyze(dense.model, dense.example_inputs, calibration=dense.calibration(4), name=dense.name)
     sparse = _load(model, impose, None, None)
@@ -301,7 +329,7 @@ def compile_cmd(
 @app.command()
 def bench(
     model: str = ModelArg,
-    backend: str = typer.Option("torch", "--backend", "-b"),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="torch (default) | ort; an ONNX file runs in onnxruntime"),
     runs: int = typer.Option(20, "--runs", min=1, help="timed runs per variant (median reported), after warm-up"),
     kernels: Optional[str] = typer.Option(None, "--kernels", metavar="LIST"),
     json_out: bool = typer.Option(False, "--json"),
@@ -322,8 +350,14 @@ def bench(
 
     loaded = _load(model, impose, layers, weights)
     if loaded.is_onnx:
+        if backend not in (None, "ort") or kernels:
+            raise SparsecompError(f"bench {model}: an ONNX file is timed as it is, in onnxruntime "
+                                  f"({'--backend ' + backend if backend not in (None, 'ort') else '--kernels'} does not apply)",
+                                  hint="drop the option; to choose kernels, compile the torch model: "
+                                       "sparsecomp compile MODEL --backend ort --kernels LIST -o OUT.onnx")
         _bench_onnx_file(loaded, runs, json_out)
         return
+    backend = backend or "torch"
     cm = _compile_loaded(loaded, backend, kernels, 0.5)
     args, kwargs = normalize_inputs(loaded.example_inputs)
     import torch
@@ -367,6 +401,9 @@ def _bench_onnx_file(loaded, runs: int, json_out: bool) -> None:
     if json_out:
         print(json.dumps(result, indent=2))
         return
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+    recorded = any(p.key == "sparsecomp.inputs" for p in proto.metadata_props)  # (what `example_feeds` reads)
+    out.print(Text(f"inputs: {shapes} ({'the recorded example shapes' if recorded else 'from the graph input types, symbolic dims at 1'})"))
     if "sparsecomp" in res:
         out.print(f"{loaded.name}: onnxruntime dense equivalent {result['dense_equivalent_ms']:.2f} ms, sparsecomp export "
                   f"{result['sparsecomp_ms']:.2f} ms, speedup {result['speedup']:.2f}x ({result['sparse_layers']}/{result['layers']} "

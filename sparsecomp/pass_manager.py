@@ -108,7 +108,8 @@ class PrintIR(Instrument):
 
 
 class DumpIR(Instrument):
-    """Write `DIR/000_input.txt` and `DIR/NNN_<pass>.txt` after each pass, each headed by a repro."""
+    """Write `DIR/000_input.txt` and `DIR/NNN_<pass>.txt` after each pass, each headed by a repro
+    (the `NNN_*.txt` files of an earlier run in DIR are removed first)."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -121,6 +122,9 @@ class DumpIR(Instrument):
         (self.dir / name).write_text("\n".join(header) + "\n" + format_graph(gm) + "\n")
 
     def before_pipeline(self, pm, gm, ctx):
+        # stages of an earlier run in the same directory would read as this run's: removed
+        for stale in self.dir.glob("[0-9][0-9][0-9]_*.txt") if self.dir.is_dir() else ():
+            stale.unlink()
         self._write("000_input.txt", pm, gm, ctx, "input (before any pass)")
 
     def after_pass(self, pm, record, gm, ctx):
@@ -156,11 +160,15 @@ class VerifyEach(Instrument):
     """After each pass: `graph.lint()` and outputs on the example inputs vs the reference.
 
     The reference is `ctx.reference_outputs` (computed once before the pipeline from the input
-    graph when not given). Raises `VerificationError` naming the pass and the pipeline.
+    graph when not given). After a lossy pass (a sparsify pass, a lossy mode of a rewrite:
+    `PipelineEntry.lossy`), which changes the function as asked, its outputs become the reference
+    for the passes after it (DESIGN.md section 2), and `accepted` lists it. Raises
+    `VerificationError` naming the pass and the pipeline.
     """
 
     def __init__(self, rtol: float = 1e-4):
         self.rtol = rtol
+        self.accepted: list[str] = []  # lossy entries whose outputs became the reference
 
     def before_pipeline(self, pm, gm, ctx):
         if ctx.reference_outputs is None:
@@ -173,6 +181,10 @@ class VerifyEach(Instrument):
         except Exception as err:  # lint raises RuntimeError with the node at fault
             raise VerificationError(f"graph lint failed {where}: {err}") from None
         out = run_graph(gm, ctx.example_inputs)
+        if record.entry.lossy:
+            ctx.reference_outputs = out
+            self.accepted.append(str(record.entry))
+            return
         ok, err, allowed = compare_outputs(out, ctx.reference_outputs, rtol=self.rtol)
         if not ok:
             raise VerificationError(
@@ -221,8 +233,17 @@ class PassManager:
         for node in created:
             rule = node.meta.pop("sparsecomp.rule", info.name)
             node.meta.setdefault(PROVENANCE, {"pass": info.name, "rule": rule})
-        if result.modified or created:
-            gm.graph.lint()
-            gm.recompile()
         changed = fingerprint(gm) != before_fp
+        # A pass may edit nodes in place (a new target, an erased node) and say nothing: the printed
+        # IR then changed while the module's generated code did not, so it is recompiled whenever
+        # either says so (else a verify would run the old code).
+        if result.modified or created or changed:
+            try:
+                gm.graph.lint()
+            except Exception as err:  # noqa: BLE001 - lint raises RuntimeError with the node at fault
+                where = f"after pass '{entry}' ({index + 1}/{len(self.pipeline)}) of pipeline '{self.pipeline}'"
+                raise VerificationError(f"graph lint failed {where}: {str(err).splitlines()[0]}",
+                                        hint="the pass left an invalid graph; rerun with --print-ir-after "
+                                             f"{entry.name} to see it") from None
+            gm.recompile()
         return PassRecord(index, entry, seconds, changed, dict(result.stats), len(created))

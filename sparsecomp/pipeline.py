@@ -40,6 +40,11 @@ class PipelineEntry:
         """Typed option values (defaults filled in)."""
         return self.info.resolve_options(dict(self.raw_options))
 
+    @property
+    def lossy(self) -> bool:
+        """Whether this entry changes the model's function (`PassInfo.is_lossy`)."""
+        return self.info.is_lossy(self.options)
+
     def __str__(self) -> str:
         if not self.raw_options:
             return self.name

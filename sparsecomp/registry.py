@@ -118,6 +118,14 @@ class PassInfo:
     options: dict[str, PassOption]
     doc: str
     module: str
+    lossy: bool | Callable[[dict[str, Any]], bool] = False  # (sparsify passes always are)
+
+    def is_lossy(self, options: dict[str, Any]) -> bool:
+        """Whether the pass, run with these typed options, changes the model's function (then
+        verification takes its output as the new reference: DESIGN.md section 2)."""
+        if self.kind is PassKind.SPARSIFY:
+            return True
+        return bool(self.lossy(options)) if callable(self.lossy) else bool(self.lossy)
 
     @property
     def summary(self) -> str:
@@ -156,16 +164,35 @@ def _doc_sections(doc: str) -> dict[str, str]:
 
 
 def _option_docs(doc: str) -> dict[str, str]:
+    """Each option's text in the docstring's 'Options:' section: its `name: text` line and the
+    lines indented deeper below it."""
     docs: dict[str, str] = {}
-    for line in _doc_sections(doc).get("Options", "").splitlines():
-        m = re.match(r"^(\w+):\s*(.*)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2)
+    lines = inspect.cleandoc(doc or "").splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.strip() == "Options:"), None)
+    if start is None:
+        return docs
+    name, indent = None, None
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        m = re.match(r"^(\w+):\s*(.*)$", line.strip())
+        if indent is None and m:
+            indent = depth
+        if depth == indent and m:
+            name = m.group(1)
+            docs[name] = m.group(2)
+        elif indent is not None and depth > indent and name is not None:
+            docs[name] += " " + line.strip()
+        else:  # back at the section's level or above: the next section
+            break
     return docs
 
 
-def register_pass(name: str, kind: str | PassKind):
-    """Decorator registering `fn(gm, ctx, *, options...)` as pass `name`."""
+def register_pass(name: str, kind: str | PassKind, *, lossy: bool | Callable[[dict[str, Any]], bool] = False):
+    """Decorator registering `fn(gm, ctx, *, options...)` as pass `name`. `lossy`: whether it
+    changes the model's function, or a function of its typed options saying so (a rewrite with a
+    lossy mode); sparsify passes are lossy whatever this says."""
     kind = PassKind(kind)
 
     def deco(fn):
@@ -190,7 +217,7 @@ def register_pass(name: str, kind: str | PassKind):
             if p.default is inspect.Parameter.empty:
                 raise SparsecompError(f"option '{p.name}' of pass '{name}' needs a default")
             options[p.name] = PassOption(p.name, t, p.default, opt_docs.get(p.name, ""))
-        _REGISTRY[name] = PassInfo(name, kind, fn, options, doc, fn.__module__)
+        _REGISTRY[name] = PassInfo(name, kind, fn, options, doc, fn.__module__, lossy)
         fn.pass_info = _REGISTRY[name]
         return fn
 

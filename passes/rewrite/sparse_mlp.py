@@ -347,7 +347,7 @@ def _near_misses(gm, regions: list[MLPRegion], sites: dict) -> list[MLPRewrite]:
     return misses
 
 
-@register_pass("sparse-mlp", kind="rewrite")
+@register_pass("sparse-mlp", kind="rewrite", lossy=lambda options: options["mode"] != "exact")
 def sparse_mlp(gm, ctx, *, mode: Literal["exact", "threshold", "predictor"] = "exact", sparsity: float = 0.5,
                score: Literal["wina", "magnitude"] = "wina", per_channel: bool = False, rank: int = 0,
                correct: bool = True, margin: float = 0.01, min_hidden: int = 16, max_rows: int = 16384) -> PassResult:

@@ -72,6 +72,24 @@ def test_passes_lists_and_documents(capsys):
     assert code == 0 and "Requires:" in out and "Ensures:" in out and "blocks" in out
 
 
+def test_option_docs_keep_their_continuation_lines():
+    from sparsecomp.registry import get_pass
+
+    rank = get_pass("sparse-mlp").options["rank"].doc  # a docstring option spread over two lines
+    assert rank.startswith("predictor rank (0:") and rank.endswith("at most 256).")
+    assert all(o.doc for o in get_pass("sparsify-sparsegpt").options.values())
+
+
+def test_opt_lossy_pass_with_verify_each_and_a_pass_not_in_the_pipeline(capsys, tmp_path):
+    f = write_factory(tmp_path, BOOM)
+    code, _, err = run(capsys, "opt", f"{f}:make", "-p", "sparsify-magnitude{pattern=unstructured:0.5},analyze-weights,sparse-linear",
+                       "--verify-each")
+    assert code == 0, err
+    assert "'sparsify-magnitude{pattern=unstructured:0.5}' is lossy (asked for)" in err and "every pass checked (3 passes" in err
+    code, _, err = run(capsys, "opt", f"{f}:boom", "-p", "analyze-weights", "--print-ir-after", "sparse-linear")
+    assert code == 2 and "does not run it" in err and "factory exploded" not in err
+
+
 def write_factory(tmp_path, body):
     f = tmp_path / "my_model.py"
     f.write_text(textwrap.dedent(body))
@@ -196,6 +214,14 @@ def test_onnx_file_of_a_2_4_pruned_mlp(capsys, tmp_path, dynamo):
     assert by_shape[(32, 128)]["nm_conformance"]["2:4"] < 1.0
     code, out, _ = run(capsys, "opt", str(path), "--pipeline", "analyze-weights,find-mlps", "--print-ir-after-all")
     assert code == 0 and out.count("// ----- IR after") == 2
+    # an ONNX file records no example inputs: verify-each / calibration on random ones of its input types
+    code, out, err = run(capsys, "opt", str(path), "-p", "analyze-weights,sparse-linear", "--verify-each", "--calib", "2")
+    assert code == 0, err
+    assert "random inputs of its input types" in err and "verify-each: every pass checked (2 passes" in err
+    code, _, err = run(capsys, "demo", "--model", str(path))
+    assert code == 2 and "demo needs a torch model" in err and "Traceback" not in err
+    code, _, err = run(capsys, "bench", str(path), "--backend", "torch")
+    assert code == 2 and "--backend torch does not apply" in err
 
 
 def test_compile_and_bench(capsys, tmp_path, monkeypatch):
@@ -330,13 +356,14 @@ def test_sparsify_output_still_saves(capsys, tmp_path):
 @pytest.mark.parametrize("where,needle", [
     ("afile", "exists and is not a directory"),
     ("afile/sub", "is not a directory"),
+    ("/proc/sparsecomp-dump", "'/proc/sparsecomp-dump'"),  # read-only, or (root) permitted yet creating it fails
 ])
 def test_opt_dump_dir_checked_before_any_work(capsys, tmp_path, where, needle):
     f = write_factory(tmp_path, BOOM)
     (tmp_path / "afile").write_text("x")
     code, _, err = run(capsys, "opt", f"{f}:boom", "-p", "analyze-weights", "--dump-dir", str(tmp_path / where))
     assert code == 2 and "internal error" not in err and "factory exploded" not in err
-    assert err.startswith("error: ") and "--dump-dir" in err and needle in err and "afile" in err
+    assert err.startswith("error: ") and "--dump-dir" in err and needle in err and ("afile" in err or "/proc" in err)
     assert (tmp_path / "afile").read_text() == "x"
 
 
