@@ -17,13 +17,13 @@ block layers leave them:
 
     If B == 1:  [H*D, S] -> Reshape [H, D, S]                        (Q^T, K^T, V^T per head: views)
     else:       [H*D, B*S] -> Reshape [H, D, B, S] -> Transpose [H, B, D, S]
-    scores = MatMul(Transpose(Q^T), K^T) * scale [+ mask]            (onnxruntime fuses the
-    P = Softmax(scores); P = Where(IsNaN(P), 0, P)                    Transposes into FusedMatMul's
-    ctx^T = MatMul(V^T, Transpose(P))            [H, (B,) D, S]        transA / transB)
+    scores = MatMul(Transpose(Q^T), K^T) * scale [+ mask']           (onnxruntime fuses the
+    P = Softmax(scores)                                               Transposes into FusedMatMul's
+    ctx^T = MatMul(V^T, Transpose(P)) [x keep]   [H, (B,) D, S]        transA / transB)
     -> [H*D, B*S] for a block-format out-projection (it reads x^T), else [B, S, H*D]
 
-The semantics are torch's SDPA (the exporter's own translation, guard included: a row whose scores
-are all masked gives zeros, as eager does). Sites that do not match exactly (causal, dropout,
+The semantics are torch's SDPA, its guard included: a query row whose keys are all masked gives
+zeros, as eager does (`_guard`: computed on the mask, mask' and keep, not on P as the exporter does). Sites that do not match exactly (causal, dropout,
 grouped-query heads, shared projections, another dtype, other users of the intermediate tensors)
 keep the exporter's translation. Only standard ONNX is written: with ORT_DISABLE_ALL the
 Transposes run as nodes. Each site is recorded in the model's metadata (`record`, key
@@ -247,21 +247,22 @@ def emit(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, mask: str | None,
     a larger batch needs the batch axis moved next to the heads, 4 copies more (~30 us each at
     bert-base's 128 tokens), so the two are the branches of an `If` on B == 1 (~50 us of its own
     per call), or, where the export fixes the batch size (`batch`, static shapes), just the one."""
-    m = None
+    m = keep = None
     if mask is not None:
         m = _additive(e, mask, site.mask)
         if site.mask_rank < 4:
             m = e.node("Unsqueeze", [m, e.ints("mask_axes", list(range(4 - site.mask_rank)))])
+        m, keep = _guard(e, m)
     h, d = site.heads, site.head_dim
     shape = e.ints("ctx_rows", [h * d, -1]) if y_t else e.node("Concat", [lead, e.ints("hidden", [h * d])], axis=0)
     if batch is not None:  # static: the one branch that applies, inline
-        ctx = _core(e, site, q_t, k_t, v_t, m, lead=lead, y_t=y_t, batched=batch != 1)
+        ctx = _core(e, site, q_t, k_t, v_t, m, keep, lead=lead, y_t=y_t, batched=batch != 1)
         e.node("Reshape", [ctx, shape], out=out)
         return
     branches = {}
     for name, batched in (("then_branch", False), ("else_branch", True)):
         b = Emitter(f"{e.prefix}/{'batch' if batched else 'batch1'}")
-        res = _core(b, site, q_t, k_t, v_t, m, lead=lead, y_t=y_t, batched=batched)
+        res = _core(b, site, q_t, k_t, v_t, m, keep, lead=lead, y_t=y_t, batched=batched)
         e.initializers.extend(b.initializers)
         branches[name] = helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(res, TensorProto.FLOAT, None)])
     b = e.node("Slice", [lead, e.ints("first", [0]), e.ints("one", [1])])
@@ -269,7 +270,8 @@ def emit(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, mask: str | None,
     e.node("Reshape", [ctx, shape], out=out)
 
 
-def _core(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, m: str | None, *, lead: str, y_t: bool, batched: bool) -> str:
+def _core(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, m: str | None, keep: str | None, *, lead: str, y_t: bool,
+          batched: bool) -> str:
     h, d = site.heads, site.head_dim
     if batched:  # [H*D, B*S] -> [H, B, D, S]: a batch of per-head transposed matrices
         hdbs = e.node("Concat", [e.ints("heads_dims", [h, d]), lead], axis=0)
@@ -289,8 +291,12 @@ def _core(e: Emitter, site: Site, q_t: str, k_t: str, v_t: str, m: str | None, *
     if m is not None:  # [B|1, H|1, Sq|1, Sk] -> [H|1, B|1, ...] (B = 1: [H|1, Sq|1, Sk]) as the scores
         m = e.node("Transpose", [m], perm=[1, 0, 2, 3]) if batched else e.node("Squeeze", [m, e.ints("batch_axis", [0])])
         scores = e.node("Add", [scores, m])
-    p = _softmax(e, scores)
+    p = e.node("Softmax", [scores], axis=-1)  # (no row all -inf: `_guard`)
     ctx = e.node("MatMul", [vh, e.node("Transpose", [p], perm=swap)])  # [H, (B,) D, S]
+    if keep is not None:  # rows whose keys are all masked give zeros: keep [B|1, H|1, Sq|1, 1] as ctx's [H, (B,) 1, Sq]
+        k = e.node("Transpose", [keep], perm=[1, 0, 3, 2]) if batched else \
+            e.node("Unsqueeze", [e.node("Squeeze", [keep, e.ints("keep_squeeze", [0, 3])]), e.ints("keep_unsqueeze", [1])])
+        ctx = e.node("Mul", [ctx, k])
     # (the branches differ in rank; `emit` reshapes either after the If: a Reshape as a branch's
     # last node would cost a copy of the context out of the subgraph, ~25 us at bert-base's size)
     if y_t:
@@ -330,7 +336,25 @@ def _additive(e: Emitter, mask: str, kind: str) -> str:
                             e.const("neg_inf", np.array(-np.inf, dtype=np.float32), stored=False)])
 
 
+def _guard(e: Emitter, m: str) -> tuple[str, str]:
+    """torch's SDPA gives zeros for a query whose keys are all masked (its safe softmax), where a
+    plain Softmax gives NaN. The exporter guards the probabilities (`_softmax`: IsNaN + Where over
+    [B, H, Sq, Sk], ~0.22 ms per bert-base layer); here the guard works on the mask, which has no
+    head (and often no query) axis: such rows get a mask of zeros (a finite softmax), and `keep`
+    (1 / 0 per query row, [B|1, H|1, Sq|1, 1]) zeroes their context afterwards (x 1 leaves the
+    others exact). Returns (the mask to add, keep)."""
+    f32 = np.float32
+    alive = e.node("Cast", [e.node("Greater", [m, e.const("guard_neg_inf", np.array(-np.inf, dtype=f32), stored=False)])],
+                   to=TensorProto.FLOAT)
+    count = e.node("ReduceSum", [alive, e.ints("key_axis", [-1])], keepdims=1)  # unmasked keys per query row
+    dead = e.node("Less", [count, e.const("half", np.array(0.5, dtype=f32), stored=False)])
+    fixed = e.node("Where", [dead, e.const("guard_zero", np.array(0.0, dtype=f32), stored=False), m])
+    keep = e.node("Min", [count, e.const("one_f", np.array(1.0, dtype=f32), stored=False)])
+    return fixed, keep
+
+
 def _softmax(e: Emitter, scores: str) -> str:
-    """Softmax over the keys; rows whose scores are all -inf (every key masked) give zeros, as torch."""
+    """Softmax over the keys; rows whose scores are all -inf (every key masked) give zeros, as torch
+    (the exporter's guard, kept where a plain export is rewritten: `emit_plain`)."""
     p = e.node("Softmax", [scores], axis=-1)
     return e.node("Where", [e.node("IsNaN", [p]), e.const("nan_to", np.array(0.0, dtype=np.float32), stored=False), p])

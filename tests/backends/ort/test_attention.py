@@ -94,8 +94,11 @@ def test_attention_runs_on_transposed_heads(tmp_path):
     assert count(proto.graph, "Transpose") == 4 and count(proto.graph, "Softmax") == 0
     one, many = branch(site, "then_branch"), branch(site, "else_branch")
     assert count(one, "Transpose") == 2  # Q and P enter their MatMuls transposed (fused by onnxruntime)
-    assert count(many, "Transpose") == 7  # + q, k, v, the mask and the context moved past the batch axis
+    assert count(many, "Transpose") == 8  # + q, k, v, the mask, the context and its keep flags moved past the batch axis
     assert count(one, "Softmax") == count(many, "Softmax") == 1
+    # the all-masked guard works on the mask (no IsNaN over the probabilities) and scales the context
+    assert count(one, "IsNaN") == count(many, "IsNaN") == count(proto.graph, "IsNaN") == 0
+    assert count(one, "Mul") == count(many, "Mul") == 2  # the scale, and the context by the keep flags
     # (a float input keeps its batch dim dynamic, not its sequence: capture's rule)
     cases = [(x, key_mask([9, 6], 9)), (torch.randn(1, 9, HIDDEN), key_mask([3], 9)),  # batch 1: the If's first branch
              (torch.randn(3, 9, HIDDEN), key_mask([7, 0, 2], 9)),  # a fully masked item: zeros from the attention
@@ -236,6 +239,6 @@ def test_static_shapes_need_no_if(batch, tmp_path):
     info = sc.export_onnx(cm, (x, mask), tmp_path / "static.onnx", dynamic_axes=None)
     proto = onnx.load(info["path"])
     assert ifs(proto) == [] and count(proto.graph, "Softmax") == 1
-    assert count(proto.graph, "Transpose") == 4 + (2 if batch == 1 else 7)  # the layers' own + the one branch's
+    assert count(proto.graph, "Transpose") == 4 + (2 if batch == 1 else 8)  # the layers' own + the one branch's
     for optimize in (True, False):
         assert close(run(proto, (x, mask), optimize), m(x, mask))
