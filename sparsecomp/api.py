@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import os
 import re
 from pathlib import Path
@@ -162,6 +161,7 @@ class CompiledModel(torch.nn.Module):
     def __init__(self, gm: torch.fx.GraphModule, report: CompileReport, backend: str, eager: torch.nn.Module | None = None,
                  torch_threads: int | None = None):
         super().__init__()
+        self.training = False  # inference only (`train`)
         self.gm, self.report, self.backend = gm, report, backend
         self._eager = [eager]  # a list: not registered as a submodule (its weights are the user's)
         # torch's own ops (layer norm, attention, ...) on this many threads during a call, where
@@ -193,6 +193,16 @@ class CompiledModel(torch.nn.Module):
     @property
     def runs(self) -> str:
         return "eager" if self._eager[0] is not None else "compiled"
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """A compiled model is for inference: `eval()` is a no-op, `train()` an error (its weights
+        are frozen constants of the graph, captured in eval mode; torch.export's module would
+        raise NotImplementedError from inside)."""
+        if mode:
+            raise SparsecompError(f"{self.report.model} was compiled for inference: it has no training mode",
+                                  hint="train the original model, then compile it again")
+        self.training = False
+        return self
 
     def forward(self, *args, **kwargs):
         if self._eager[0] is not None:
@@ -358,6 +368,9 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
         raise
     report = CompileReport(label, backend, plan.text, cache=dict(cache.stats))
     report.notes.extend(lowered.notes)
+    if cache.write_error:
+        report.notes.append(f"the decision cache {str(cache.path)!r} could not be written ({cache.write_error}): this "
+                            "compile's measurements are not kept; set SPARSECOMP_CACHE_DIR (or cache_dir=) to a writable directory")
     if only is not None and only.unmatched() and lowered.decisions:
         report.notes.append(f"kernels=: {', '.join(map(repr, only.unmatched()))} matched no candidate kernel of any layer "
                             "(a typo? names are the report's kernel labels up to their '{')")
@@ -591,8 +604,8 @@ def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
         d = by_layer[name_].popleft() if by_layer[name_] else None
         if d is None:
             row.update(decision="dense", kernel="aten.linear", reason=f"not rewritten: {why}")
-        else:
-            row.update({k: v for k, v in d.to_dict().items() if k not in ("layer", "shape", "density")})
+        else:  # (without analyze-weights in the pipeline, the shape and density the backend measured)
+            row.update({k: v for k, v in d.to_dict().items() if k not in ("layer", "shape", "density") or row.get(k) is None})
             if not _rewritten:  # a dense layer a backend still lowered (e.g. the torch backend's one-row GEMV)
                 row["reason"] = f"not rewritten: {why}; {d.reason}"
         rows.append(row)
@@ -815,24 +828,11 @@ def set_num_threads(n: int | None = None) -> int:
 
     ONNX Runtime sessions that sparsecomp opens afterwards take it as their pool size
     (`sparsecomp.backends.ort.use_global_thread_pool()` shares one pool across the process)."""
+    from sparsecomp.threads import check_count, env_threads
+
     if n is None:
-        env = os.environ.get("SPARSECOMP_NUM_THREADS")
-        try:
-            n = int(env) if env else torch.get_num_threads()
-        except ValueError:
-            raise SparsecompError(f"SPARSECOMP_NUM_THREADS={env!r} is not an integer", hint="e.g. SPARSECOMP_NUM_THREADS=2") from None
-    try:
-        if isinstance(n, bool):
-            raise TypeError
-        n = operator.index(n)  # ints and integer scalars (numpy's), not floats or strings
-    except TypeError:
-        raise SparsecompError(f"thread count must be an int, got {n!r}", hint="e.g. sparsecomp.set_num_threads(2)") from None
-    if n < 1:
-        raise SparsecompError(f"thread count must be >= 1, got {n}")
-    cpus = os.cpu_count() or n
-    if n > 4 * cpus:  # more threads than this makes sense for (and TVM / OpenMP allocate per thread)
-        raise SparsecompError(f"thread count {n} is more than 4x this machine's {cpus} CPUs",
-                              hint=f"use at most {cpus} (one per core is what the kernels are tuned for)")
+        n = env_threads() or torch.get_num_threads()
+    n = check_count(n)
     torch.set_num_threads(n)
     os.environ["TVM_NUM_THREADS"] = str(n)  # read by TVM's runtime when it loads
     os.environ["SPARSECOMP_NUM_THREADS"] = str(n)  # read by the ort backend's shared session pool

@@ -74,6 +74,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make a shared cache owner-only
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -85,6 +86,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)  # (reading it means setting it: once per process)
+    os.umask(mask)
+    return mask
+
+
 class DecisionCache:
     """Measured per-layer decisions of one backend, persisted as JSON."""
 
@@ -92,18 +100,19 @@ class DecisionCache:
         self.backend = backend
         self.path = (directory or cache_dir()) / "decisions" / f"{backend}.json"
         self.stats = {"hit": 0, "miss": 0, "corrupt": 0, "written": 0}
+        self.write_error: str | None = None  # why decisions could not be written (then none are, this run)
         self._entries = self._read()
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self, count: bool = True) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (no cache yet, or a path `put` will report)
             return {}
         except (OSError, ValueError):
-            self.stats["corrupt"] += 1
+            self.stats["corrupt"] += count  # (a re-read to merge a write does not count the same file again)
             return {}
         if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), dict):
-            self.stats["corrupt"] += 1
+            self.stats["corrupt"] += count
             return {}
         return data["entries"]
 
@@ -130,8 +139,17 @@ class DecisionCache:
         return entry
 
     def put(self, key: str, entry: dict) -> None:
+        """Keep `entry` (for this run) and write it to disk. A cache that cannot be written (a file
+        in the path, a read-only directory or file system) does not stop a compile: the decisions
+        hold for this run only, and `write_error` says why (the compile report notes it)."""
         self._entries[key] = entry
-        merged = self._read() | self._entries  # keep what other processes wrote meanwhile
+        if self.write_error is not None:
+            return
+        merged = self._read(count=False) | self._entries  # keep what other processes wrote meanwhile
         self._entries = merged
-        atomic_write_bytes(self.path, json.dumps({"schema": SCHEMA, "entries": merged}, indent=1, sort_keys=True).encode())
+        try:
+            atomic_write_bytes(self.path, json.dumps({"schema": SCHEMA, "entries": merged}, indent=1, sort_keys=True).encode())
+        except OSError as err:
+            self.write_error = f"{type(err).__name__}: {err.strerror or err}"
+            return
         self.stats["written"] += 1

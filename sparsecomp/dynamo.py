@@ -17,12 +17,16 @@ tensors they measure, so the capture keeps those dims dynamic; any other non-ten
 the graph run as dynamo gave it (no sparse rewrite), and the reason is logged.
 
 Options: `torch.compile(model, backend="sparsecomp", options={...})` forwards `options` as keyword
-arguments of `sparsecomp.compile` (e.g. `{"max_seconds_per_layer": 0.2, "kernels": "dense,tir-sell"}`).
+arguments of `sparsecomp.compile` (e.g. `{"max_seconds_per_layer": 0.2, "kernels": "dense,tir-sell"}`);
+`mode="max-autotune"` means `tune=True`. One graph keeps a compiled model per set of frozen
+weights (dynamo shares a graph between instances of a module class). Called with weights that
+require grad while grad is enabled (training), it warns once: frozen weights get no gradients.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
@@ -33,7 +37,11 @@ __all__ = ["backend"]
 log = logging.getLogger("sparsecomp.dynamo")
 
 _ALLOWED_OPTIONS = {"backend", "sparsify", "calibration", "activation_sparsity", "pipeline", "verify", "cache_dir",
-                    "max_seconds_per_layer", "use_tir", "kernels", "name"}
+                    "max_seconds_per_layer", "use_tir", "kernels", "name", "tune"}
+# torch.compile's `mode`: the autotuning modes ask for sparsecomp's `tune=True`; the others change nothing here
+_TUNE_MODES = {"max-autotune", "max-autotune-no-cudagraphs"}
+_MODES = {None, "default", "reduce-overhead", *_TUNE_MODES}
+MAX_COMPILED = 8  # compiled weight sets one graph keeps (instances sharing the graph; weights that changed)
 
 
 def _frozen_positions(gm: torch.fx.GraphModule, example_inputs: list) -> list[int]:
@@ -102,36 +110,55 @@ class _Runner:
         self.positions = _frozen_positions(gm, example_inputs)
         self.sizes = _size_sources(gm, example_inputs) or {}
         self.user_positions = [i for i in range(len(example_inputs)) if i not in self.positions and i not in self.sizes]
-        self.compiled, self.signature = None, None
+        # One compiled model per set of frozen weights: dynamo reuses one graph for every instance of
+        # a module class (their weights are its inputs), so two blocks would otherwise recompile on
+        # every call, alternately. Oldest first; a weight changed in place makes a new set.
+        self.compiled: dict[tuple, object] = {}
+        self.warned_grad = False
 
-    def _signature(self, inputs) -> list[tuple[int, int]]:
-        return [(inputs[i].data_ptr(), inputs[i]._version) for i in self.positions]
+    def _signature(self, inputs) -> tuple:
+        return tuple((inputs[i].data_ptr(), inputs[i]._version) for i in self.positions)
 
-    def _compile(self, inputs) -> None:
+    def _compile(self, inputs, signature: tuple):
         from sparsecomp.api import compile as sc_compile
 
         frozen = _FrozenGraph(self.gm, self.positions, [inputs[i] for i in self.positions], len(inputs), self.sizes)
         user = tuple(inputs[i] for i in self.user_positions)
         opts = {"name": "torch.compile graph", **self.options}
-        self.compiled = sc_compile(frozen, user, **opts)
-        self.signature = self._signature(inputs)
-        rows = self.compiled.report.rows
+        compiled = sc_compile(frozen, user, **opts)
+        if len(self.compiled) >= MAX_COMPILED:
+            self.compiled.pop(next(iter(self.compiled)))
+        self.compiled[signature] = compiled
+        rows = compiled.report.rows
         log.info("sparsecomp: %d of %d layers sparse, runs %s", sum(r.get("decision") == "sparse" for r in rows),
-                 len(rows), self.compiled.runs)
+                 len(rows), compiled.runs)
+        return compiled
 
     @torch._dynamo.disable  # our own code (capture, measurement, kernels) is not for dynamo to trace
     def __call__(self, *inputs):
-        if self.compiled is None:
-            self._compile(inputs)
-        elif self._signature(inputs) != self.signature:
-            log.info("sparsecomp: a frozen weight changed since compilation; compiling again")
-            self._compile(inputs)
-        return self.compiled(*(inputs[i] for i in self.user_positions))
+        if not self.warned_grad and torch.is_grad_enabled() and any(inputs[i].requires_grad for i in self.positions):
+            self.warned_grad = True  # (once: inference code that forgot no_grad() would hear it on every call)
+            warnings.warn("torch.compile(backend='sparsecomp') is for inference: the model's weights are frozen into the "
+                          "compiled graph and get no gradients (call it under torch.no_grad() / torch.inference_mode(); "
+                          "to train, use another backend)", stacklevel=2)
+        signature = self._signature(inputs)
+        compiled = self.compiled.get(signature)
+        if compiled is None:
+            if self.compiled:
+                log.info("sparsecomp: frozen weights this graph has not seen (another instance, or changed); compiling")
+            compiled = self._compile(inputs, signature)
+        return compiled(*(inputs[i] for i in self.user_positions))
 
 
 def backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs):
     """The `torch_dynamo_backends` entry point: returns a callable with `gm.forward`'s signature."""
-    options = dict(options or {}, **{k: v for k, v in kwargs.items() if k != "mode"})
+    mode = kwargs.pop("mode", None)
+    if mode not in _MODES:
+        raise SparsecompError(f"unknown torch.compile mode {mode!r} for backend 'sparsecomp'",
+                              hint=f"modes: {', '.join(sorted(m for m in _MODES if m))} (max-autotune: sparsecomp's tune=True)")
+    options = dict(options or {}, **kwargs)
+    if mode in _TUNE_MODES:
+        options.setdefault("tune", True)
     unknown = set(options) - _ALLOWED_OPTIONS
     if unknown:
         raise SparsecompError(f"unknown torch.compile option(s) for backend 'sparsecomp': {', '.join(sorted(unknown))}",

@@ -213,7 +213,8 @@ class CompileReport:
             t.add_column(c, justify="right" if c in ("M", "density", "dense µs", "chosen µs", "speedup") else "left")
         for r in self.rows:
             dense, chosen = (v if _measured(v) else None for v in (r.get("dense_us"), r.get("chosen_us")))
-            t.add_row(r["layer"], "x".join(map(str, r["shape"])), str(r.get("m", "-")), _pct(r["density"]), r["pattern"],
+            t.add_row(r["layer"], "x".join(map(str, r["shape"])) if r.get("shape") else "-", str(r.get("m", "-")),
+                      _pct(r["density"]) if r.get("density") is not None else "-", r["pattern"],
                       r["decision"], r.get("kernel", "-"), f"{dense:.0f}" if dense else "-", f"{chosen:.0f}" if chosen else "-",
                       f"{dense / chosen:.2f}x" if dense and chosen else "-", r["reason"],
                       style="green" if r["decision"] == "sparse" else None)

@@ -38,14 +38,10 @@ _GLOBAL_POOL_REFUSED = "use_per_session_threads must be false when using a globa
 
 
 def threads() -> int:
-    """sparsecomp's one thread setting: SPARSECOMP_NUM_THREADS, else torch's intra-op threads."""
-    env = os.environ.get("SPARSECOMP_NUM_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise SparsecompError(f"SPARSECOMP_NUM_THREADS={env!r} is not an integer", hint="e.g. SPARSECOMP_NUM_THREADS=2") from None
-    return torch.get_num_threads()
+    """sparsecomp's one thread setting: SPARSECOMP_NUM_THREADS (`sparsecomp.threads`), else torch's intra-op threads."""
+    from sparsecomp.threads import env_threads
+
+    return env_threads() or torch.get_num_threads()
 
 
 def use_global_thread_pool(n: int | None = None) -> int:

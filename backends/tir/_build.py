@@ -161,10 +161,11 @@ def _load(path: Path, meta: Path):
 def _store(lib, path: Path, meta: Path):
     """Export atomically; returns the loaded function, or None if exporting is impossible."""
     tvm = _target.tvm()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # (a file in the path, a read-only disk: in memory below)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=path.parent)
+        os.close(fd)
         lib.export_library(tmp)
         digest = _sha256_file(Path(tmp))
         fdm, tmpm = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
@@ -177,9 +178,9 @@ def _store(lib, path: Path, meta: Path):
         return func
     except Exception as exc:  # noqa: BLE001 - no C compiler / read-only disk: stay in memory
         _log.warning("cannot cache kernel on disk (%s); using it from memory", exc)
-        for t in (tmp,):
+        if tmp is not None:
             try:
-                os.unlink(t)
+                os.unlink(tmp)
             except OSError:
                 pass
         return None

@@ -46,10 +46,9 @@ def _affinity_cpus() -> int:
 
 
 def _default_threads() -> int:
-    env = os.environ.get("SPARSECOMP_NUM_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    return _affinity_cpus()
+    from sparsecomp.threads import env_threads
+
+    return env_threads() or _affinity_cpus()
 
 
 def _spin_count() -> str:

@@ -309,3 +309,65 @@ def test_verify_fallback_keeps_the_pruning_and_says_the_activation_sparsity_is_d
     assert any(n.endswith("calls go to the pruned model, uncompiled") for n in notes), notes  # not the user's
     assert cm.report.verify["reference"] == "eager (the fallback runs the model itself)"
     assert cm._eager[0] is not m and float((cm._eager[0][0].weight == 0).float().mean()) == 0.5
+
+
+def test_compile_with_a_cache_it_cannot_write_works_and_says_so(tmp_path, monkeypatch):
+    import sparsecomp as sc
+    from sparsecomp.ir import compare_outputs
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path / "afile"))  # decisions and kernels both under it
+    m, x = _sparse_mlp()
+    cm = sc.compile(m, x, max_seconds_per_layer=0.05)
+    assert cm.report.cache["written"] == 0
+    assert any("could not be written (NotADirectoryError" in n for n in cm.report.notes), cm.report.notes
+    assert compare_outputs(cm(*x), m(*x))[0]
+
+
+def test_compiled_model_is_for_inference(tmp_path):
+    import sparsecomp as sc
+    from sparsecomp.errors import SparsecompError
+
+    m, x = _sparse_mlp()
+    cm = sc.compile(m, x, cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert cm.eval() is cm and not cm.training
+    with pytest.raises(SparsecompError, match="compiled for inference"):
+        cm.train()
+
+
+def test_report_of_a_pipeline_without_analyze_weights_renders(tmp_path):
+    """sparse-linear measures the weights itself without analyze-weights: the rows take the shape
+    and density the backend saw, and the table prints."""
+    import sparsecomp as sc
+
+    m, x = _sparse_mlp()
+    cm = sc.compile(m, x, pipeline="sparse-linear", cache_dir=str(tmp_path), max_seconds_per_layer=0.05)
+    assert [r["shape"] for r in cm.report.rows] == [[512, 256], [128, 512]]
+    assert all(abs(r["density"] - 0.05) < 0.01 for r in cm.report.rows)
+    assert "512x256" in _render(cm.report)
+
+
+def _render(report) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(report)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("env, match", [("0", ">= 1"), ("-2", ">= 1"), ("abc", "not an integer"), ("100000", "more than 4x")])
+def test_every_reader_of_the_thread_setting_checks_it_alike(monkeypatch, env, match):
+    """set_num_threads, the ort backend's sessions and the TIR pool read SPARSECOMP_NUM_THREADS
+    through one parser: a bad value is the same clear error everywhere (it was 1 in one place,
+    every CPU in another)."""
+    from sparsecomp import set_num_threads
+    from sparsecomp.backends.ort.runner import threads
+    from sparsecomp.backends.tir._target import _default_threads
+    from sparsecomp.errors import SparsecompError
+
+    monkeypatch.setenv("SPARSECOMP_NUM_THREADS", env)
+    for read in (set_num_threads, threads, _default_threads):
+        with pytest.raises(SparsecompError, match=match):
+            read()
+    monkeypatch.setenv("SPARSECOMP_NUM_THREADS", "2")
+    assert threads() == _default_threads() == 2

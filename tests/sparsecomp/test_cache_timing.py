@@ -36,6 +36,28 @@ def test_corrupt_file_is_ignored_and_rewritten(tmp_path):
     assert c.get(k) is None
     c.put(k, {"format": "dense"})
     assert json.loads(c.path.read_text())["entries"][k] == {"format": "dense"}
+    assert c.stats["corrupt"] == 1 and c.stats["written"] == 1  # the write's merge re-read is not counted again
+
+
+def test_a_cache_that_cannot_be_written_keeps_decisions_for_the_run(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    c = DecisionCache("torch", tmp_path / "afile")  # a file where the directory should be
+    assert c.stats == {"hit": 0, "miss": 0, "corrupt": 0, "written": 0}
+    c.put("k", {"format": "dense"})
+    assert c.write_error.startswith("NotADirectoryError") and c.stats["written"] == 0
+    assert c.get("k") == {"format": "dense"}  # this run still has it
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_cache_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    c = DecisionCache("torch", tmp_path)
+    c.put("k", {"format": "dense"})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(c.path.stat().st_mode) == 0o666 & ~mask  # (mkstemp alone: 0600, owner-only)
 
 
 def test_foreign_schema_and_invalid_entries_are_not_trusted(tmp_path):
