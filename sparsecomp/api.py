@@ -603,7 +603,8 @@ def _report_rows(ctx: PassContext, decisions: list) -> list[dict]:
                "pattern": describe_pattern(st)}
         d = by_layer[name_].popleft() if by_layer[name_] else None
         if d is None:
-            row.update(decision="dense", kernel="aten.linear", reason=f"not rewritten: {why}")
+            row.update(decision="dense", kernel="aten.convolution" if st and st.op == "conv" else "aten.linear",
+                       reason=f"not rewritten: {why}")
         else:  # (without analyze-weights in the pipeline, the shape and density the backend measured)
             row.update({k: v for k, v in d.to_dict().items() if k not in ("layer", "shape", "density") or row.get(k) is None})
             if not _rewritten:  # a dense layer a backend still lowered (e.g. the torch backend's one-row GEMV)

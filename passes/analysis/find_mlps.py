@@ -6,8 +6,8 @@ function returns the region or the reason it did not match):
 - `plain`:  down(act(up(x)))                      e.g. BERT, OPT, ViT FFNs
 - `gated`:  down(act(gate(x)) * up(x))            e.g. LLaMA SwiGLU
 
-where up / gate / down are matmul-like nodes with constant weights (`sparsecomp.ir.linear_sites`)
-and `act` is a known activation. The activation's family decides what later rewrites may do:
+where up / gate / down are Linear / matmul nodes with constant weights (`sparsecomp.ir.linear_sites`;
+convolutions are not matched: sparse-mlp skips rows of a matrix) and `act` is a known activation. The activation's family decides what later rewrites may do:
 `relu` family (relu, relu6, relu^2) produces exact zeros (lossless skipping), `gelu` / `silu`
 only near-zeros (threshold modes, lossy).
 """
@@ -99,7 +99,8 @@ def find_mlps(gm, ctx, *, min_hidden: int = 1) -> PassResult:
     Options:
       min_hidden: ignore regions whose hidden size is smaller than this.
     """
-    sites = {s.node: s for s in linear_sites(gm)}
+    # Linear / matmul layers only: sparse-mlp's kernels skip rows of a matrix, not a convolution's channels
+    sites = {s.node: s for s in linear_sites(gm) if s.kind != "conv"}
     regions: list[MLPRegion] = []
     used: set[fx.Node] = set()
     misses = {"shared-hidden": 0}  # regions rejected because the hidden tensor escapes

@@ -78,8 +78,17 @@ def test_must_not_match():
         def forward(self, x):
             return self.down(F.silu(self.gate(x)) * self.up(x + 1))
 
+    class Convs(nn.Module):  # conv -> relu -> conv: channels, not the rows sparse-mlp skips
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Conv2d(16, 64, 1), nn.Conv2d(64, 16, 1)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
     for model, x in [(Escapes(nn.ReLU()), torch.randn(2, 16)), (NoAct(None), torch.randn(2, 16)),
-                     (Tanh(None), torch.randn(2, 16)), (GateInputsDiffer(), torch.randn(2, 16))]:
+                     (Tanh(None), torch.randn(2, 16)), (GateInputsDiffer(), torch.randn(2, 16)),
+                     (Convs(), torch.randn(1, 16, 4, 4))]:
         _, found = regions(model, x)
         assert found == [], type(model).__name__
 
