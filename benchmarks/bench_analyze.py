@@ -6,7 +6,7 @@ median of `--repeat` runs (after one warm-up) of capture, and of the analysis pi
 captured graph, plus the per-weight cost. Prints a table and writes JSON to
 `benchmarks/results/bench_analyze.json`.
 
-    .venv/bin/python benchmarks/bench_analyze.py [--models a,b] [--repeat 5]
+    .venv/bin/python benchmarks/bench_analyze.py [--models a,b] [--repeat N (default 3)]
 """
 
 from __future__ import annotations

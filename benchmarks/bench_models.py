@@ -439,7 +439,7 @@ class Bench:
             info["compiled_vs_deepsparse"] = {"compiled_ms": ours, "deepsparse_ms": ds_ms, "plain": plain,
                                               "relative_to_ort_dense": normalised}
             info["target"] = {"metric": "compiled_vs_deepsparse", "target": 1.0, "measured": min(plain, normalised),
-                              "met": min(plain, normalised) >= 1.0}
+                              "met": min(plain, normalised) > 1.0}  # "faster than"
         info["wall_s"] = time.perf_counter() - t_start
         return info
 

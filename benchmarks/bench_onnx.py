@@ -25,7 +25,8 @@ contenders so the other's spinning pool parks. File sizes are the .onnx plus ext
 export's outputs are checked against eager within 1e-4 x max|output| with ORT graph optimizations
 on and off (ORT_DISABLE_ALL). Timing on a shared machine is noisy: only same-run ratios mean anything.
 
-Targets (issue #4): b16x1 >= 1.8x faster than dense; never slower than dense (every case >= ~1x);
+Targets (issue #4): b16x1 >= 1.8x faster than dense; never slower than dense (every case >= 1x, recorded
+strictly and within the 5% noise a dense-against-dense comparison shows);
 u90 file <= 0.4x of the dense file; opt-decode-u90 >= 2x.
 
     .venv/bin/python benchmarks/bench_onnx.py [--quick] [--cases a,b] [--runs N] [--json PATH]
@@ -168,7 +169,10 @@ def run_case(case: str, args, work: Path) -> dict:
     out["times"] = t
     out["speedup"] = t["dense"]["median_ms"] / t["sparsecomp"]["median_ms"]
     out["speedup_vs_stock_session"] = t["dense_stock_session"]["median_ms"] / t["sparsecomp"]["median_ms"]
-    out["never_slower"] = out["speedup"] >= NEVER_SLOWER
+    # issue #4: "never slower than ORT dense"; recorded strictly, and within the 5% timing noise
+    # a dense-against-dense comparison shows (every layer left dense times the same graph twice)
+    out["never_slower"] = out["speedup"] >= 1.0
+    out["never_slower_within_noise"] = out["speedup"] >= NEVER_SLOWER
     if case in TARGETS:
         metric, thr = TARGETS[case]
         if metric == "speedup":
@@ -189,7 +193,8 @@ def table(results: dict) -> str:
             lines.append(f"{case:18} error: {r['error']}")
             continue
         tgt = r.get("target")
-        tgt_s = f"{tgt['metric']} {'<=' if tgt['metric'] == 'file_ratio' else '>='} {tgt['target']}: {'met' if tgt['met'] else 'NOT met'}" if tgt else ""
+        tgt_s = f"{tgt['metric']} {'<=' if tgt['metric'] == 'file_ratio' else '>='} {tgt['target']}: {'met' if tgt['met'] else 'NOT met'}; " if tgt else ""
+        tgt_s += ("never slower: " + ("yes" if r["never_slower"] else "within 5% noise" if r["never_slower_within_noise"] else "NO"))
         lines.append(f"{case:18} {r['times']['dense']['median_ms']:9.2f} {r['times']['sparsecomp']['median_ms']:14.2f} "
                      f"{r['speedup']:7.2f}x {r.get('speedup_vs_stock_session', float('nan')):8.2f}x {r['bytes']['dense'] / 2**20:10.1f} {r['bytes']['sparsecomp'] / 2**20:9.1f} "
                      f"{r['file_ratio']:5.2f}x {r['sparse_layers']:>6}/{r['lowered_layers']:<7}  {tgt_s}")

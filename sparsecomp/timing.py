@@ -169,6 +169,12 @@ def _measured_llc_bytes(reported: int) -> int:
     return max(best, 8 * 2**20)
 
 
+def reported_llc_bytes() -> int | None:
+    """The last-level cache size the machine reports (sysfs), None where it reports none. On a VM
+    this can be the whole socket's, more than the process can count on (`l3_bytes`)."""
+    return _sysfs_llc_bytes()
+
+
 def l3_bytes() -> int:
     """The last-level cache this process can count on: the size sysfs reports (default 32 MiB);
     where that is above `MEASURE_LLC_ABOVE`, the measured share instead (`_measured_llc_bytes`).
