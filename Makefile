@@ -34,14 +34,19 @@ demo: $(STAMP_BASE)
 test: $(STAMP_TEST)
 	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/pytest -n 2 --dist loadgroup
 
-# Benchmarks take minutes each (bench_models about 10): run them on a quiet machine.
+# Benchmarks take minutes each (bench_models about 10): run them on a quiet machine. Results go to
+# benchmarks/results/$(MACHINE)/ (default "local"; the committed figures are in intel-xeon-vm/, and
+# the AMD VM's in results/ itself), so a run never overwrites another machine's files.
+MACHINE ?= local
+RESULTS = benchmarks/results/$(MACHINE)
 bench: $(STAMP_BASE)
-	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_analyze.py
-	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_linear.py
-	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_models.py
-	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_onnx.py
-	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_mlp.py
-	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_quality.py
+	mkdir -p $(RESULTS)
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_analyze.py --out $(RESULTS)/bench_analyze.json
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_linear.py --json $(RESULTS)/bench_linear.json
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_models.py --json $(RESULTS)/bench_models.json
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_onnx.py --json $(RESULTS)/onnx.json
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_mlp.py --json $(RESULTS)/mlp.json
+	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/bench_quality.py --out $(RESULTS)/quality.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
