@@ -338,7 +338,6 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     for cfg in plan.sparsify:
         model, what = _apply_sparsify(model, cfg, batches, label)
         pruned.append(what)
-    lossy = [*pruned, *plan.graph_lossy]
     pm = PassManager(plan.graph)
     example = normalize_inputs(example_inputs)
     # Compiled models are for inference; the reference and the fallback to the original model run
@@ -383,7 +382,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
             f"other processes used {others.share:.0%} of the CPUs while layers were timed: the measured choices "
             "(now cached) reflect that contention and may not hold on a quiet machine; to measure again, compile "
             "with an empty cache_dir (or clear the cache) when the machine is quiet")
-    report.notes.extend(f"lossy (asked for): {what}" for what in lossy)
+    report.notes.extend(f"lossy (asked for): {what}" for what in pruned)  # (the graph's lossy steps: once it is known whether they run)
     report.rows = _report_rows(ctx, lowered.decisions)
     spin = omp.spin_note()
     if spin and backend == "torch" and any(r.get("decision") == "sparse" for r in report.rows) and _tir_pool() != "openmp":
@@ -406,25 +405,24 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
             ok = cos >= LOSSY_MIN_COSINE
             report.verify.update(ok=ok, cosine=cos, rule=f"cosine >= {LOSSY_MIN_COSINE} (lossy modes)")
         if not ok:  # never return a model that disagrees
-            return _dense_fallback(model, example_inputs, backend, report, plan, pruned, err, allowed,
+            return _dense_fallback(model, example_inputs, example, backend, report, plan, pruned, err, allowed,
                                    cache_dir=cache_dir, name=label, use_tir=use_tir, kernels=kernels)
     cm = _choose_end_to_end(model, lowered.module, report, backend, example,
-                            "the pruned model, uncompiled" if pruned or getattr(model, PRUNED_COPY, False) else "the original model")
-    if report.end_to_end.get("runs") == "eager":  # the graph's lossy steps do not run either
-        report.notes = [f"not applied (calls go to the model without it): {n.removeprefix('lossy (asked for): ')}"
-                        if n.removeprefix("lossy (asked for): ") in plan.graph_lossy else n for n in report.notes]
+                            "the pruned model, uncompiled" if getattr(model, PRUNED_COPY, False) else "the original model")
+    # where calls go to the model itself, the graph's lossy steps do not run either
+    said = "not applied (calls go to the model without it)" if cm.runs == "eager" else "lossy (asked for)"
+    report.notes.extend(f"{said}: {what}" for what in plan.graph_lossy)
     return cm
 
 
-def _dense_fallback(model, example_inputs, backend: str, report: CompileReport, plan: _Plan, pruned: list[str],
+def _dense_fallback(model, example_inputs, example, backend: str, report: CompileReport, plan: _Plan, pruned: list[str],
                     err: float, allowed: float, **options) -> CompiledModel:
     """compile()'s answer when the compiled model disagreed with its reference (error `err`): the
     same model compiled again with every layer dense, checked, with a report that says why.
     Sparsification (`pruned`) already happened on `model`: it is what was asked, and stays; the
     graph's lossy steps (`plan.graph_lossy`) do not run in the fallback."""
-    from sparsecomp.ir import compare_outputs, normalize_inputs, run_graph
+    from sparsecomp.ir import compare_outputs, run_graph
 
-    example = normalize_inputs(example_inputs)
     fallback = compile(model, example_inputs, backend, pipeline="analyze-weights", verify=False, **options)
     fallback.report.rows = [dict(r, decision="dense", kernel="aten.linear" if backend == "torch" else "dense",
                                  reason=f"fallback: compiled model disagreed with the reference (error {err:.3g} > {allowed:.3g})")

@@ -138,6 +138,19 @@ class DecisionCache:
         self.stats["hit"] += 1
         return entry
 
+    def decision(self, lookups: list[tuple[str, Any]]) -> tuple[dict | None, int]:
+        """The first trustworthy measured decision among `lookups` ((key, labels) pairs, the most
+        preferred first, e.g. `tune`'s decision before the compile's own), and its index; a decision
+        names one of its lookup's `labels` and has its timings. Only the last key counts as a miss
+        when absent (the preferred ones are optional). (None, -1) when none is cached."""
+        for i, (key, labels) in enumerate(lookups):
+            if i < len(lookups) - 1 and not self.has(key):
+                continue
+            entry = self.get(key, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
+            if entry is not None:
+                return entry, i
+        return None, -1
+
     def put(self, key: str, entry: dict) -> None:
         """Keep `entry` (for this run) and write it to disk. A cache that cannot be written (a file
         in the path, a read-only directory or file system) does not stop a compile: the decisions

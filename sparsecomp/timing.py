@@ -172,7 +172,7 @@ def _measured_llc_bytes(reported: int) -> int:
 def reported_llc_bytes() -> int | None:
     """The last-level cache size the machine reports (sysfs), None where it reports none. On a VM
     this can be the whole socket's, more than the process can count on (`l3_bytes`)."""
-    return _sysfs_llc_bytes()
+    return _sysfs_llc_bytes() or None
 
 
 def l3_bytes() -> int:

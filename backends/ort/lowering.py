@@ -140,18 +140,13 @@ class LinearChoice:
     reason: str
 
 
-def tuned_or(cache: DecisionCache, key: str, tuned_key: str | None, by_label: dict, notes: list[str]) -> dict | None:
-    """The cached decision for `key`, or first the one `tune` made under `tuned_key` (it timed every
-    candidate, with more time: it beats a compile's shortlist); None when neither is cached."""
-    def valid(e, labels=by_label):
-        return e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e
-
-    if tuned_key is not None:
-        entry = cache.get(tuned_key, validate=valid) if cache.has(tuned_key) else None
-        if entry is not None:
-            notes.append("tuned decision (sparsecomp tune)")
-            return entry
-    return cache.get(key, validate=valid)
+def cached_decision(cache: DecisionCache, key: str, tuned_key: str | None, by_label: dict, notes: list[str]) -> dict | None:
+    """The cached decision for `key`, preferring the one `tune` made under `tuned_key` (it timed
+    every candidate, with more time: it beats a compile's shortlist); None when neither is cached."""
+    entry, i = cache.decision([(tuned_key, by_label), (key, by_label)] if tuned_key is not None else [(key, by_label)])
+    if entry is not None and tuned_key is not None and i == 0:
+        notes.append("tuned decision (sparsecomp tune)")
+    return entry
 
 
 def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *, layer: str,
@@ -192,7 +187,7 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
                              **({"tuned": True} if tuned else {}))
 
         key = key_for(tune)
-        entry = tuned_or(cache, key, key_for(True) if not tune and only is None else None, by_label, notes)
+        entry = cached_decision(cache, key, key_for(True) if not tune and only is None else None, by_label, notes)
     if entry is not None:
         chosen = by_label[entry["kernel"]]
         fn, why = run_candidate(chosen, x, reference, opset)

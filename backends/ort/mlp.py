@@ -63,7 +63,7 @@ from sparsecomp.timing import model_is_cold
 from . import kernels as K
 from .export import Placement
 from .kernels import Candidate, Emitter
-from .lowering import run_candidate, time_candidates, tuned_or
+from .lowering import cached_decision, run_candidate, time_candidates
 from .runner import threads
 
 __all__ = ["CANDIDATE_SET_VERSION", "MLPArrays", "MLPDecision", "candidates", "decide_mlps", "part_records", "plain_dense", "pruned_candidate"]
@@ -456,7 +456,7 @@ def decide_mlps(gm: fx.GraphModule, example, *, cache: DecisionCache | None, max
                                  **({"tuned": True} if tuned else {}))
 
             key = key_for(tune)
-            entry = tuned_or(cache, key, key_for(True) if not tune and not only else None, by_label, notes)
+            entry = cached_decision(cache, key, key_for(True) if not tune and not only else None, by_label, notes)
         if entry is not None:
             fn, why = run_candidate(by_label[entry["kernel"]], x, reference, opset)
             if fn is not None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from sparsecomp.errors import SparsecompError
+from sparsecomp.threads import env_threads
 
 __all__ = ["PROBED_FUSIONS", "OrtModule", "fusion_choice", "fusion_note", "pool_note", "session", "threads", "use_global_thread_pool"]
 
@@ -39,8 +40,6 @@ _GLOBAL_POOL_REFUSED = "use_per_session_threads must be false when using a globa
 
 def threads() -> int:
     """sparsecomp's one thread setting: SPARSECOMP_NUM_THREADS (`sparsecomp.threads`), else torch's intra-op threads."""
-    from sparsecomp.threads import env_threads
-
     return env_threads() or torch.get_num_threads()
 
 

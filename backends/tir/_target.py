@@ -34,6 +34,7 @@ import os
 
 from sparsecomp import omp
 from sparsecomp.errors import SparsecompError
+from sparsecomp.threads import env_threads
 
 __all__ = ["available", "tvm", "host_target", "vector_width", "has_feature", "set_num_threads", "get_num_threads"]
 
@@ -46,8 +47,6 @@ def _affinity_cpus() -> int:
 
 
 def _default_threads() -> int:
-    from sparsecomp.threads import env_threads
-
     return env_threads() or _affinity_cpus()
 
 

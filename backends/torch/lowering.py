@@ -135,16 +135,14 @@ def choose_kernel(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
         lookups = [(key, by_label)]
         if not tune and only is None:  # a decision `tune` made for this layer beats the shortlist's
             full = {c.label: c for c in candidates(weight, m, use_tir=use_tir, exhaustive=True)}
-            if cache.has(key_for(full, True)):
-                lookups.insert(0, (key_for(full, True), full))
-        for k, labels in lookups:
-            entry = cache.get(k, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
-            if entry is not None:
-                chosen, cached = labels[entry["kernel"]], True
-                measured = dict(entry.get("measured", {}))
-                if labels is not by_label:
-                    notes.append("tuned decision (sparsecomp tune)")
-                break
+            lookups.insert(0, (key_for(full, True), full))
+        entry, i = cache.decision(lookups)
+        if entry is not None:
+            labels = lookups[i][1]
+            chosen, cached = labels[entry["kernel"]], True
+            measured = dict(entry.get("measured", {}))
+            if labels is not by_label:
+                notes.append("tuned decision (sparsecomp tune)")
     runners = {}
     if chosen is not None:
         runner, why = _check(chosen.make, weight, bias, x, reference, rtol)

@@ -945,7 +945,7 @@ def lower_sparse_mlp(gm: fx.GraphModule, example: tuple[tuple, dict], *, cache: 
                             density=round(density, 2), version=CANDIDATE_SET_VERSION, candidates=sorted(strategies), cold=flush is not None, pool=_pool_tag(),
                             weights=[round(float((t != 0).float().mean()), 2) for t in (w.w_up, w.wdt)] if pruned else None)
             labels = set(strategies)
-            entry = cache.get(key, validate=lambda e, labels=labels: e.get("kernel") in labels and "dense_us" in e and "chosen_us" in e)
+            entry, _ = cache.decision([(key, labels)])
         checked = {}
         for label, s in strategies.items():
             if entry is not None and label not in (entry["kernel"], "dense"):
