@@ -279,6 +279,7 @@ def _bsr_mv(p: dict, idt: str) -> str:
     r, c = p["block"]
     U = p["unroll"]
     scheme = p["scheme"]
+    pf = p.get("prefetch", 0)
     s = _header(
         [("x", "KP", "float32"), ("vals", "NV", "float32"), ("col", "NNZB", idt),
          ("bptr", "NBP", "int32"), ("bias", "N", "float32"), ("y", "N", "float32")],
@@ -326,6 +327,12 @@ for br in T.parallel(NBP - 1):
         acc[v] = T.float32(0)
     for kk in range((k1 - k0) // {U}):
 """
+    if pf:
+        # software prefetch `pf` blocks ahead: the values' lines of the U blocks the step reads
+        # and the block columns (past this block row's end they are the next rows' blocks)
+        k = f"(k0 + kk * {U} + {pf})"
+        lines = range(max(1, U * r * c // 16))
+        body += _ind("".join(_prefetch(f"vals[{k} * {r * c} + {16 * i}]") for i in lines) + _prefetch(f"col[{k}]"), 8)
     for u in range(U):
         body += _ind(step(f"(k0 + kk * {U} + {u})", u * A, str(u)), 8)
     if U > 1:
@@ -595,6 +602,8 @@ def _mm_header(args_mid: list[tuple[str, str, str]], sizes: list[str], MT: int) 
 
 
 def _csr_mm(p: dict, idt: str) -> str:
+    if p.get("kb"):
+        return _csr_panel_mm(p, idt)
     MT, U = p["mt"], p["unroll"]
     s = _mm_header([("vals", "NNZ", "float32"), ("col", "NNZ", idt), ("ptr", "N + 1", "int32")], ["N", "KP", "NNZ"], MT)
     RB = p.get("rb", 0)
@@ -635,6 +644,83 @@ for r in T.parallel(N):
     s = T.Bind(ptr[r])
     cnt = T.Bind(ptr[r + 1] - s)
 """ + _ind(_mm_row_loop(MT, U, "cnt", "vals[s + {j}]", 'T.Cast("int32", col[s + {j}])', "r", "bias[r]", act=p.get("act")), 4)
+    return s + _ind(body, 4)
+
+
+def _csr_panel_mm(p: dict, idt: str) -> str:
+    """CSR cut into column panels of KB (`kb`) columns, for M > 1: each task runs its row blocks
+    (RB = `rb` rows) one M tile at a time, and within a block panel by panel, so the rows of a
+    block read only a [KB, MT] slice of xt (KB * MT * 4 bytes) while the block's partial sums wait
+    in blk[RB, MT] (L1).
+
+    Why: unpanelled, every stored weight reads an MT-wide row of xt from anywhere in [KP, MT]
+    (192 KB at K = 768, MT = 64: L2), and the kernel waits on L2: 3072x768 at 90%, M = 128, hot,
+    2 threads, kernel alone 400 us; with every column index set to 0 (one xt row, in L1) 276 us.
+    Panels narrow what a block reads, but each row now runs one short loop per panel (a
+    mispredicted exit each, and blk loaded and stored): measured (interleaved, whole calls)
+    KB = 256, RB = 128, U = 2: 451-457 us against 490-503 for the best unpanelled variant;
+    KB = 128 (a 32 KB slice): no faster than unpanelled; at M = 16 (4096x4096) panels lost
+    (610 against 572 us). U > 2 is not offered: LLVM's SLP vectoriser merges the U column loads
+    into one vector and shuffles the accumulators through memory (3.9 ms instead of 0.6).
+    Storage (`_linear._pack_csr_panel`) is ordered (row block, panel, row), so the weight stream
+    stays one sequential read; ptr[(rb * P + pn) * RB + rr] starts row rr of block rb in panel pn,
+    and columns are local to the panel (uint8 up to KB = 256: 5 bytes per entry instead of 6).
+    """
+    MT, U, RB, KB = p["mt"], p["unroll"], p["rb"], p["kb"]
+    CH = p.get("chunks", 0) or 1
+    pf = p.get("prefetch", 0)
+    s = _mm_header([("vals", "NNZ", "float32"), ("col", "NNZ", idt), ("ptr", "NPTR", "int32")], ["N", "KP", "NNZ", "NPTR"], MT)
+    step = ""
+    for u in range(U):
+        j = f"(jb * {U} + {u})"
+        step += f"""c{u} = T.Bind(x0 + T.Cast("int32", col[s + {j}]))
+w{u} = T.Bind(vals[s + {j}])
+for q in T.vectorized({MT}):
+    acc[{u * MT} + q] = acc[{u * MT} + q] + w{u} * xt[mt, c{u}, q]
+"""
+    pre = "".join(_prefetch(f"{a}[s + jb * {U} + {pf}]") for a in ("vals", "col")) if pf else ""
+    row = f"""s = T.Bind(ptr[(rb * NP + pn) * {RB} + rr])
+cnt = T.Bind(ptr[(rb * NP + pn) * {RB} + rr + 1] - s)
+if cnt > 0:
+    for q in T.vectorized({MT}):
+        acc[q] = blk[rr * {MT} + q]
+"""
+    if U > 1:
+        row += f"    for q in T.vectorized({(U - 1) * MT}):\n        acc[{MT} + q] = T.float32(0)\n"
+    row += f"    for jb in range(cnt // {U}):\n" + _ind(pre + step, 8)
+    if U > 1:
+        row += f"""    for j in range(cnt // {U} * {U}, cnt):
+        ct = T.Bind(x0 + T.Cast("int32", col[s + j]))
+        wt = T.Bind(vals[s + j])
+        for q in T.vectorized({MT}):
+            acc[q] = acc[q] + wt * xt[mt, ct, q]
+    for q in T.vectorized({MT}):
+        blk[rr * {MT} + q] = acc[q] + {" + ".join(f"acc[{u * MT} + q]" for u in range(1, U))}
+"""
+    else:
+        row += f"    for q in T.vectorized({MT}):\n        blk[rr * {MT} + q] = acc[q]\n"
+    block = f"""for i in range({RB}):
+    for q in T.vectorized({MT}):
+        blk[i * {MT} + q] = T.float32(0)
+for pn in range(NP):
+    x0 = T.Bind(pn * {KB})
+    for rr in range({RB}):
+""" + _ind(row, 8) + f"""for rr in range({RB}):
+    if rb * {RB} + rr < N:
+        for q in T.vectorized({MT}):
+""" + _ind(_epilogue(f"blk[rr * {MT} + q]", f"blk[rr * {MT} + q] + bias[rb * {RB} + rr]", p.get("act")), 12) \
+        + _block_store(MT, RB, f"rb * {RB}")
+    body = f"""
+NP = T.Bind((KP + {KB - 1}) // {KB})
+for ch in T.parallel({CH}):
+    blk = T.alloc_buffer(({RB * MT},), "float32")
+    acc = T.alloc_buffer(({U * MT},), "float32")
+    bpc = T.Bind(((N + {RB - 1}) // {RB} + {CH - 1}) // {CH})
+    for mt in range(MP // {MT}):
+        for b in range(bpc):
+            rb = T.Bind(ch * bpc + b)
+            if rb * {RB} < N:
+""" + _ind(block, 16)
     return s + _ind(body, 4)
 
 

@@ -30,7 +30,7 @@ FORMATS = ("csr", "sell", "bsr", "nm")
 
 # params that change how weights are stored (a kernel and a prepared weight must agree on them)
 _STORAGE_KEYS = {
-    "csr": ("index_dtype",),
+    "csr": ("index_dtype", "kb", "rb"),  # rb only with kb (see `storage_key`)
     "sell": ("index_dtype", "slice_height", "sigma", "perm", "scheme"),
     "bsr": ("index_dtype", "block", "layout"),
     "nm": ("n", "m", "scheme"),
@@ -50,7 +50,14 @@ class PreparedWeight:
     nbytes: int = 0  # bytes the kernel must read for the weight (values + indices + pointers)
 
     def storage_key(self) -> tuple:
-        return tuple(self.params.get(k) for k in _STORAGE_KEYS[self.fmt])
+        return _storage_key(self.fmt, self.params)
+
+
+def _storage_key(fmt: str, params: dict) -> tuple:
+    key = tuple(params.get(k) for k in _STORAGE_KEYS[fmt])
+    if fmt == "csr" and not params.get("kb"):  # row blocks change the storage of panelled CSR only
+        key = key[:1] + (None, None)
+    return key
 
 
 def _idx(t: torch.Tensor, what: str) -> tuple[torch.Tensor, str]:
@@ -91,7 +98,12 @@ def prepare(fmt: str, dense_weight: torch.Tensor, params: dict | None = None) ->
     N, K = w.shape
     p = _normalise(fmt, params or {})
     kp = K
-    if fmt == "csr":
+    if fmt == "csr" and p.get("kb"):
+        if not p["mt"] or not p.get("rb"):
+            raise SparsecompError(f"column-panel CSR (kb) is an M > 1 kernel and needs mt and rb, got {params}")
+        arrays = _pack_csr_panel(w, p["kb"], p["rb"])
+        p["index_dtype"] = "uint8" if p["kb"] <= 256 else "uint16"
+    elif fmt == "csr":
         f = F.CSR.pack(w)
         col, p["index_dtype"] = _idx(f.col_idx, "column")
         arrays = [f.values, col, _ptr(f.row_ptr)]
@@ -124,6 +136,28 @@ def prepare(fmt: str, dense_weight: torch.Tensor, params: dict | None = None) ->
     arrays = [prefer_huge_pages(_nonempty(a.contiguous())) for a in arrays]  # see sparsecomp.memory
     return PreparedWeight(fmt=fmt, params=p, shape=(N, K), kp=kp, arrays=arrays,
                           zero_bias=torch.zeros(N, dtype=torch.float32), nbytes=nbytes)
+
+
+def _pack_csr_panel(w: torch.Tensor, kb: int, rb: int) -> list[torch.Tensor]:
+    """[vals, local columns, ptr] for the column-panel CSR kernel (`_codegen._csr_panel_mm`).
+
+    Entries are ordered by (block of `rb` rows, panel of `kb` columns, row, column), so the kernel
+    reads them in one sequential pass; ptr[(block * P + panel) * rb + row_in_block] is the start of
+    a row's entries in a panel (P = ceil(K / kb); the last block's missing rows have none), and a
+    column is stored as its offset inside its panel (uint8 up to kb = 256, else uint16).
+    """
+    if not 0 < kb <= 65536 or rb <= 0:
+        raise SparsecompError(f"column-panel CSR needs 0 < kb <= 65536 and rb > 0, got kb={kb}, rb={rb}")
+    N, K = w.shape
+    P, NB = max(-(-K // kb), 1), -(-N // rb)
+    r, c = (w != 0).nonzero(as_tuple=True)  # row-major: columns ascending within a row
+    key = ((r // rb) * P + c // kb) * rb + r % rb
+    order = torch.argsort(key, stable=True)
+    ptr = torch.zeros(NB * P * rb + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(key, minlength=NB * P * rb), 0, out=ptr[1:])
+    vals = w[r, c][order]
+    col = (c % kb)[order].to(torch.uint8 if kb <= 256 else torch.uint16)
+    return [vals, col, _ptr(ptr)]
 
 
 def _pack_sell_delta(w: torch.Tensor, sigma: int, C: int) -> list[torch.Tensor]:
@@ -218,7 +252,7 @@ class SparseLinearKernel:
     def __init__(self, prepared: PreparedWeight, kernel: Kernel):
         if prepared.fmt != kernel.fmt:
             raise SparsecompError(f"kernel is for {kernel.fmt!r} but the weight is packed as {prepared.fmt!r}")
-        want = tuple(kernel.params.get(k) for k in _STORAGE_KEYS[prepared.fmt])
+        want = _storage_key(prepared.fmt, kernel.params)
         if kernel.fmt == "bsr":
             kl = "rc" if (kernel.params["scheme"] == "flat" and not kernel.params["mt"]) else "cr"
             want = want[:2] + (kl,)
@@ -395,6 +429,11 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
             if r >= 4:
                 for u in (1, 2, 4):
                     out.append((abs(u * r - 4 * V) / (4 * V), {"block": (r, c), "scheme": "col", "unroll": u}))
+                if r * c <= 128:
+                    # software prefetch ~8 KB ahead (`_codegen._bsr_mv`): 4096x4096, 90% 16x1, cold,
+                    # Intel Xeon VM, 2 threads, 40 interleaved rounds, two runs: 306-307 us against
+                    # 328-371 without (128 blocks ahead; 64 and 96: 310-313, 256: 326)
+                    out.append((-0.1, {"block": (r, c), "scheme": "col", "unroll": 1, "prefetch": max(1, 2048 // (r * c))}))
             if r * c <= 64:
                 for u in (1, 2, 4):
                     if u * r * c <= 8 * V:
@@ -453,5 +492,11 @@ def candidates(fmt: str, N: int, K: int, M: int = 1, *, block: tuple[int, int] |
                         # 1.05-1.21 ms against 1.22-1.30 without (torch CSR 1.50-1.63); at M = 128
                         # (3072x768, mt 64) it changed nothing (1.158 vs 1.159 ms)
                         out.append((cost - 0.06, {**p, "rb": 32, "chunks": chunks, "prefetch": 512}))
+                    if mt == 4 * V and u == 2:
+                        # column panels of 256 (`_codegen._csr_panel_mm`): 3072x768 at 90%, M = 128,
+                        # hot, interleaved: 451-457 us against 490-503 for the best variant above
+                        for rb in (128, 64):
+                            out.append((cost - 0.07, {**p, "rb": rb, "chunks": chunks, "kb": 256}))
+                        limit += 2  # extra: they displace none of the variants above
     out.sort(key=lambda t: t[0])
     return [p for _, p in (out if exhaustive else out[:limit])]

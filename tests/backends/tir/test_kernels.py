@@ -82,13 +82,19 @@ MV = {
     "bsr": [{"block": (16, 1), "scheme": "col", "unroll": 2}, {"block": (1, 16), "scheme": "flat", "unroll": 2},
             {"block": (4, 4), "scheme": "flat", "unroll": 1}, {"block": (4, 4), "scheme": "col", "unroll": 4},
             {"block": (32, 32), "scheme": "col", "unroll": 1}, {"block": (3, 5), "scheme": "flat", "unroll": 2},
-            {"block": (3, 5), "scheme": "col", "unroll": 1}],
+            {"block": (3, 5), "scheme": "col", "unroll": 1},
+            # software prefetch of the blocks ahead (all lines of a step's blocks, and the columns)
+            {"block": (16, 1), "scheme": "col", "unroll": 1, "prefetch": 128}, {"block": (4, 4), "scheme": "col", "unroll": 2, "prefetch": 3},
+            {"block": (3, 5), "scheme": "col", "unroll": 1, "prefetch": 7}],
 }
 MM = {
     "csr": [{"mt": 8, "unroll": 4}, {"mt": 16, "unroll": 1}, {"mt": 8, "unroll": 2, "rb": 8}, {"mt": 16, "unroll": 1, "rb": 5},
             {"mt": 16, "unroll": 2, "rb": 16, "chunks": 3}, {"mt": 8, "unroll": 1, "rb": 8, "chunks": 2},
             # software prefetch of values and columns ahead (past a row's end: the next rows')
-            {"mt": 16, "unroll": 4, "rb": 32, "chunks": 2, "prefetch": 512}, {"mt": 8, "unroll": 3, "rb": 8, "prefetch": 16}],
+            {"mt": 16, "unroll": 4, "rb": 32, "chunks": 2, "prefetch": 512}, {"mt": 8, "unroll": 3, "rb": 8, "prefetch": 16},
+            # column panels (K = 53: several panels, the last partial; one panel; uint16 columns past 256)
+            {"mt": 16, "unroll": 2, "rb": 8, "kb": 16, "chunks": 2}, {"mt": 8, "unroll": 1, "rb": 5, "kb": 20},
+            {"mt": 16, "unroll": 2, "rb": 16, "kb": 300, "chunks": 3, "prefetch": 16}],
     "sell": [{"slice_height": 8, "mt": 8, "unroll": 2}, {"slice_height": 16, "sigma": 32, "mt": 8, "unroll": 1}],
     "nm": [{"n": 2, "m": 4, "mt": 8, "unroll": 2}, {"n": 4, "m": 8, "mt": 16, "unroll": 1}],
     "bsr": [{"block": (16, 1), "mt": 8}, {"block": (4, 4), "mt": 16}, {"block": (3, 5), "mt": 8}],
@@ -132,7 +138,7 @@ def test_mm(tir, fmt, params):
         _check(tir, fmt, params, _weights("dense", ""), 9)
 
 
-@pytest.mark.parametrize("fmt,params", [(f, ps[-1]) for f, ps in MM.items()] + [("csr", MM["csr"][0])], ids=str)
+@pytest.mark.parametrize("fmt,params", [(f, ps[-1]) for f, ps in MM.items()] + [("csr", MM["csr"][0]), ("csr", MM["csr"][-3])], ids=str)
 def test_mm_gelu_epilogue(tir, fmt, params):
     """An M > 1 kernel with `act="gelu"` computes gelu(x @ W.T + b) (erf form), with the same
     edge cases as test_mm; without the epilogue the same kernel output does not match."""
@@ -267,7 +273,8 @@ def test_candidates_are_valid(tir):
     for M in (1, 16, 128):
         for fmt, kw in cases:
             cands = tir.candidates(fmt, 4096, 4096, M, **kw)
-            assert 1 <= len(cands) <= (11 if (fmt, M) == ("sell", 1) else 8)  # M = 1 SELL: every variant is kept
+            # M = 1 SELL: every variant is kept; CSR at M > 32: two column-panel variants on top
+            assert 1 <= len(cands) <= {("sell", 1): 11, ("csr", 128): 10}.get((fmt, M), 8)
             assert any(p.get("gather") == "hw16" for p in cands) == ((fmt, M) == ("sell", 1) and tir._target.has_feature("avx512f"))
             for p in cands:
                 tir._codegen.kernel_source(fmt, tir._build._normalise(fmt, p))  # generates
@@ -285,6 +292,43 @@ def test_sell_delta_prefetch_and_gather_width_in_the_source(tir):
     assert "avx512.mask.gather.dps.512" in wide and "avx2.gather" not in wide
     with pytest.raises(SparsecompError, match="multiple of 16"):
         src({**base, "slice_height": 8, "gather": "hw16"})
+
+
+def test_bsr_prefetch_in_the_source(tir):
+    src = lambda p: tir._codegen.kernel_source("bsr", tir._build._normalise("bsr", p))  # noqa: E731
+    base = {"block": (16, 1), "scheme": "col", "unroll": 1}
+    assert "llvm.prefetch" not in src(base)
+    assert src({**base, "prefetch": 128}).count("llvm.prefetch") == 2  # the block's one line of values, its column
+    assert src({**base, "block": (8, 8), "unroll": 2, "prefetch": 4}).count("llvm.prefetch") == 2 * 64 // 16 + 1
+
+
+def test_csr_panel_storage_order(tir):
+    """Entries ordered (block of rb rows, panel of kb columns, row, column), columns local to the
+    panel, one pointer per (block, panel, row) with the last block's missing rows empty."""
+    w = torch.tensor([[1.0, 0, 2, 3, 0], [0, 4, 0, 0, 5], [6, 0, 0, 7, 0]])
+    prep = tir.prepare("csr", w, {"mt": 8, "rb": 2, "kb": 2})
+    vals, col, ptr = prep.arrays
+    # block 0 (rows 0-1): panel 0 -> row 0: (0, 1.0), row 1: (1, 4.0); panel 1 -> row 0: (2, 2.0), (3, 3.0);
+    # panel 2 -> row 1: (4, 5.0). Block 1 (row 2, and a missing row): panel 0 -> 6.0; panel 1 -> 7.0
+    assert vals.tolist() == [1.0, 4.0, 2.0, 3.0, 5.0, 6.0, 7.0]
+    assert col.dtype == torch.uint8 and col.tolist() == [0, 1, 0, 1, 0, 0, 1]
+    assert ptr.tolist() == [0, 1, 2, 4, 4, 4, 5, 6, 6, 7, 7, 7, 7]
+    assert prep.params["index_dtype"] == "uint8"
+    assert tir.prepare("csr", w, {"mt": 8, "rb": 2, "kb": 257}).params["index_dtype"] == "uint16"
+    with pytest.raises(SparsecompError, match="M > 1 kernel"):
+        tir.prepare("csr", w, {"rb": 2, "kb": 2})  # no M tile: the one-row CSR kernel reads plain CSR
+
+
+def test_csr_panel_kernel_needs_its_own_storage(tir):
+    """A panelled weight and a kernel of another panel width or row block (or none) do not mix:
+    the same entries in another order would give wrong sums, so it is an error."""
+    w = _weights("sparse", "unstructured:0.7")
+    prep = tir.prepare("csr", w, {"mt": 8, "rb": 8, "kb": 16})
+    for other in ({"kb": 32}, {"rb": 16}, {"kb": None}):
+        with pytest.raises(SparsecompError, match="does not match"):
+            tir.SparseLinearKernel(prep, tir.build("csr", {**prep.params, **other}))
+    plain = tir.prepare("csr", w, {"mt": 8, "rb": 8})
+    tir.SparseLinearKernel(plain, tir.build("csr", {**plain.params, "rb": 32}))  # rb alone changes no storage
 
 
 def test_mismatched_kernel_and_storage(tir):
