@@ -35,6 +35,7 @@ import threading
 from pathlib import Path
 
 from sparsecomp import omp
+from sparsecomp.threads import env_threads
 
 __all__ = ["attach", "set_threads", "setting", "status", "tag", "uses_openmp"]
 
@@ -172,15 +173,15 @@ def attach(path: str | None) -> bool:
 
 def set_threads(n: int | None) -> None:
     """Team size of the kernels' parallel loops (as TVM's `set_num_threads` for its pool); None:
-    `TVM_NUM_THREADS`, else `SPARSECOMP_NUM_THREADS`, else every CPU this process may use.
-    Loads nothing: a shim loaded later takes the setting then."""
+    `SPARSECOMP_NUM_THREADS` (sparsecomp's one setting), else `TVM_NUM_THREADS`, else every CPU
+    this process may use. Loads nothing: a shim loaded later takes the setting then."""
     global _threads
     _threads = n
     if _loaded is not None:
         if n is None:
-            from ._target import _default_threads
+            from ._target import _affinity_cpus
 
-            n = int(os.environ.get("TVM_NUM_THREADS") or 0) or _default_threads()
+            n = env_threads() or int(os.environ.get("TVM_NUM_THREADS") or 0) or _affinity_cpus()
         _loaded.sc_set_threads(ctypes.c_uint(max(1, int(n))))
 
 

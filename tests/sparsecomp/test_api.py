@@ -371,3 +371,25 @@ def test_every_reader_of_the_thread_setting_checks_it_alike(monkeypatch, env, ma
             read()
     monkeypatch.setenv("SPARSECOMP_NUM_THREADS", "2")
     assert threads() == _default_threads() == 2
+
+
+def test_the_env_thread_setting_reaches_torch_at_the_first_compile(monkeypatch):
+    """SPARSECOMP_NUM_THREADS is the one thread setting for torch, TVM and ORT alike (DESIGN.md
+    section 2): torch takes it at the first compile (importing sparsecomp changes nothing), and a
+    later torch.set_num_threads of the user's is not overridden by the next compile."""
+    import sparsecomp as sc
+    import sparsecomp.api as api
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(api, "_ENV_THREADS_APPLIED", False)
+    monkeypatch.setenv("SPARSECOMP_NUM_THREADS", "1")
+    torch.set_num_threads(2)
+    try:
+        m = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+        sc.compile(m, (torch.randn(2, 16),), max_seconds_per_layer=0.02, use_tir=False)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)  # the user's own choice afterwards
+        sc.compile(m, (torch.randn(2, 16),), max_seconds_per_layer=0.02, use_tir=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

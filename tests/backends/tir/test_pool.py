@@ -128,3 +128,29 @@ def test_unknown_pool_setting_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("ERR SPARSECOMP_TIR_POOL must be 'openmp' or 'tvm', got 'gomp'") == 2  # kernel and compile
+
+
+def test_default_team_size_is_the_sparsecomp_setting_first(monkeypatch):
+    """With no explicit count, the kernels' team size is SPARSECOMP_NUM_THREADS (sparsecomp's one
+    setting), then TVM_NUM_THREADS, then every CPU: a TVM_NUM_THREADS left in the environment
+    for other TVM work does not override sparsecomp's own setting."""
+    from sparsecomp.backends.tir import _pool
+
+    calls = []
+
+    class Shim:  # records what the loaded shim would be told
+        def sc_set_threads(self, n):
+            calls.append(n.value)
+
+    monkeypatch.setattr(_pool, "_loaded", Shim())
+    monkeypatch.setattr(_pool, "_threads", None)
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    monkeypatch.setenv("SPARSECOMP_NUM_THREADS", "1")
+    _pool.set_threads(None)
+    monkeypatch.delenv("SPARSECOMP_NUM_THREADS")
+    _pool.set_threads(None)
+    monkeypatch.delenv("TVM_NUM_THREADS")
+    _pool.set_threads(None)
+    from sparsecomp.backends.tir._target import _affinity_cpus
+
+    assert calls == [1, 3, _affinity_cpus()]
