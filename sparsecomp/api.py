@@ -235,6 +235,7 @@ class CompiledModel(torch.nn.Module):
         except AssertionError as err:  # torch.export's input guards
             if "Guard failed" not in str(err):
                 raise
+            self._explain_failure(args, kwargs)  # another structure, dtype or rank: says which, plainly
             raise SparsecompError(
                 f"{self.report.model} was compiled for other input shapes: {err}",
                 hint="only batch/sequence dims recorded as dynamic may change; compile again with example inputs of this shape",

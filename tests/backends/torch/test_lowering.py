@@ -44,8 +44,10 @@ def test_forced_sparse_kernel_matches_eager(batch, tmp_path):
         for runner in (cm, lowered):
             ok, err, allowed = compare_outputs(runner(xb), m(xb))
             assert ok, (err, allowed)
+    with pytest.raises(SparsecompError, match=r"compiled for CPU inputs \(float32\[.*, 96\]\), got \(float32\[2, 3, 96\]\)"):
+        lowered(torch.randn(2, 3, 96))  # another rank: a clear error naming both, not a wrong answer or a guard's text
     with pytest.raises(SparsecompError, match="compiled for other input shapes"):
-        lowered(torch.randn(2, 3, 96))  # another rank: a clear error, not a wrong answer
+        lowered(torch.randn(2, 95))  # the right rank with a static dim changed: the guard's own words
     # the per-call pytree structure check is off for speed; a call with other arguments still says why
     assert cm.gm.validate_inputs is False
     with pytest.raises(SparsecompError, match="compiled for other inputs"):
