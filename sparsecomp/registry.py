@@ -27,14 +27,16 @@ from __future__ import annotations
 import enum
 import importlib
 import inspect
+import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, get_args, get_origin
 
 from sparsecomp.errors import PipelineError, SparsecompError
 
 __all__ = [
+    "Bounds",
     "PassKind",
     "PassOption",
     "PassInfo",
@@ -62,6 +64,30 @@ class PassKind(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """The range an int / float option may take, declared on the pass function's parameter as
+    `typing.Annotated[int, Bounds(lo=1)]` and checked when a pipeline is parsed, so a value out of
+    range is a clear error naming the pass and option before any work (not a crash or a silently
+    odd result deep inside the pass). Float options are also always finite."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself excluded
+    hi_open: bool = False
+
+    def ok(self, v) -> bool:
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+@dataclass(frozen=True)
 class PassOption:
     """One typed option of a pass (a keyword-only parameter of its function)."""
 
@@ -69,12 +95,13 @@ class PassOption:
     type: Any  # int | float | bool | str | Literal[...]
     default: Any
     doc: str = ""
+    bounds: Bounds | None = None
 
     @property
     def type_name(self) -> str:
         if get_origin(self.type) is Literal:
             return "|".join(str(a) for a in get_args(self.type))
-        return self.type.__name__
+        return self.type.__name__ + (f" {self.bounds.describe()}" if self.bounds else "")
 
     def parse(self, raw: str, pass_name: str) -> Any:
         """Convert the option's text from a pipeline string to its typed value."""
@@ -97,9 +124,14 @@ class PassOption:
         if t is str:
             return raw
         try:
-            return t(raw)
+            value = t(raw)
         except ValueError:
             raise bad from None
+        if (t is float and not math.isfinite(value)) or (self.bounds and not self.bounds.ok(value)):
+            raise PipelineError(f"option '{self.name}' of pass '{pass_name}' must be "
+                                f"{'a finite number' if not self.bounds else self.bounds.describe()}, got '{raw}'",
+                                hint=f"e.g. {pass_name}{{{self.name}={self.default!s}}}")
+        return value
 
 
 @dataclass
@@ -205,18 +237,24 @@ def register_pass(name: str, kind: str | PassKind, *, lossy: bool | Callable[[di
         for required in ("Requires", "Ensures"):
             if required not in sections:
                 raise SparsecompError(f"pass '{name}' ({fn.__module__}) must document '{required}:' in its docstring")
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
         opt_docs = _option_docs(doc)
         options: dict[str, PassOption] = {}
         for p in inspect.signature(fn).parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY:
                 continue
-            t = hints.get(p.name, str)
+            t, bounds = hints.get(p.name, str), None
+            if get_origin(t) is Annotated:
+                t, *extras = get_args(t)
+                bounds = next((e for e in extras if isinstance(e, Bounds)), None)
             if t not in _OPTION_TYPES and get_origin(t) is not Literal:
                 raise SparsecompError(f"option '{p.name}' of pass '{name}' has unsupported type {t!r}")
             if p.default is inspect.Parameter.empty:
                 raise SparsecompError(f"option '{p.name}' of pass '{name}' needs a default")
-            options[p.name] = PassOption(p.name, t, p.default, opt_docs.get(p.name, ""))
+            if bounds is not None and (t not in (int, float) or not bounds.ok(p.default)):
+                raise SparsecompError(f"option '{p.name}' of pass '{name}': Bounds need an int / float option whose "
+                                      f"default is {bounds.describe()}")
+            options[p.name] = PassOption(p.name, t, p.default, opt_docs.get(p.name, ""), bounds)
         _REGISTRY[name] = PassInfo(name, kind, fn, options, doc, fn.__module__, lossy)
         fn.pass_info = _REGISTRY[name]
         return fn

@@ -15,12 +15,13 @@ only near-zeros (threshold modes, lossy).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import torch
 import torch.fx as fx
 
 from sparsecomp.ir import linear_sites
-from sparsecomp.registry import PassResult, register_pass
+from sparsecomp.registry import Bounds, PassResult, register_pass
 
 __all__ = ["MLPRegion", "activation_kind", "META_KEY"]
 
@@ -89,7 +90,7 @@ def activation_kind(node: fx.Node) -> tuple[str, str, fx.Node] | None:
 
 
 @register_pass("find-mlps", kind="analysis")
-def find_mlps(gm, ctx, *, min_hidden: int = 1) -> PassResult:
+def find_mlps(gm, ctx, *, min_hidden: Annotated[int, Bounds(lo=0)] = 1) -> PassResult:
     """Find plain and gated MLP regions and name their activation.
 
     Requires: an ATen-level graph (`sparsecomp.capture`).

@@ -9,14 +9,16 @@ Activation-sparsity rewrites (exact ReLU zeros, calibrated thresholds) read thes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 import torch.fx as fx
 
 from sparsecomp.errors import PipelineError, SparsecompError
 from sparsecomp.ir import check_batches_fit, flat_inputs, linear_sites
-from sparsecomp.registry import PassResult, register_pass
+from sparsecomp.registry import Bounds, PassResult, register_pass
 
 __all__ = ["ActivationStats", "META_KEY"]
 
@@ -61,8 +63,8 @@ def _parse_thresholds(text: str) -> list[float]:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise PipelineError(f"bad thresholds '{text}'", hint='write thresholds as "0.001,0.01,0.1"') from None
-    if any(v <= 0 for v in values):
-        raise PipelineError(f"thresholds must be > 0, got '{text}'")
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise PipelineError(f"thresholds must be finite numbers > 0, got '{text}'", hint='e.g. thresholds="0.001,0.01,0.1"')
     return values
 
 
@@ -87,7 +89,7 @@ class _Recorder(fx.Interpreter):
 
 
 @register_pass("profile-activations", kind="analysis")
-def profile_activations(gm, ctx, *, thresholds: str = "0.001,0.01,0.1", max_batches: int = 64) -> PassResult:
+def profile_activations(gm, ctx, *, thresholds: str = "0.001,0.01,0.1", max_batches: Annotated[int, Bounds(lo=1)] = 64) -> PassResult:
     """Measure per-channel zero and near-zero fractions of every activation entering a matmul.
 
     Requires: calibration batches in `ctx.calibration`, each `(args, kwargs)` shaped like the

@@ -15,6 +15,8 @@ Other convolutions are left alone.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.fx as fx
 
@@ -22,7 +24,7 @@ from sparsecomp import dialect, patterns
 from sparsecomp.ir import get_attr_value, linear_sites
 from sparsecomp.passes.analysis.analyze_weights import META_KEY as WEIGHTS_KEY
 from sparsecomp.passes.analysis.analyze_weights import parse_nm_list, weight_stats
-from sparsecomp.registry import PassResult, register_pass
+from sparsecomp.registry import Bounds, PassResult, register_pass
 
 __all__ = ["qualifies"]
 
@@ -41,7 +43,8 @@ def qualifies(density: float, nm_conformance: dict[str, float], min_sparsity: fl
 
 
 @register_pass("sparse-linear", kind="rewrite")
-def sparse_linear(gm, ctx, *, min_sparsity: float = 0.5, nm: str = "2:4,4:8", min_features: int = 16) -> PassResult:
+def sparse_linear(gm, ctx, *, min_sparsity: Annotated[float, Bounds(0, 1)] = 0.5, nm: str = "2:4,4:8",
+                  min_features: Annotated[int, Bounds(lo=1)] = 16) -> PassResult:
     """Replace matmuls with a sparse-enough constant fp32 weight by `sparsecomp::sparse_linear`.
 
     Requires: an ATen-level graph (`sparsecomp.capture`); reads `node.meta["sparsecomp.weights"]`

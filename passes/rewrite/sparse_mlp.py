@@ -35,7 +35,7 @@ Modes (what counts as an inactive neuron):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from torch import fx
 from sparsecomp import dialect
 from sparsecomp.errors import PipelineError, SparsecompError
 from sparsecomp.ir import check_batches_fit, describe_inputs, flat_inputs, get_attr_value, linear_sites
-from sparsecomp.registry import PassResult, register_pass
+from sparsecomp.registry import Bounds, PassResult, register_pass
 
 __all__ = ["META_KEY", "MLPRewrite", "parse_activation_sparsity"]
 
@@ -348,9 +348,11 @@ def _near_misses(gm, regions: list[MLPRegion], sites: dict) -> list[MLPRewrite]:
 
 
 @register_pass("sparse-mlp", kind="rewrite", lossy=lambda options: options["mode"] != "exact")
-def sparse_mlp(gm, ctx, *, mode: Literal["exact", "threshold", "predictor"] = "exact", sparsity: float = 0.5,
-               score: Literal["wina", "magnitude"] = "wina", per_channel: bool = False, rank: int = 0,
-               correct: bool = True, margin: float = 0.01, min_hidden: int = 16, max_rows: int = 16384) -> PassResult:
+def sparse_mlp(gm, ctx, *, mode: Literal["exact", "threshold", "predictor"] = "exact",
+               sparsity: Annotated[float, Bounds(0, 1, lo_open=True, hi_open=True)] = 0.5,
+               score: Literal["wina", "magnitude"] = "wina", per_channel: bool = False, rank: Annotated[int, Bounds(lo=0)] = 0,
+               correct: bool = True, margin: Annotated[float, Bounds(0, 0.5, hi_open=True)] = 0.01,
+               min_hidden: Annotated[int, Bounds(lo=0)] = 16, max_rows: Annotated[int, Bounds(lo=1)] = 16384) -> PassResult:
     """Fuse each MLP region into `sparsecomp::sparse_mlp` so kernels skip inactive hidden neurons.
 
     Requires: `find-mlps` earlier in the pipeline, with nothing in between that changed the
@@ -384,12 +386,6 @@ def sparse_mlp(gm, ctx, *, mode: Literal["exact", "threshold", "predictor"] = "e
     if "find-mlps" not in ctx.results:
         raise PipelineError("sparse-mlp needs the MLP regions of find-mlps, which did not run before it",
                             hint='put find-mlps right before it, e.g. "find-mlps,sparse-mlp"')
-    if mode != "exact" and not 0.0 < sparsity < 1.0:
-        raise PipelineError(f"sparse-mlp: sparsity must be in (0, 1), got {sparsity:g}", hint="e.g. sparsity=0.5")
-    if rank < 0:
-        raise PipelineError(f"sparse-mlp: rank must be >= 0, got {rank}")
-    if not 0.0 <= margin < 0.5:
-        raise PipelineError(f"sparse-mlp: margin must be in [0, 0.5), got {margin:g}")
     regions: list[MLPRegion] = ctx.results["find-mlps"]
     sites = {s.node: s for s in linear_sites(gm)}
     verdicts: list[MLPRewrite] = _near_misses(gm, regions, sites)

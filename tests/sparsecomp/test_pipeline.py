@@ -131,3 +131,54 @@ def _check_typed_options():
         parse_pipeline("test-typed-options{mode=fast}")
     with pytest.raises(PipelineError, match="expects bool"):
         parse_pipeline("test-typed-options{flag=maybe}")
+
+
+def test_option_bounds_are_checked_when_the_pipeline_is_parsed():
+    """An int / float option declared `Annotated[..., Bounds(...)]` refuses values out of range,
+    and every float option refuses nan / inf, with the pass and option named, before any work;
+    values inside the range (and on a closed end) parse."""
+    from typing import Annotated
+
+    from sparsecomp.errors import SparsecompError
+    from sparsecomp.registry import Bounds
+
+    @register_pass("test-bounded-options", kind="analysis")
+    def _bounded(gm, ctx, *, frac: Annotated[float, Bounds(0, 1, hi_open=True)] = 0.5, rows: Annotated[int, Bounds(lo=1)] = 8,
+                 scale: float = 1.0):
+        """Bounded options.
+
+        Requires: nothing.
+        Ensures: nothing.
+        """
+
+    try:
+        info = get_pass("test-bounded-options")
+        assert info.options["frac"].type_name == "float in [0, 1)" and info.options["rows"].type_name == "int >= 1"
+        ok = parse_pipeline("test-bounded-options{frac=0,rows=1,scale=-3}")
+        assert ok.entries[0].options == {"frac": 0.0, "rows": 1, "scale": -3.0}
+        for text, match in (("frac=1", r"'frac' of pass 'test-bounded-options' must be in \[0, 1\), got '1'"),
+                            ("frac=-0.1", r"must be in \[0, 1\)"), ("frac=nan", r"must be in \[0, 1\)"),
+                            ("rows=0", "'rows' .* must be >= 1, got '0'"), ("scale=inf", "'scale' .* must be a finite number"),
+                            ("scale=nan", "must be a finite number")):
+            with pytest.raises(PipelineError, match=match):
+                parse_pipeline(f"test-bounded-options{{{text}}}")
+    finally:
+        unregister_pass("test-bounded-options")
+    with pytest.raises(SparsecompError, match="default is >= 1"):  # a declaration its own default breaks
+        @register_pass("test-bad-bounds", kind="analysis")
+        def _bad(gm, ctx, *, rows: Annotated[int, Bounds(lo=1)] = 0):
+            """x.
+
+            Requires: nothing.
+            Ensures: nothing.
+            """
+
+
+@pytest.mark.parametrize("text", ["sparse-mlp{mode=threshold,max_rows=0}", "profile-activations{max_batches=-1}",
+                                  "sparse-linear{min_sparsity=1.5}", "sparse-linear{min_features=-3}", "find-mlps{min_hidden=-5}",
+                                  "sparse-mlp{margin=0.5}", "sparse-mlp{rank=-1}", "sparsify-magnitude{owl_m=inf}"])
+def test_built_in_pass_options_out_of_range_are_refused(text):
+    """Values that crashed inside a pass (max_rows=0: an empty kthvalue) or ran with odd results
+    (max_batches=-1 profiled one batch and reported -1; min_sparsity=1.5 silently rewrote nothing)."""
+    with pytest.raises(PipelineError, match="must be"):
+        parse_pipeline(text)

@@ -186,7 +186,7 @@ def test_lossy_needs_valid_calibration():
                 calibration=[(torch.randn(4, K),), (torch.randn(4, K + 1),)])
     with pytest.raises(SparsecompError, match="expected inputs like"):
         rewrite(Plain("gelu"), 'find-mlps,sparse-mlp{mode="threshold",sparsity=0.5}', calibration=[(torch.ones(4, K, dtype=torch.int64),)])
-    with pytest.raises(PipelineError, match=r"sparsity must be in \(0, 1\)"):
+    with pytest.raises(PipelineError, match=r"sparsity. of pass .sparse-mlp. must be in \(0, 1\)"):
         rewrite(Plain("gelu"), 'find-mlps,sparse-mlp{mode="threshold",sparsity=1.5}', calibration=calib())
 
 
