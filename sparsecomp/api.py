@@ -40,6 +40,16 @@ BACKENDS: dict[str, str | None] = {
 }
 
 
+def check_backend(backend: str) -> None:
+    """A clear error for a backend name that is unknown or not built yet (compile, and the CLI
+    before it loads a model)."""
+    if backend not in BACKENDS:
+        raise SparsecompError(f"unknown backend '{backend}'", hint=f"backends: {', '.join(BACKENDS)}")
+    if BACKENDS[backend] is not None:
+        available = ", ".join(b for b, why in BACKENDS.items() if why is None)
+        raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}", hint=f"available backends: {available}")
+
+
 def _load_passes() -> None:
     import sparsecomp.passes  # noqa: F401  (registers the built-in passes)
 
@@ -322,11 +332,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     lowering and never undoes what was asked. A model that disagrees is never returned (it falls back
     to dense and says so).
     """
-    if backend not in BACKENDS:
-        raise SparsecompError(f"unknown backend '{backend}'", hint=f"backends: {', '.join(BACKENDS)}")
-    if BACKENDS[backend] is not None:
-        available = ", ".join(b for b, why in BACKENDS.items() if why is None)
-        raise NotYetAvailableError(f"backend '{backend}' is {BACKENDS[backend]}", hint=f"available backends: {available}")
+    check_backend(backend)
     _check_options(kernels=kernels, max_seconds_per_layer=max_seconds_per_layer, cache_dir=cache_dir)
     _env_threads_to_torch()
     _load_passes()
@@ -338,7 +344,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     batches = _check_calibration(calibration, label) if calibration is not None else None
     pruned: list[str] = []
     for cfg in plan.sparsify:
-        model, what = _apply_sparsify(model, cfg, batches, label)
+        model, what = _apply_sparsify(model, cfg, batches, label, example_inputs)
         pruned.append(what)
     pm = PassManager(plan.graph)
     example = normalize_inputs(example_inputs)
@@ -475,11 +481,13 @@ def _check_calibration(calibration, label: str, *, empty_ok: bool = False) -> li
 PRUNED_COPY = "_sparsecomp_pruned_copy"  # set on compile(sparsify=...)'s pruned copy of the model
 
 
-def _apply_sparsify(model, spec, batches: list | None, label: str):
+def _apply_sparsify(model, spec, batches: list | None, label: str, example_inputs=None):
     """One-shot sparsification for `compile(sparsify=spec)`: returns (a pruned copy of model, what was done).
 
     The user's model is never modified. `spec` is `METHOD:SPEC` (e.g. `"sparsegpt:2:4"`) or a
-    `SparsifyConfig`; wanda, sparsegpt and data-driven allocations calibrate on `batches`.
+    `SparsifyConfig`; every method calibrates on `batches` when given (magnitude to measure its
+    output error); magnitude without them captures on `example_inputs`, so it prunes the weights
+    the `sparsify-magnitude` pass in the report's pipeline prunes (`x @ W` included).
     """
     import copy
 
@@ -492,10 +500,13 @@ def _apply_sparsify(model, spec, batches: list | None, label: str):
                               hint="pass calibration=[batch, ...] to compile (or use the magnitude method)")
     pruned = copy.deepcopy(model)
     with progress_bar(f"sparsifying {label}") as update:
-        result = sparsify_module(pruned, cfg, batches if cfg.needs_calibration else None, label=label, progress=update)
+        result = sparsify_module(pruned, cfg, batches or None, label=label, progress=update, example=example_inputs)
     setattr(pruned, PRUNED_COPY, True)  # (a fallback compile of this copy says what its calls go to)
+    errors = [(r.error, r.name) for r in result.pruned if r.error is not None]
     what = (f"sparsify {cfg.describe()}: {len(result.pruned)} layers pruned to {result.sparsity:.1%} zeros"
-            + (f", {len(result.skipped)} left dense" if result.skipped else ""))
+            + (f", {len(result.skipped)} left dense" if result.skipped else "")
+            + (f"; layer output error mean {sum(e for e, _ in errors) / len(errors):.4f}, max {max(errors)[0]:.4f} ({max(errors)[1]})"
+               if errors else ""))
     return pruned, what
 
 
@@ -720,7 +731,7 @@ def sparsify(model, method: str = "magnitude", sparsity: float | None = None, pa
     if allocation is not None:
         fields["allocation"] = allocation
     if skip is not None:
-        fields["skip"] = (skip,) if isinstance(skip, str) else tuple(skip)
+        fields["skip"] = skip  # SparsifyConfig checks it (a glob or a list of globs)
     whole = isinstance(method, SparsifyConfig) or (isinstance(method, str) and ":" in method)
     if whole and (sparsity is not None or pattern != "unstructured"):
         raise SparsecompError(f"sparsify({method!s}) already names its pattern; drop pattern= / sparsity=",

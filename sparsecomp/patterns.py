@@ -242,6 +242,9 @@ def impose_pattern(weight: torch.Tensor, pattern: str | WeightPattern) -> torch.
     as +inf. 4-D (and 3-D) conv weights are handled through their `[out, in*k...]` view.
     """
     p = parse_pattern(pattern)
+    if weight.is_meta:
+        raise PatternError("cannot impose a pattern on a meta tensor (it has no values)",
+                           hint="load real weights first, e.g. model.to_empty(device='cpu') then load_state_dict")
     w2 = _as_2d(weight)
     o, i = w2.shape
     if w2.numel() == 0:
@@ -322,6 +325,11 @@ def impose(model: nn.Module, spec: str | WeightPattern, layers: str | None = Non
             raise PatternError(
                 f"layer {name!r} has an uninitialized (lazy) weight",
                 hint="run one forward pass to materialize lazy layers before imposing a pattern",
+            )
+        if mod.weight.is_meta:  # no values to rank (and selecting the smallest would fail deep in torch)
+            raise PatternError(
+                f"layer {name or type(mod).__name__!r} has its weight on the meta device (no values)",
+                hint="load real weights first, e.g. model.to_empty(device='cpu') then load_state_dict",
             )
     with torch.no_grad():
         for name, mod in chosen:

@@ -12,6 +12,7 @@ adds every option that differs from its default, so reports and errors name exac
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -38,6 +39,16 @@ ALLOCATIONS = ("uniform", "owl", "sensitivity")
 # are not matmul sites at all; a Linear whose weight is *tied* to an embedding is skipped on top of
 # these globs (see `engine.plan`).
 DEFAULT_SKIP: tuple[str, ...] = ("*lm_head*", "*classifier*", "*pooler*", "head", "*.head", "*_head", "*embed*", "score", "*.score")
+
+_OPTION_HINT = {
+    "damp": "damp in [0, 1): SparseGPT's Hessian damping, a fraction of the mean diagonal (default 0.01)",
+    "blocksize": "blocksize >= 1: SparseGPT's lazy-update block in columns (default 128)",
+    "refine": "refine >= 0: conjugate-gradient steps after SparseGPT (default 0: off)",
+    "owl_m": "owl_m > 0: OWL's outlier threshold, a multiple of the mean score (default 5)",
+    "owl_lambda": "owl_lambda in [0, 0.5): OWL's spread of layer sparsities (default 0.08)",
+    "correct": "correct=True or False",
+    "update_bias": "update_bias=True or False",
+}
 
 _SPELLING = "METHOD:SPEC with METHOD in magnitude|wanda|sparsegpt, e.g. sparsegpt:unstructured:0.5, wanda:2:4, magnitude:block:16x1:0.9"
 
@@ -91,11 +102,24 @@ class SparsifyConfig:
                 f"allocation {self.allocation!r} cannot apply to {self.pattern}: N:M fixes every layer's sparsity at 1-N/M",
                 hint="use allocation='uniform' with N:M, or an unstructured / block pattern",
             )
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
-        object.__setattr__(self, "skip", tuple(self.skip))
-        if not all(isinstance(s, str) and s for s in self.skip):
-            raise SparsifyError(f"skip must be a list of layer-name globs, got {self.skip!r}", hint='e.g. skip=["*lm_head*", "encoder.layer.0.*"]')
+        try:
+            skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        except TypeError:  # not iterable (skip=3)
+            skip = None
+        if skip is None or not all(isinstance(s, str) and s for s in skip):
+            raise SparsifyError(f"skip must be a layer-name glob or a list of them, got {self.skip!r}",
+                                hint='e.g. skip=["*lm_head*", "encoder.layer.0.*"]')
+        object.__setattr__(self, "skip", tuple(skip))
+        # types first: a float blocksize or a string damp would fail deep inside the solver otherwise
+        for name, kind in (("damp", "a number"), ("blocksize", "an integer"), ("refine", "an integer"),
+                           ("owl_m", "a number"), ("owl_lambda", "a number"), ("correct", "a bool"), ("update_bias", "a bool")):
+            value = getattr(self, name)
+            ok = (isinstance(value, bool) if kind == "a bool" else
+                  isinstance(value, numbers.Integral) and not isinstance(value, bool) if kind == "an integer" else
+                  isinstance(value, numbers.Real) and not isinstance(value, bool))
+            if not ok:
+                raise SparsifyError(f"sparsify option {name} must be {kind}, got {value!r} ({type(value).__name__})",
+                                    hint=_OPTION_HINT[name])
         if not (0.0 <= self.damp < 1.0) or self.blocksize < 1 or self.refine < 0:
             raise SparsifyError(f"bad SparseGPT options damp={self.damp} blocksize={self.blocksize} refine={self.refine}",
                                 hint="damp in [0, 1) (default 0.01), blocksize >= 1 (default 128), refine >= 0")

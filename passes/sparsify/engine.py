@@ -14,8 +14,9 @@ Where it runs: on the captured FX graph (the one IR), not on `nn.Linear` hooks. 
 - *Bounded memory.* Statistics exist for one layer input at a time (layers reading the same input,
   such as query/key/value, share them), freed as soon as its last layer is pruned; activations are
   freed after their last use, as in `torch.fx.Interpreter`.
-Magnitude pruning without calibration data needs no activations and runs on the module's
-`nn.Linear` layers directly (nothing to capture).
+Magnitude pruning reads no activations: given calibration data (or `compile`'s example inputs) it
+runs on the capture like the others (with calibration, each layer's output error is measured on
+the way); with no input at all it finds the same weights on the module itself (`module_sites`).
 
 Never half-pruned: the engine computes new tensors without writing into the model (the captured
 graph shares the user's parameters); `commit` writes them all at the end with Ctrl-C deferred, so
@@ -27,10 +28,12 @@ Padding: when a batch has an `attention_mask` keyword of shape [B, T] and a laye
 
 from __future__ import annotations
 
+import math
 import operator
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -42,16 +45,18 @@ from sparsecomp.ir import flat_inputs, linear_sites, normalize_inputs
 
 from . import allocation as alloc
 from .config import SparsifyConfig, SparsifyError, skipped_by
-from .masks import check_divides, units, zero_units
+from .masks import check_divides, units, zero_units, zeros_in
 from .solvers import (
     HessianError,
     corrected_target,
     magnitude_mask,
     masked_lstsq,
+    output_error,
     prepare_hessian,
     relative_error,
     sparsegpt,
     wanda_mask,
+    work_dtype,
 )
 
 __all__ = ["Site", "LayerResult", "SparsifyResult", "compute", "commit", "Progress"]
@@ -102,7 +107,7 @@ class SparsifyResult:
     seconds: float = 0.0
     calibration: dict = field(default_factory=dict)  # batches, tokens
     notes: list[str] = field(default_factory=list)
-    numel: dict = field(default_factory=dict)  # layer -> numel (for the overall sparsity)
+    numel: dict = field(default_factory=dict)  # layer -> numel
 
     @property
     def pruned(self) -> list[LayerResult]:
@@ -114,9 +119,10 @@ class SparsifyResult:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of zeros over all pruned layers."""
-        total = sum(self.numel[r.name] for r in self.pruned)
-        return sum(r.sparsity * self.numel[r.name] for r in self.pruned) / total if total else 0.0
+        """Fraction of zeros over all pruned layers (each weight once: a second user of a shared
+        weight is a skipped entry)."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.pruned)
+        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.pruned) / total if total else 0.0
 
     def __repr__(self) -> str:
         return f"<SparsifyResult {self.summary()}>"
@@ -167,6 +173,30 @@ def _attr(root: torch.nn.Module, target: str) -> torch.Tensor:
     return operator.attrgetter(target)(root)
 
 
+def _site_name(target: str) -> str:
+    """A weight's layer name: `sparsecomp.ir.linear_sites`' rule (the module's name for `.weight`)."""
+    return target.removesuffix(".weight")
+
+
+def _caller_name(gm: fx.GraphModule, site) -> str:
+    """The name of the module that makes this call when it holds the weight under another name.
+
+    A capture keeps one attribute path per shared tensor (two Linears tied to one Parameter both
+    read `b.weight`), so the first user would be reported under the second's name; the module
+    stack torch.export records says which module called.
+    """
+    stack = site.node.meta.get("nn_module_stack") or {}
+    try:
+        fqn = list(stack.values())[-1][0]
+    except (IndexError, TypeError):
+        return site.name
+    leaf = site.weight_target.rpartition(".")[2]
+    path = f"{fqn}.{leaf}" if fqn else leaf
+    if path != site.weight_target and _has_attr(gm, path) and _attr(gm, path) is _attr(gm, site.weight_target):
+        return _site_name(path)
+    return site.name
+
+
 def graph_sites(gm: fx.GraphModule) -> list[Site]:
     sites = []
     for s in linear_sites(gm):
@@ -174,17 +204,108 @@ def graph_sites(gm: fx.GraphModule) -> list[Site]:
             continue
         w2 = s.weight_2d(gm)
         x = s.node.args[1] if s.node.target is torch.ops.aten.addmm.default else s.node.args[0]
-        sites.append(Site(s.name, s.weight_target, s.transposed, s.kind, tuple(w2.shape), s.bias_target, s.node,
-                          x if isinstance(x, fx.Node) else None))
+        sites.append(Site(_caller_name(gm, s), s.weight_target, s.transposed, s.kind, tuple(w2.shape), s.bias_target,
+                          s.node, x if isinstance(x, fx.Node) else None))
     return sites
 
 
+def _module_site(root: torch.nn.Module, target: str, kind: str, bias: str | None, transposed: bool = False) -> Site:
+    w = _attr(root, target)
+    shape = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], math.prod(w.shape[1:]))
+    return Site(_site_name(target), target, transposed, kind, tuple(shape), bias)
+
+
 def module_sites(model: torch.nn.Module) -> list[Site]:
-    sites = []
+    """The weights `graph_sites` finds on a capture, found on the module itself (magnitude with no input).
+
+    `nn.Linear` layers, `nn.MultiheadAttention`'s input projections, 1-D / 2-D convolutions (listed,
+    then skipped, as on the capture), and the 2-D parameters of the model's own modules that a
+    matmul reads (`x @ W`, `F.linear(x, W)`, addmm), seen on a symbolic trace. A parameter whose use
+    cannot be traced is listed as kind `unseen` and skipped with that reason: pruning it blind
+    could zero a table that is no matmul weight (a positional embedding).
+    """
+    sites, known, candidates = [], set(), {}
     for name, mod in model.named_modules():
+        pre = f"{name}." if name else ""
         if isinstance(mod, torch.nn.Linear):
-            sites.append(Site(name, f"{name}.weight", False, "linear", tuple(mod.weight.shape),
-                              f"{name}.bias" if mod.bias is not None else None))
+            sites.append(_module_site(model, pre + "weight", "linear", pre + "bias" if mod.bias is not None else None))
+        elif isinstance(mod, torch.nn.MultiheadAttention):
+            if mod.in_proj_weight is not None:
+                sites.append(_module_site(model, pre + "in_proj_weight", "linear",
+                                          pre + "in_proj_bias" if mod.in_proj_bias is not None else None))
+            else:  # separate q / k / v projections (kdim / vdim differ from embed_dim)
+                sites.extend(_module_site(model, f"{pre}{w}_proj_weight", "linear", None) for w in "qkv")
+        elif isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)):  # what a capture lists as conv sites
+            sites.append(_module_site(model, pre + "weight", "conv", pre + "bias" if mod.bias is not None else None))
+        if isinstance(mod, (torch.nn.Linear, torch.nn.MultiheadAttention, torch.nn.Conv1d, torch.nn.Conv2d)) \
+                or type(mod).__module__.startswith("torch."):
+            # their weights are the sites above; torch's other modules (embeddings, norms, recurrent
+            # cells) hold no sites on a capture either
+            known.update(id(t) for t in mod.parameters(recurse=False))
+            continue
+        for leaf, t in mod.named_parameters(recurse=False):
+            if t.dim() == 2 and t.is_floating_point():
+                candidates.setdefault(id(t), pre + leaf)
+    candidates = {target: _attr(model, target) for i, target in candidates.items() if i not in known}
+    if candidates:
+        traced = _traced_sites(model, candidates)
+        if traced is None:
+            sites.extend(_module_site(model, t, "unseen", None) for t in candidates)
+        else:
+            sites.extend(traced)
+    return sites
+
+
+_MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm}
+_LINEARS = {torch.nn.functional.linear}
+_FLIPS = {torch.t, torch.transpose, torch.permute, torch.Tensor.t}
+
+
+def _traced_sites(model: torch.nn.Module, candidates: dict[str, torch.Tensor]) -> list[Site] | None:
+    """Sites among `candidates` (attribute path -> 2-D parameter) that a matmul reads on a symbolic
+    trace of `model` (no input needed), with the layout read from the call; None if the trace fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any model code may refuse a symbolic trace; the caller reports it per weight
+        return None
+
+    def weight(arg) -> tuple[str, bool] | None:  # (attribute path, read transposed?)
+        if not isinstance(arg, fx.Node):
+            return None
+        if arg.op == "get_attr":
+            return arg.target, False
+        flip = ((arg.op == "call_method" and arg.target in ("t", "transpose", "permute"))
+                or (arg.op == "call_function" and arg.target in _FLIPS)
+                or (arg.op == "call_function" and arg.target is getattr and arg.args[1:2] in (("T",), ("mT",))))
+        src = arg.args[0] if arg.args else None
+        if flip and isinstance(src, fx.Node) and src.op == "get_attr":
+            return src.target, True
+        return None
+
+    sites = []
+    for n in graph.nodes:
+        fn = n.target if n.op == "call_function" else None
+        meth = n.target if n.op == "call_method" else None
+        if fn in _LINEARS:
+            kind = "linear"
+            w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        elif fn in _MATMULS or meth in ("matmul", "mm", "__matmul__"):
+            w, b, kind = n.args[1] if len(n.args) > 1 else None, None, "matmul"
+        elif fn is torch.addmm or meth == "addmm":
+            w, b, kind = n.args[2] if len(n.args) > 2 else None, n.args[0], "matmul"
+        else:
+            continue
+        found = weight(w)
+        if found is None or found[0] not in candidates:
+            continue
+        target, flipped = found
+        # F.linear reads W as [out, in]; a matmul x @ W reads it as [in, out]; a transpose flips either
+        transposed = flipped if kind == "linear" else not flipped
+        bias = b.target if isinstance(b, fx.Node) and b.op == "get_attr" else None
+        sites.append(_module_site(model, target, kind, bias, transposed))
     return sites
 
 
@@ -199,8 +320,9 @@ def _embedding_weights(root: torch.nn.Module, gm: fx.GraphModule | None) -> set[
 
 
 def plan(root: torch.nn.Module, sites: list[Site], config: SparsifyConfig, gm: fx.GraphModule | None = None
-         ) -> tuple[list[Site], dict[str, LayerResult]]:
-    """Split sites into those to prune and those left dense (with the reason for each)."""
+         ) -> tuple[list[Site], dict[int, LayerResult]]:
+    """Split sites into those to prune and those left dense (with the reason for each, keyed by
+    `id(site)`: a layer called twice is two sites of one name)."""
     prune, skipped, seen = [], {}, {}
     embeds = _embedding_weights(root, gm)
     for s in sites:
@@ -208,12 +330,16 @@ def plan(root: torch.nn.Module, sites: list[Site], config: SparsifyConfig, gm: f
         why = None
         if s.kind == "conv":
             why = "convolution weights are not sparsified (Linear / matmul weights only)"
+        elif s.kind == "unseen":
+            why = ("a 2-D parameter whose use a symbolic trace could not show: pass calibration=[batch] "
+                   "to prune it if it is a matmul weight (x @ W)")
         elif (g := skipped_by(s.name, config.skip)) is not None:
             why = f"skipped by '{g}'"
         elif id(w) in embeds:
             why = "weight tied to an embedding (an output head)"
-        elif s.target in seen:
-            why = f"shares its weight with {seen[s.target]} (pruned there)"
+        elif id(w) in seen:  # one weight, several users (tied, or a layer called twice): pruned once
+            first = seen[id(w)]
+            why = f"shares its weight with {first} (pruned there)" if first != s.name else "called again (its weight is pruned at its first call)"
         elif not w.is_floating_point():
             why = f"dtype {str(w.dtype).replace('torch.', '')} is not a float weight"
         elif not torch.isfinite(w).all():
@@ -223,9 +349,9 @@ def plan(root: torch.nn.Module, sites: list[Site], config: SparsifyConfig, gm: f
         else:
             why = check_divides(s.shape, config.pattern)
         if why:
-            skipped[s.name] = LayerResult(s.name, list(s.shape), "skipped", why)
+            skipped[id(s)] = LayerResult(s.name, list(s.shape), "skipped", why)
         else:
-            seen[s.target] = s.name
+            seen[id(w)] = s.name
             prune.append(s)
     return prune, skipped
 
@@ -390,30 +516,40 @@ def _stats(xs: list, dxs: list | None, *, hessian: bool, augment: bool, site: Si
 
 
 def _w2d(root, site: Site) -> torch.Tensor:
+    """The weight as `[out, in]`, in its own dtype: magnitude and Wanda only zero entries, so every
+    kept weight stays bit-identical (a float32 round trip rounded float64 models)."""
     w = _attr(root, site.target).detach()
-    return (w.t() if site.transposed else w).reshape(site.shape).float()
+    return (w.t() if site.transposed else w).reshape(site.shape)
 
 
 def _bias(root, site: Site) -> torch.Tensor | None:
-    return _attr(root, site.bias_target).detach().float() if site.bias_target else None
+    return _attr(root, site.bias_target).detach() if site.bias_target else None
 
 
 def _prune_layer(W: torch.Tensor, bias: torch.Tensor | None, st: _Stats | None, cfg: SparsifyConfig, k: int,
                  notes: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
-    """New (weight, bias, relative error) for one layer; k units of cfg.pattern zeroed."""
+    """New (weight, bias, relative error) for one layer; k units of cfg.pattern zeroed.
+
+    The error is measured here when the statistics hold the Hessian (SparseGPT, sensitivity);
+    otherwise None (the caller measures it on the activations)."""
     p = cfg.pattern
     if cfg.method == "magnitude":
         zero = magnitude_mask(W, p, k)
         Wn = W.masked_fill(zero, 0.0)
         return Wn, None, (relative_error(W, Wn, st.H) if st is not None and st.H is not None else None)
     if cfg.method == "wanda":
+        dead = int((st.sqnorm == 0).sum())
+        if dead:
+            notes.append(f"{dead} inputs were zero on all calibration tokens: their weights ranked by |w|")
         zero = wanda_mask(W, st.sqnorm, p, k)
         Wn = W.masked_fill(zero, 0.0)
         return Wn, None, (relative_error(W, Wn, st.H) if st.H is not None else None)
+    # SparseGPT updates kept weights: computed in float32, or float64 for a float64 model
+    W = W.to(work_dtype(W))
     augment = st.H.shape[0] == W.shape[1] + 1
-    Wa = torch.cat([W, bias[:, None]], dim=1) if augment else W
+    Wa = torch.cat([W, bias.to(W.dtype)[:, None]], dim=1) if augment else W
     try:
-        prep = st.prep = st.prep or prepare_hessian(st.H, cfg.damp)
+        prep = st.prep = st.prep or prepare_hessian(st.H, cfg.damp, dtype=W.dtype)
     except HessianError as err:
         notes.append(f"{err}: pruned by magnitude")
         zero = magnitude_mask(W, p, k)
@@ -583,31 +719,40 @@ def compute(model: torch.nn.Module, cfg: SparsifyConfig, batches: list | None, *
         result.calibration = {"batches": len(batches), **({"tokens": tokens} if tokens else {})}
     fractions = _allocate(gm, root, prune, cfg, batches, label, progress, result)
     counts = _counts(prune, cfg, fractions)
-    k_of = {s.name: k for s, k in zip(prune, counts)}
+    if fractions is not None:
+        _note_unmet_budget(prune, cfg, counts, result)
+    k_of = {id(s): k for s, k in zip(prune, counts)}
     out: dict[str, torch.Tensor] = {}
-    results: dict[str, LayerResult] = {}
+    results: dict[int, LayerResult] = {}  # by id(site): a layer called twice is two sites of one name
     done = [0]
 
-    def finish(site: Site, st: _Stats | None):
+    def finish(site: Site, st: _Stats | None, xs: list | None = None):
         W = _w2d(root, site)
         notes: list[str] = []
         bias = _bias(root, site) if (cfg.update_bias and cfg.method == "sparsegpt") else None
-        Wn, bn, err = _prune_layer(W, bias, st, cfg, k_of[site.name], notes)
+        k = k_of[id(site)]
+        Wn, bn, err = _prune_layer(W, bias, st, cfg, k, notes)
+        if err is None and xs is not None:  # lossy: every method says what it cost, when there is data to say it
+            err = output_error(W, Wn, xs)
+        have = zeros_in(Wn, cfg.pattern)
+        if have != k:  # zeros the layer already had beyond what was asked stay zero
+            what = "tiles" if cfg.pattern.kind == "block" else "weights"
+            notes.append(f"{have} zero {what} where {k} were asked: {zeros_in(W, cfg.pattern)} were zero before pruning")
         stored = _attr(root, site.target)
         new = (Wn.t() if site.transposed else Wn).reshape(stored.shape).to(stored.dtype).contiguous()
         out[site.target] = new
         if bn is not None:
             out[site.bias_target] = bn.to(_attr(root, site.bias_target).dtype)
         n_units = units(site.shape, cfg.pattern)
-        target = k_of[site.name] / n_units if cfg.pattern.kind != "nm" else 1 - cfg.pattern.n / cfg.pattern.m
-        results[site.name] = LayerResult(site.name, list(site.shape), "pruned", "", target,
-                                         1.0 - int(torch.count_nonzero(Wn)) / Wn.numel(), err, notes)
+        target = k / n_units if cfg.pattern.kind != "nm" else 1 - cfg.pattern.n / cfg.pattern.m
+        results[id(site)] = LayerResult(site.name, list(site.shape), "pruned", "", target,
+                                        1.0 - int(torch.count_nonzero(Wn)) / Wn.numel(), err, notes)
         done[0] += 1
         if progress:
             progress(done[0], len(prune), f"{cfg.method}: {site.name}")
         return new
 
-    if cfg.method == "magnitude":
+    if not batches:  # magnitude with no data: nothing to walk
         for site in prune:
             finish(site, None)
     else:
@@ -621,12 +766,16 @@ def compute(model: torch.nn.Module, cfg: SparsifyConfig, batches: list | None, *
         cache: dict[fx.Node, _Stats] = {}
 
         def visit(site: Site, xs, dxs):
-            aug = augment and site.bias_target is not None
-            key = (site.x_node, aug)
-            st = cache.get(key)
-            if st is None:
-                st = cache[key] = _stats(xs, dxs, hessian=hessian, augment=aug, site=site)
-            walk.weights[site.target] = finish(site, st)
+            st = None
+            if cfg.method != "magnitude":  # magnitude reads its input only for the output error
+                aug = augment and site.bias_target is not None
+                key = (site.x_node, aug)
+                st = cache.get(key)
+                if st is None:
+                    st = cache[key] = _stats(xs, dxs, hessian=hessian, augment=aug, site=site)
+            elif any(x is None or x.shape[-1] != site.shape[1] for x in xs):
+                raise SparsifyError(f"layer {site.name}: its input is not a float tensor with {site.shape[1]} features")
+            walk.weights[site.target] = finish(site, st, xs)
             if site.bias_target in out:
                 walk.weights[site.bias_target] = out[site.bias_target]
             remaining[site.x_node] -= 1
@@ -635,14 +784,24 @@ def compute(model: torch.nn.Module, cfg: SparsifyConfig, batches: list | None, *
                     del cache[k]
 
         walk.run(by_node, visit)
-        missing = [s.name for s in prune if s.name not in results]
+        missing = [s.name for s in prune if id(s) not in results]
         if missing:
             raise SparsifyError(f"{label}: layers {missing[:3]} were never reached by the calibration data",
                                 hint="their inputs may not depend on the model inputs")
-    result.layers = [results.get(s.name) or skipped[s.name] for s in sites if s.name in results or s.name in skipped]
+    result.layers = [results.get(id(s)) or skipped[id(s)] for s in sites]
     result.numel = {s.name: s.shape[0] * s.shape[1] for s in sites}
     result.seconds = time.perf_counter() - t0
     return out, result
+
+
+def _note_unmet_budget(prune: list[Site], cfg: SparsifyConfig, counts: list[int], result: SparsifyResult) -> None:
+    """Say so when an allocation cannot reach the global target: no layer goes past MAX_SPARSITY."""
+    sizes = [units(s.shape, cfg.pattern) for s in prune]
+    asked = round(cfg.pattern.sparsity * sum(sizes))
+    if sum(counts) != asked:
+        result.notes.append(f"the global target {cfg.pattern.sparsity:g} cannot be met exactly with allocation "
+                            f"'{cfg.allocation}': it keeps at least {1 - alloc.MAX_SPARSITY:.0%} of every layer, "
+                            f"so {sum(counts) / sum(sizes):.2%} was reached (allocation='uniform' prunes exactly)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,28 +886,58 @@ def normalize_batches(calibration, label: str) -> list:
     return out
 
 
+def _check_weights(model: torch.nn.Module, cfg: SparsifyConfig, label: str) -> None:
+    """Weights sparsify cannot read or write, as one clear error before any work (as `impose` does)."""
+    from torch.nn.utils import parametrize
+
+    for name, t in model.named_parameters():
+        if isinstance(t, torch.nn.parameter.UninitializedParameter):
+            raise SparsifyError(f"{label}: {name} is an uninitialized (lazy) parameter",
+                                hint="run one forward pass to materialize lazy layers before sparsifying")
+        if t.is_meta:
+            raise SparsifyError(f"{label}: {name} is on the meta device (no values to prune)",
+                                hint="load real weights first, e.g. model.to_empty(device='cpu') then load_state_dict")
+    for name, mod in model.named_modules():
+        site = _site_name(f"{name}.weight" if name else "weight")
+        if isinstance(mod, torch.nn.Linear) and parametrize.is_parametrized(mod, "weight") and skipped_by(site, cfg.skip) is None:
+            # mod.weight is recomputed from the parametrization's own tensors on every access:
+            # zeros written into it would not stick (and a capture does not see it as a weight)
+            raise SparsifyError(f"{label}: layer {site!r} has a parametrized weight (e.g. weight_norm): pruning written into it would not stick",
+                                hint="remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
+                                     f"'weight')) or leave the layer dense: skip=[{site!r}, ...]")
+
+
 def sparsify_module(model: torch.nn.Module, cfg: SparsifyConfig, calibration=None, *,
-                    label: str | None = None, progress: Progress | None = None) -> SparsifyResult:
+                    label: str | None = None, progress: Progress | None = None, example=None) -> SparsifyResult:
     """Sparsify `model` in place (all weights written at the end, or none); returns the report.
 
-    Captures the model on the first calibration batch when the method or the allocation reads
-    activations; magnitude (uniform) reads none and works on the model's `nn.Linear` layers.
+    Captures the model on its first calibration batch when there is one (every method then
+    reports each layer's output error); magnitude without calibration captures on `example`
+    (compile's example inputs) when given, so it finds the weights a pipeline's sparsify pass
+    finds, and otherwise on the module itself (`module_sites`).
     """
     label = label or type(model).__name__
     if not isinstance(model, torch.nn.Module):
         raise SparsifyError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
     batches = normalize_batches(calibration, label)
+    _check_weights(model, cfg, label)
     if cfg.needs_calibration and not batches:
         compute(model, cfg, None, label=label)  # raises the "needs calibration" error
+    on = batches
+    if not on and example is not None:
+        try:
+            on = [normalize_inputs(example)]
+        except TypeError as err:
+            raise SparsifyError(f"example inputs for {label}: {err}") from None
     gm = None
-    if cfg.needs_calibration:  # magnitude alone reads no activations: nothing to capture
-        gm = capture_for(model, batches, label)
+    if on:
+        gm = capture_for(model, on, label)
         sites = {s.target for s in graph_sites(gm)}
         missing = [t for t in sites if not _has_attr(model, t)]
         if missing:
             raise SparsifyError(f"{label}: captured weights {missing[:3]} are not attributes of the model",
                                 hint="sparsify needs the model's own parameters in the captured graph")
-    tensors, result = compute(model, cfg, batches if gm is not None else None, gm=gm, label=label, progress=progress)
+    tensors, result = compute(model, cfg, batches or None, gm=gm, label=label, progress=progress)
     commit(model, tensors)
     return result
 

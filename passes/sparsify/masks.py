@@ -3,8 +3,10 @@
 Every method reduces to "zero the entries (or RxC tiles, or per-group entries) with the smallest
 score" under a pattern; only the score differs (|w| for magnitude, |w| x ||x_j|| for Wanda,
 w^2 / [H^-1]_jj^2 for SparseGPT). Counts are exact: a layer asked for k zeros gets k zeros, the
-quota split across rows or column blocks by largest remainder (`split_quota`), so a global budget
-handed out by an allocation adds up to the entry. Ties go to the lower index (stable sorts), the
+quota split across rows or column blocks by largest remainder (`split_quota`), each part at least
+the zeros its rows / block already hold (those stay zero whatever the mask says), so a global
+budget handed out by an allocation adds up to the entry; a layer already holding more than k
+zeros keeps them (the report notes it). Ties go to the lower index (stable sorts), the
 same rule `sparsecomp.patterns.impose_pattern` follows, so magnitude here and `impose` agree.
 A NaN score ranks as +inf: a weight we cannot rank is never silently removed.
 """
@@ -17,7 +19,7 @@ import torch
 
 from sparsecomp.patterns import WeightPattern, smallest_k_mask
 
-__all__ = ["units", "zero_units", "split_quota", "select_mask", "check_divides"]
+__all__ = ["units", "zero_units", "zeros_in", "split_quota", "select_mask", "check_divides"]
 
 
 def units(shape: tuple[int, int], p: WeightPattern) -> int:
@@ -53,11 +55,42 @@ def check_divides(shape: tuple[int, int], p: WeightPattern) -> str | None:
     return None
 
 
-def split_quota(total: int, sizes: list[int]) -> list[int]:
+def zeros_in(W: torch.Tensor, p: WeightPattern) -> int:
+    """How many units of a `[out, in]` weight are zero already: entries, or whole RxC tiles."""
+    z = W == 0
+    if p.kind == "block":
+        r, c = p.block
+        o, i = z.shape
+        z = z[: o // r * r, : i // c * c].reshape(o // r, r, i // c, c).all(dim=3).all(dim=1)
+    return int(z.sum())
+
+
+def split_quota(total: int, sizes: list[int], floors: list[int] | None = None) -> list[int]:
     """Split `total` over chunks proportionally to `sizes` (largest remainder, ties to the first).
 
-    The parts sum to `total` exactly and never exceed their chunk's size.
+    The parts sum to `total` exactly and never exceed their chunk's size. With `floors`, part j is
+    at least floors[j] (units already zero there, which stay zero whatever the mask says): chunks
+    whose floor exceeds their proportional share get exactly their floor, the others share the
+    rest by size (water filling). When the floors alone exceed `total`, the parts are the floors.
     """
+    if floors is not None:
+        floors = [min(max(f, 0), s) for f, s in zip(floors, sizes)]
+        if sum(floors) >= total:
+            return floors
+        fixed: set[int] = set()
+        while True:  # grows `fixed` monotonically: at most len(sizes) rounds
+            free = [j for j in range(len(sizes)) if j not in fixed]
+            rest = total - sum(floors[j] for j in fixed)
+            n = sum(sizes[j] for j in free)
+            more = {j for j in free if n and floors[j] * n > rest * sizes[j]}
+            if not more:
+                break
+            fixed |= more
+        parts = split_quota(rest, [sizes[j] for j in free])
+        out = list(floors)
+        for j, part in zip(free, parts):
+            out[j] = part  # >= floors[j]: floors[j] <= rest * size / n and is an integer
+        return out
     n = sum(sizes)
     if n == 0 or total <= 0:
         return [0] * len(sizes)
@@ -89,11 +122,13 @@ def _rowwise(key: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
     return zero
 
 
-def select_mask(score: torch.Tensor, p: WeightPattern, k: int | None = None, *, per_row: bool = False) -> torch.Tensor:
+def select_mask(score: torch.Tensor, p: WeightPattern, k: int | None = None, *, per_row: bool = False,
+                row_floors: list[int] | None = None) -> torch.Tensor:
     """Boolean `[out, in]` mask of the weights to zero.
 
     unstructured: the k smallest scores of the layer, or with `per_row` the quota of each output
-      row (k split evenly over rows; Wanda's comparison group);
+      row (k split evenly over rows; Wanda's comparison group; a row gets at least its
+      `row_floors` entry, the zeros it already holds, so that the layer's total stays k);
     block RxC: the k tiles with the smallest summed score (shape must be divisible, see
       `check_divides`);
     N:M: in every group of M consecutive inputs of a row, the M-N smallest (k is implied).
@@ -115,6 +150,6 @@ def select_mask(score: torch.Tensor, p: WeightPattern, k: int | None = None, *, 
         zt = smallest_k_mask(tiles.reshape(-1), k).view(o // r, 1, i // c, 1)
         return zt.expand(o // r, r, i // c, c).reshape(o, i)
     if per_row:
-        quotas = torch.tensor(split_quota(k, [i] * o), dtype=torch.long, device=key.device)
+        quotas = torch.tensor(split_quota(k, [i] * o, row_floors), dtype=torch.long, device=key.device)
         return _rowwise(key, quotas)
     return smallest_k_mask(key.reshape(-1), k).view(o, i)

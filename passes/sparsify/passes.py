@@ -13,7 +13,7 @@ from typing import Literal
 from sparsecomp.registry import PassResult, register_pass
 
 from .config import DEFAULT_SKIP, SparsifyConfig, SparsifyError
-from .engine import commit, compute
+from .engine import commit, compute, graph_sites
 
 __all__ = ["META_KEY", "config_from_pass", "pass_text"]
 
@@ -52,16 +52,12 @@ def pass_text(cfg: SparsifyConfig) -> str:
 
 def _run(gm, ctx, name: str, options: dict) -> PassResult:
     cfg = config_from_pass(name, options)
+    sites = graph_sites(gm)  # the sites compute reports on, in its order (names repeat for a layer called twice)
     tensors, result = compute(gm, cfg, list(ctx.calibration) or None, gm=gm, label=ctx.model_name)
     commit(gm, tensors, replace=True)
-    by_name = {r.name: r for r in result.layers}
-    from sparsecomp.ir import linear_sites
-
-    for site in linear_sites(gm):
-        r = by_name.get(site.name)
-        if r is not None:
-            site.node.meta[META_KEY] = {"method": cfg.method, "status": r.status,
-                                        **({"sparsity": r.sparsity} if r.status == "pruned" else {"reason": r.reason})}
+    for site, r in zip(sites, result.layers, strict=True):
+        site.node.meta[META_KEY] = {"method": cfg.method, "status": r.status,
+                                    **({"sparsity": r.sparsity} if r.status == "pruned" else {"reason": r.reason})}
     ctx.results[name] = result
     return PassResult(bool(tensors), {"pruned": len(result.pruned), "skipped": len(result.skipped)})
 

@@ -11,8 +11,10 @@ factor of its inverse, columns processed left to right in lazy blocks; each prun
 is spread over the not-yet-processed columns of its row (OBS update), the mask is chosen
 adaptively per lazy block (unstructured, block) or per group of M columns (N:M) with the score
 w^2 / [H^-1]_jj^2. Counts are exact: the layer's quota is split over lazy blocks by
-`masks.split_quota`. Singular Hessians (dead inputs, fewer tokens than inputs) are damped, the
-damping grown x10 until the Cholesky factorisation succeeds; the result is checked finite.
+`masks.split_quota`, each block taking at least the zeros it already holds. Singular Hessians
+(dead inputs, fewer tokens than inputs) are damped, the damping grown x10 until the Cholesky
+factorisation succeeds; the result is checked finite. New values are computed in float32, or in
+float64 for a float64 model (`work_dtype`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,20 @@ import torch
 
 from sparsecomp.patterns import WeightPattern
 
-from .masks import select_mask, split_quota
+from .masks import select_mask, split_quota, units, zeros_in
 
 __all__ = ["HessianError", "Prepared", "prepare_hessian", "magnitude_mask", "wanda_mask", "sparsegpt",
-           "corrected_target", "masked_lstsq", "relative_error"]
+           "corrected_target", "masked_lstsq", "relative_error", "output_error", "work_dtype"]
 
 
 class HessianError(ArithmeticError):
     """The Hessian could not be factorised even with the largest damping tried."""
+
+
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a solver computes a weight's new values in: float64 for a float64 model (its
+    precision is the point of it), float32 otherwise (half-precision sums lose too much)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -47,7 +55,7 @@ class Prepared:
 
     H: torch.Tensor  # damped, float64
     Lr: torch.Tensor  # lower Cholesky factor of P H P, float64
-    U: torch.Tensor  # upper Cholesky factor of H^-1, float32
+    U: torch.Tensor  # upper Cholesky factor of H^-1, in the weights' work dtype (`work_dtype`)
     lam: float
     notes: list[str] = field(default_factory=list)
 
@@ -56,11 +64,12 @@ class Prepared:
         return torch.cholesky_solve(B.double().flip(0), self.Lr).flip(0)
 
 
-def prepare_hessian(H: torch.Tensor, damp: float, *, attempts: int = 6) -> Prepared:
+def prepare_hessian(H: torch.Tensor, damp: float, *, attempts: int = 6, dtype: torch.dtype = torch.float32) -> Prepared:
     """Damp `H` (mean input Hessian) until it is positive definite, and factor it.
 
     Dead inputs (a zero diagonal: the input was 0 on every calibration token) get the mean
     diagonal, so their weights are ranked like an average input's instead of dividing by zero.
+    `dtype` is the one U is kept in: the work dtype of the weights it will update (`work_dtype`).
     """
     H = H.double().clone()
     if not torch.isfinite(H).all():
@@ -82,7 +91,7 @@ def prepare_hessian(H: torch.Tensor, damp: float, *, attempts: int = 6) -> Prepa
             if torch.isfinite(U).all() and bool((U.diagonal() > 0).all()):
                 if attempt:
                     notes.append(f"Hessian damped {lam / mean:.3g} x mean diagonal (asked {damp:g}) to be positive definite")
-                return Prepared(Hd, Lr, U.float(), lam, notes)
+                return Prepared(Hd, Lr, U.to(dtype), lam, notes)
         lam = max(lam, 1e-8 * mean) * 10
     raise HessianError(f"Hessian not positive definite even with damping {lam / 10 / mean:.3g} x mean diagonal")
 
@@ -94,8 +103,21 @@ def magnitude_mask(W: torch.Tensor, p: WeightPattern, k: int) -> torch.Tensor:
 
 def wanda_mask(W: torch.Tensor, sqnorm: torch.Tensor, p: WeightPattern, k: int) -> torch.Tensor:
     """Wanda (Sun et al. 2023): score |w_ij| x ||x_j||, compared within each output row."""
-    score = W.abs().double() * sqnorm.double().clamp_min(0).sqrt()[None, :]
-    return select_mask(score, p, k, per_row=True)
+    norm = sqnorm.double().clamp_min(0).sqrt()
+    a = W.abs().double()
+    score = a * norm[None, :]
+    dead = norm == 0
+    if dead.any():
+        # an input that was zero on every token gives all its weights score 0: ties that the
+        # index alone would break (zeroing whole leading columns). Rank them by |w| instead,
+        # scaled below every live input's smallest positive score, so they still go first.
+        live = score[:, ~dead]
+        floor = float(live[live > 0].min()) if bool((live > 0).any()) else 1.0
+        top = float(a[:, dead].max())
+        score[:, dead] = a[:, dead] * (0.5 * floor / top if top > 0 else 0.0)
+    # a row's own zeros stay zero: its quota is at least their number, so the layer's total stays k
+    floors = (W == 0).sum(1).tolist() if p.kind == "unstructured" else None
+    return select_mask(score, p, k, per_row=True, row_floors=floors)
 
 
 def _lazy_block(p: WeightPattern, blocksize: int) -> int:
@@ -125,22 +147,20 @@ def sparsegpt(W: torch.Tensor, prep: Prepared, p: WeightPattern, k: int, *, bloc
     Works on the transpose (one input column = one contiguous row) so every step of the column
     loop touches contiguous memory.
     """
-    Wt = W.detach().t().contiguous().float()  # [cols, out]
+    Wt = W.detach().t().contiguous().to(work_dtype(W))  # [cols, out]
     cols, rows = Wt.shape
     K = cols - free
-    U = prep.U
+    U = prep.U.to(Wt.dtype)  # (no copy when prepared for this dtype)
     bs = _lazy_block(p, blocksize)
     starts = list(range(0, K, bs))
     widths = [min(bs, K - s) for s in starts]
-    if p.kind == "unstructured":
-        quotas = split_quota(k, [rows * w for w in widths])
-    elif p.kind == "block":
-        r, c = p.block
-        quotas = split_quota(k, [(rows // r) * (w // c) for w in widths])
-    else:
-        quotas = [0] * len(starts)
+    sizes = [units((rows, w), p) for w in widths]
+    # zero units per block before any update: what the later blocks are expected to hold (a
+    # block's own count is taken again when its turn comes, after the updates of the earlier ones)
+    floors = [zeros_in(Wt[s:s + w].t(), p) for s, w in zip(starts, widths)] if p.kind != "nm" else []
+    left = k
     zero_t = torch.zeros(K, rows, dtype=torch.bool)
-    for i1, width, quota in zip(starts, widths, quotas):
+    for b, (i1, width) in enumerate(zip(starts, widths)):
         i2 = i1 + width
         W1 = Wt[i1:i2]  # a contiguous view, updated in place
         E1 = torch.zeros_like(W1)
@@ -148,6 +168,12 @@ def sparsegpt(W: torch.Tensor, prep: Prepared, p: WeightPattern, k: int, *, bloc
         d = U1.diagonal()
         z1 = zero_t[i1:i2]
         if p.kind != "nm":  # adaptive mask for this lazy block, with its exact quota
+            # Units that are zero now (the layer's own zeros, untouched by the updates so far) stay
+            # zero whether masked or not: each block's quota is at least its own, taken from what
+            # the later blocks get, so the layer ends with exactly k (an equal share per block
+            # kept a block's surplus zeros on top of k).
+            quota = split_quota(left, sizes[b:], [zeros_in(W1.t(), p), *floors[b + 1:]])[0]
+            left -= quota
             z1.copy_(select_mask((W1 ** 2 / (d ** 2)[:, None]).t(), p, quota).t())
         with _one_thread():
             for i in range(width):
@@ -171,7 +197,7 @@ def corrected_target(W: torch.Tensor, prep: Prepared, G: torch.Tensor) -> torch.
     towards W (not towards 0) where the calibration data says little.
     """
     Wd = W.double()
-    return prep.solve(G.double() @ Wd.t() + prep.lam * Wd.t()).t().float()
+    return prep.solve(G.double() @ Wd.t() + prep.lam * Wd.t()).t().to(work_dtype(W))
 
 
 def masked_lstsq(V: torch.Tensor, T: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, iters: int,
@@ -183,11 +209,12 @@ def masked_lstsq(V: torch.Tensor, T: torch.Tensor, H: torch.Tensor, keep: torch.
     which is close but not optimal for its own mask). The mask is untouched; a row whose step
     would not be finite keeps its last iterate.
     """
-    Hf = H.float()
-    keepf = keep.float()
+    dt = work_dtype(V)
+    Hf = H.to(dt)
+    keepf = keep.to(dt)
     minv = (1.0 / Hf.diagonal().clamp_min(1e-12))[None, :] * keepf
-    V = V.float() * keepf
-    R = ((T.float() - V) @ Hf) * keepf
+    V = V.to(dt) * keepf
+    R = ((T.to(dt) - V) @ Hf) * keepf
     Z = R * minv
     P = Z.clone()
     rz = (R * Z).sum(1)
@@ -213,9 +240,28 @@ def masked_lstsq(V: torch.Tensor, T: torch.Tensor, H: torch.Tensor, keep: torch.
 
 def relative_error(W_old: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
     """||X (W_new - W_old)^T||^2 / ||X W_old^T||^2 on the calibration inputs (H = X^T X / n)."""
-    # float32 products, float64 sums: a report figure and an allocation signal, not a solver input
-    Hf = H.float()
-    D = W_new.float() - W_old.float()
+    # float32 products (float64 for a float64 model), float64 sums: a report figure and an
+    # allocation signal, not a solver input
+    dt = work_dtype(W_old)
+    Hf = H.to(dt)
+    D = W_new.to(dt) - W_old.to(dt)
     num = float(((D @ Hf) * D).double().sum())
-    den = float(((W_old.float() @ Hf) * W_old.float()).double().sum())
+    den = float(((W_old.to(dt) @ Hf) * W_old.to(dt)).double().sum())
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def output_error(W_old: torch.Tensor, W_new: torch.Tensor, xs: list[torch.Tensor]) -> float:
+    """`relative_error` measured on the layer's input rows `xs` (one [tokens, in] per batch) directly.
+
+    For the methods that need no Hessian (magnitude, Wanda): two products of the layer's size per
+    batch instead of an in x in Gram matrix per input (quadratic memory in the input width).
+    """
+    dt = work_dtype(W_old)
+    Wo = W_old.to(dt)
+    D = W_new.to(dt) - Wo
+    num = den = 0.0
+    for x in xs:
+        x = x.to(dt)
+        num += float(((x @ D.t()) ** 2).double().sum())
+        den += float(((x @ Wo.t()) ** 2).double().sum())
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)

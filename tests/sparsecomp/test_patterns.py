@@ -466,6 +466,16 @@ def test_impose_refuses_a_lazy_layer_before_changing_any_layer():
     assert torch.equal(m[0].weight, before)
 
 
+@pytest.mark.parametrize("spec", ["unstructured:0.5", "2:4", "block:2x2:0.5"])
+def test_impose_refuses_a_meta_weight_with_one_clear_error(spec):
+    # a meta tensor has no values to rank: it failed deep in torch (Tensor.item() on meta)
+    m = nn.Sequential(nn.Linear(8, 8, device="meta"))
+    with pytest.raises(PatternError, match="layer '0' has its weight on the meta device"):
+        impose(m, spec)
+    with pytest.raises(PatternError, match="meta tensor"):
+        impose_pattern(torch.empty(8, 8, device="meta"), spec)
+
+
 @pytest.mark.parametrize("model, layers, match", [
     ("zoo:mlp-relu", None, "expects a torch.nn.Module, got str"),
     (nn.Sequential(nn.Linear(8, 8)), ["0"], "one glob string"),

@@ -88,3 +88,12 @@ def test_cli_compile_sparsify(capsys, tmp_path, monkeypatch):
     assert code == 0, err
     report = json.loads(out)
     assert any("lossy (asked for): sparsify wanda:unstructured:0.9" in n for n in report["notes"])
+
+
+def test_compile_with_sparsify_notes_the_output_error(tmp_path):
+    # the per-layer errors of the report were dropped from compile's note
+    cal = calib(2)
+    cm = sc.compile(Tiny(), cal[0], sparsify="wanda:unstructured:0.5", calibration=cal, kernels="dense",
+                    cache_dir=str(tmp_path), max_seconds_per_layer=0.01)
+    note = next(n for n in cm.report.notes if n.startswith("lossy (asked for): sparsify wanda"))
+    assert "layer output error mean" in note and "max" in note

@@ -132,7 +132,7 @@ def test_bad_input_is_one_clear_error_and_the_model_is_untouched(call, needle):
 
 def test_no_linear_layer():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    with pytest.raises(SparsifyError, match="no Linear"):
+    with pytest.raises(SparsifyError, match="no Linear|no layer.*convolution"):  # as on the capture
         sc.sparsify(m, "magnitude:unstructured:0.5")
     with pytest.raises(SparsifyError, match="no Linear|no layer"):
         sc.sparsify(m, "wanda:unstructured:0.5", calibration=[torch.randn(1, 3, 8, 8)])
@@ -220,3 +220,156 @@ def test_x_at_w_parameters_are_pruned_in_their_stored_layout():
     assert [r.name for r in res.pruned] == ["w", "fc"]
     assert patterns.nm_conformance(m.w.t(), 2, 4) == 1.0  # groups of 4 along in_features
     assert patterns.nm_conformance(m.w, 2, 4) < 1.0
+
+
+class Mixed(nn.Module):
+    """Every kind of weight a capture lists: x @ W, F.linear(x, P), x @ Q.t(), attention, a conv, a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.W = nn.Parameter(torch.randn(16, 16))  # x @ W: stored [in, out]
+        self.P = nn.Parameter(torch.randn(16, 16))
+        self.Q = nn.Parameter(torch.randn(16, 16))
+        self.pos = nn.Parameter(torch.randn(4, 16))  # 2-D, but no matmul weight
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = torch.nn.functional.linear((x + self.pos) @ self.W, self.P) @ self.Q.t()
+        return self.fc(self.conv(self.mha(x, x, x)[0]))
+
+
+def _layers(res):
+    return {(r.name, r.status, r.reason) for r in res.layers}
+
+
+def test_magnitude_without_data_finds_the_weights_the_capture_finds():
+    # without calibration, magnitude looked at nn.Linear only: x @ W, F.linear and attention's
+    # in_proj_weight stayed dense silently, and convolutions were not listed as skipped
+    example = torch.randn(2, 4, 16)
+    m = Mixed()
+    _, res = sc.sparsify(m, "magnitude:2:4", return_report=True)
+    _, ctx = sc.run_pipeline(Mixed(), example, "sparsify-magnitude{pattern=2:4}")
+    assert _layers(res) == _layers(ctx.results["sparsify-magnitude"])
+    assert {r.name for r in res.pruned} == {"W", "P", "Q", "mha.in_proj_weight", "mha.out_proj", "fc"}
+    assert [r.name for r in res.skipped] == ["conv"] and "convolution" in res.skipped[0].reason
+    # N:M groups run along in_features whatever the stored layout
+    assert patterns.nm_conformance(m.W.t(), 2, 4) == patterns.nm_conformance(m.Q, 2, 4) == 1.0
+    assert patterns.nm_conformance(m.mha.in_proj_weight, 2, 4) == 1.0 and patterns.density(m.pos) == 1.0
+    # compile(sparsify=magnitude) prunes what its pipeline text's pass prunes
+    cm = sc.compile(Mixed(), example, sparsify="magnitude:2:4", kernels="dense", max_seconds_per_layer=0.01)
+    assert any("6 layers pruned" in n and "1 left dense" in n for n in cm.report.notes), cm.report.notes
+
+
+def test_magnitude_without_data_names_a_weight_it_cannot_trace():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(8, 8))
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.dim() == 2:  # a branch on a Proxy: no symbolic trace (a capture sees a constant)
+                x = x @ self.W
+            return self.fc(x)
+
+    m = Branchy()
+    w = m.W.detach().clone()
+    _, res = sc.sparsify(m, "magnitude", 0.5, return_report=True)
+    by = {r.name: r for r in res.layers}
+    assert by["fc"].status == "pruned" and by["W"].status == "skipped" and "calibration" in by["W"].reason
+    assert torch.equal(m.W, w)
+    sc.sparsify(m, "magnitude", 0.5, calibration=[torch.ones(2, 8)])  # with an input it is found
+    assert patterns.density(m.W) == 0.5
+
+
+def test_a_bare_linear_is_a_model():
+    # the module's own weight: its name was "" and ".weight" raised a raw AttributeError
+    m = nn.Linear(16, 8)
+    _, res = sc.sparsify(m, "magnitude", 0.5, return_report=True)
+    assert [r.name for r in res.pruned] == ["weight"] and patterns.density(m.weight) == 0.5
+    _, ctx = sc.run_pipeline(nn.Linear(16, 8), torch.randn(2, 16), "sparsify-magnitude")
+    assert [r.name for r in ctx.results["sparsify-magnitude"].pruned] == ["weight"]  # the capture's name
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_parametrized_weight_is_refused_like_impose_does(method):
+    # weight_norm recomputes the weight on every access: magnitude reported it pruned while
+    # nothing stuck, Wanda / SparseGPT dropped it from the report
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    torch.nn.utils.parametrizations.weight_norm(m[0])
+    before = snapshot(m)
+    cal = [torch.randn(8, 32)]
+    with pytest.raises(SparsifyError, match="layer '0' has a parametrized weight"):
+        sc.sparsify(m, method, 0.5, calibration=cal)
+    assert unchanged(m, before)
+    _, res = sc.sparsify(m, method, 0.5, calibration=cal, skip=["0"], return_report=True)  # skipped: fine
+    assert [r.name for r in res.pruned] == ["2"]
+
+
+class Tied(nn.Module):
+    def __init__(self, twice=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.twice = twice
+        self.a = nn.Linear(32, 32)
+        if not twice:
+            self.b = nn.Linear(32, 32)
+            self.b.weight = self.a.weight
+        self.c = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.a(h) if self.twice else self.b(h)))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+@pytest.mark.parametrize("how", [dict(), dict(calibration=calib(1)), dict(calibration=calib(1), allocation="owl")])
+def test_a_shared_weight_is_one_pruned_entry_and_one_skipped(twice, how):
+    # the report listed the shared weight twice under the second name and counted it twice
+    m = Tied(twice)
+    _, res = sc.sparsify(m, "magnitude", 0.5, **how, return_report=True)
+    if twice and not how:  # seen on the module alone, a layer called twice is one layer
+        assert [(r.name, r.status) for r in res.layers] == [("a", "pruned"), ("c", "pruned")]
+    else:
+        second = "a" if twice else "b"
+        reason = "called again" if twice else "shares its weight with a"
+        assert [(r.name, r.status) for r in res.layers] == [("a", "pruned"), (second, "skipped"), ("c", "pruned")]
+        assert reason in res.layers[1].reason
+    zeros = int((m.a.weight == 0).sum() + (m.c.weight == 0).sum())
+    assert res.sparsity == zeros / (32 * 32 + 32 * 8) == 0.5
+
+
+def test_a_layer_called_twice_in_a_pipeline_marks_each_call():
+    gm, ctx = sc.run_pipeline(Tied(twice=True), torch.randn(4, 32), "sparsify-magnitude")
+    marks = [n.meta["sparsecomp.sparsify"]["status"] for n in gm.graph.nodes if "sparsecomp.sparsify" in n.meta]
+    assert marks == ["pruned", "skipped", "pruned"]
+
+
+def test_owl_above_what_it_can_reach_says_so():
+    m = Deep()
+    _, res = sc.sparsify(m, "magnitude", 0.995, calibration=calib(1), allocation="owl", return_report=True)
+    assert res.sparsity < 0.995
+    assert any("cannot be met exactly" in n for n in res.notes), res.notes
+    _, res = sc.sparsify(Deep(), "magnitude", 0.6, calibration=calib(1), allocation="owl", return_report=True)
+    assert not any("cannot be met" in n for n in res.notes)
+
+
+@pytest.mark.parametrize("make,call,needle", [
+    (lambda: nn.Linear(4, 4, device="meta"), lambda m: sc.sparsify(m, "magnitude", 0.5), "meta device"),
+    (lambda: nn.Sequential(nn.Linear(32, 4, device="meta")), lambda m: sc.sparsify(m, "wanda", 0.5, calibration=calib(1)), "meta device"),
+    (lambda: nn.Sequential(nn.LazyLinear(4)), lambda m: sc.sparsify(m, "magnitude", 0.5), "uninitialized (lazy)"),
+    (Tiny, lambda m: sc.sparsify(m, "sparsegpt", 0.5, calibration=calib(1), blocksize=64.5), "blocksize must be an integer"),
+    (Tiny, lambda m: sc.sparsify(m, "sparsegpt", 0.5, calibration=calib(1), refine=2.5), "refine must be an integer"),
+    (Tiny, lambda m: sc.sparsify(m, "sparsegpt", 0.5, calibration=calib(1), damp="0.1"), "damp must be a number"),
+    (Tiny, lambda m: sc.sparsify(m, "sparsegpt", 0.5, calibration=calib(1), correct="yes"), "correct must be a bool"),
+    (Tiny, lambda m: sc.sparsify(m, "magnitude", 0.5, skip=3), "skip must be a layer-name glob"),
+    (Tiny, lambda m: sc.sparsify(m, "magnitude", 0.5, skip=["fc1", None]), "skip must be a layer-name glob"),
+])
+def test_unusable_weights_and_option_types_are_one_clear_error(make, call, needle):
+    m = make()
+    with pytest.raises(SparsecompError) as e:
+        call(m)
+    assert needle in str(e.value) and "\n" not in str(e.value)

@@ -181,3 +181,83 @@ def test_config_spelling_round_trips():
     cfg = parse_sparsify_spec("sparsegpt:2:4", refine=10)
     assert cfg.describe() == "sparsegpt:2:4{refine=10}"
     assert isinstance(sc.SparsifyConfig(), SparsifyConfig)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("where", ["columns", "rows"])
+def test_zeros_already_in_a_layer_count_toward_its_exact_count(method, where):
+    # 30% zeros packed in the first lazy block (columns) or in a few output rows (Wanda's groups):
+    # an equal share per block / row kept the surplus zeros on top of the asked count
+    m = nn.Sequential(nn.Linear(256, 64))
+    with torch.no_grad():
+        if where == "columns":
+            m[0].weight[:, :77] = 0
+        else:
+            m[0].weight[:20] = 0
+    g = torch.Generator().manual_seed(0)
+    _, res = sc.sparsify(m, method, 0.5, calibration=[(torch.randn(64, 256, generator=g),) for _ in range(2)],
+                         return_report=True)
+    assert int((m[0].weight == 0).sum()) == 8192
+    assert res.layers[0].sparsity == 0.5
+
+
+def test_split_quota_with_floors():
+    assert masks.split_quota(10, [10, 10], [0, 0]) == masks.split_quota(10, [10, 10]) == [5, 5]
+    assert masks.split_quota(10, [10, 10], [8, 0]) == [8, 2]  # a chunk's own zeros come first
+    assert masks.split_quota(12, [10, 10, 10], [6, 0, 0]) == [6, 3, 3]
+    assert masks.split_quota(5, [10, 10], [4, 3]) == [4, 3]  # floors above the total: the floors
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_float64_models_keep_their_precision(method):
+    # kept weights went through float32 (every one of them changed for magnitude)
+    m = Tiny().double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # float64 values (a float32 init cast up would survive a float32 round trip)
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float64, generator=g) / p.shape[-1] ** 0.5)
+    dense = {k: v.clone() for k, v in m.state_dict().items()}
+    batches = [(x.double(),) for (x,) in calib(2)]
+    sc.sparsify(m, method, 0.5, calibration=batches)
+    for name in ("fc1", "fc2"):
+        w, w0 = getattr(m, name).weight, dense[f"{name}.weight"]
+        assert w.dtype == torch.float64 and patterns.density(w) == 0.5
+        kept = w != 0
+        if method == "sparsegpt":  # new values, computed in float64: not float32 numbers
+            assert (w[kept] != w[kept].float().double()).float().mean() > 0.9
+        else:  # only zeroed: every kept weight bit-identical
+            assert torch.equal(w[kept], w0[kept])
+
+
+def test_wanda_breaks_ties_on_dead_inputs_by_magnitude():
+    # all-zero calibration inputs give every weight the score 0: the index broke the ties, zeroing
+    # whole leading input columns, silently
+    m = Tiny()
+    w = m.fc1.weight.detach().clone()
+    _, res = sc.sparsify(m, "wanda", 0.5, calibration=[(torch.zeros(8, 32),)], skip=["head", "fc2"], return_report=True)
+    expect = masks.select_mask(w.abs(), patterns.parse_pattern("unstructured:0.5"), per_row=True)
+    assert torch.equal(m.fc1.weight == 0, expect)  # per row, the smallest |w|
+    assert "32 inputs were zero on all calibration tokens" in " ".join(res.layers[0].notes)
+    # a few dead inputs among live ones: their weights go first, the live ones keep Wanda's order
+    batches = calib(2)
+    for (x,) in batches:
+        x[:, :3] = 0
+    m = Tiny()
+    sc.sparsify(m, "wanda", 0.5, calibration=batches, skip=["head", "fc2"])
+    assert (m.fc1.weight[:, :3] == 0).all()
+
+
+def test_every_method_reports_its_output_error_with_data():
+    # Wanda's error was always None, magnitude's too even with calibration data
+    batches = calib(2)
+    dense = Tiny().fc2.weight.detach().clone()
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        m = Tiny()
+        _, res = sc.sparsify(m, method, 0.5, calibration=batches, skip=["head", "fc1"], return_report=True)
+        err = res.pruned[0].error
+        X = torch.cat([torch.relu(Tiny().fc1(x)) for (x,) in batches]).detach()
+        D = m.fc2.weight.detach() - dense
+        ref = float(((X @ D.t()) ** 2).sum() / ((X @ dense.t()) ** 2).sum())
+        assert err is not None and abs(err - ref) < 1e-4 * ref, (method, err, ref)
+    _, res = sc.sparsify(Tiny(), "magnitude", 0.5, return_report=True)
+    assert all(r.error is None for r in res.pruned)  # nothing to measure on
