@@ -22,6 +22,7 @@ the line) shows the trace instead.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shlex
@@ -70,6 +71,13 @@ def _check_output_dir(path: str, option: str) -> None:
     except OSError as e:
         raise SparsecompError(f"{option}: cannot create {path!r}: {e.strerror or e}", hint="choose a writable location") from None
     writable_file(os.path.join(path, "000_input.txt"), option)
+
+
+def _check_backend(backend: str) -> None:
+    """An unknown or not-yet-built backend fails before any model loads (compile's own error)."""
+    from sparsecomp.api import check_backend
+
+    check_backend(backend)
 
 
 def _load(model: str, impose, layers, weights):
@@ -134,7 +142,11 @@ def opt(
     api._load_passes()
     parsed = parse_pipeline(pipeline)  # a typo fails before any slow loading
     for name in [*print_ir_after, *print_ir_before]:
-        get_pass(name)
+        option = "--print-ir-after" if name in print_ir_after else "--print-ir-before"
+        try:
+            get_pass(name)
+        except SparsecompError as e:
+            raise type(e)(f"{option} {name}: {e.message}", hint=e.hint) from None
         if name not in {e.name for e in parsed}:
             raise SparsecompError(f"--print-ir-after/--print-ir-before {name}: the pipeline '{parsed}' does not run it",
                                   hint=f"name one of its passes: {', '.join(dict.fromkeys(e.name for e in parsed))}")
@@ -184,6 +196,9 @@ def opt(
         err.print(f"verify-each: every pass checked ({len(parsed)} passes: graph lint, outputs on the example inputs)")
     if dump_dir:
         err.print(f"wrote {len(parsed) + 1} stages to {dump_dir}/")
+    if not (instruments or calib):  # nothing asked to be shown: say what ran rather than nothing at all
+        out.print(f"ran {parsed} on {loaded.name} ({len(parsed)} passes)")
+        err.print("hint: --print-ir-after-all, --print-ir-after PASS, --timing, --verify-each or --dump-dir D show what they did")
 
 
 @app.command()
@@ -223,7 +238,9 @@ def demo(
     from rich.table import Table
 
     import sparsecomp
+    from sparsecomp.patterns import parse_pattern
 
+    parse_pattern(impose)  # a bad --impose fails before the dense model is loaded and analysed
     dense = _load(model, None, None, None)
     if dense.is_onnx:
         raise SparsecompError(f"demo needs a torch model, got the ONNX file {model}",
@@ -247,8 +264,8 @@ def demo(
                   f"{nbytes / 2**20:.3f}", f"{b.bytes['dense'] / nbytes:.2f}x")
     t.add_row("total", "", "", f"{tot_dense / 2**20:.3f}", f"{tot_best / 2**20:.3f}", f"{tot_dense / max(tot_best, 1):.2f}x")
     out.print(t)
-    with err.status("compiling the sparse model (measuring kernels per layer)"):
-        cm = sparsecomp.compile(sparse.model, sparse.example_inputs, backend="torch", name=dense.name)
+    # (compile shows its own progress bar: a spinner around it would fight it for the line)
+    cm = sparsecomp.compile(sparse.model, sparse.example_inputs, backend="torch", name=dense.name)
     out.print(cm.report)  # ends with eager vs compiled end to end, measured on the example inputs
 
 
@@ -285,7 +302,7 @@ def _compile_loaded(loaded, backend: str, kernels: Optional[str], max_seconds: f
 @app.command("compile")
 def compile_cmd(
     model: str = ModelArg,
-    backend: str = typer.Option("torch", "--backend", "-b", help="torch | ort | tvm | triton | auto"),
+    backend: str = typer.Option("torch", "--backend", "-b", help="torch | ort (tvm, triton, auto: not yet available)"),
     kernels: Optional[str] = typer.Option(None, "--kernels", metavar="LIST", help='restrict candidates, e.g. "dense,tir-sell"'),
     max_seconds: float = typer.Option(0.5, "--max-seconds", callback=_positive_seconds,
                                       help="time budget to measure each layer's candidates"),
@@ -302,10 +319,14 @@ def compile_cmd(
     weights: Optional[str] = WeightsOpt,
 ):
     """Compile MODEL for a backend and print the per-layer report (decision, kernel, measured times)."""
+    _check_backend(backend)
     if output:  # fail before any slow work
         if backend != "ort":
             raise SparsecompError(f"-o writes an ONNX file, which backend '{backend}' does not produce",
                                   hint="use --backend ort -o model.onnx")
+        if not output.lower().endswith(".onnx"):  # what MODEL arguments read back as ONNX
+            raise SparsecompError(f"-o {output}: the ONNX file's name must end in .onnx",
+                                  hint=f"e.g. -o {os.path.splitext(output)[0] or 'model'}.onnx")
         from sparsecomp.backends.ort.files import check_writable
 
         check_writable(output)
@@ -348,6 +369,8 @@ def bench(
     from sparsecomp.ir import normalize_inputs
     from sparsecomp.timing import compare
 
+    if backend is not None:
+        _check_backend(backend)
     loaded = _load(model, impose, layers, weights)
     if loaded.is_onnx:
         if backend not in (None, "ort") or kernels:
@@ -420,11 +443,13 @@ def sparsify_cmd(
     pattern: Optional[str] = typer.Option(None, "--pattern", "-p", metavar="SPEC",
                                           help="unstructured:S | N:M | block:RxC:S (default unstructured:0.5); unstructured / block:RxC take --sparsity"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", metavar="S", help="fraction of zeros in [0, 1) for a pattern given without one"),
-    calib: int = typer.Option(64, "--calib", metavar="N", min=0, help="calibration batches (wanda, sparsegpt, owl, sensitivity)"),
+    calib: Optional[int] = typer.Option(None, "--calib", metavar="N", min=1,
+                                        help=f"calibration batches (wanda, sparsegpt, owl, sensitivity: default {SPARSIFY_CALIB}; "
+                                             "magnitude: optional, to measure each layer's output error)"),
     allocation: str = typer.Option("uniform", "--allocation", help="per-layer sparsity: uniform | owl | sensitivity (global budget exact)"),
     skip: List[str] = typer.Option([], "--skip", metavar="GLOB",
                                    help="leave matching layers dense (repeatable; replaces the default output-head globs)"),
-    damp: float = typer.Option(0.01, "--damp", help="SparseGPT Hessian damping (fraction of the mean diagonal)"),
+    damp: Optional[float] = typer.Option(None, "--damp", help="SparseGPT Hessian damping (fraction of the mean diagonal; default 0.01)"),
     correct: bool = typer.Option(False, "--correct", help="SparseGPT: target the dense model's layer outputs"),
     update_bias: bool = typer.Option(False, "--update-bias", help="SparseGPT: let biases absorb the mean error"),
     refine: int = typer.Option(0, "--refine", metavar="STEPS", min=0, help="SparseGPT: masked least-squares refinement steps per layer"),
@@ -441,28 +466,32 @@ def sparsify_cmd(
     import torch
 
     import sparsecomp
-    from sparsecomp.passes.sparsify import parse_sparsify_spec
+    from sparsecomp.passes.sparsify import SparsifyConfig, parse_sparsify_spec, resolve_pattern
 
     spec = method if ":" in method else None
     if spec and (pattern or sparsity is not None):
         raise SparsecompError(f"--method {method} already names its pattern; drop --pattern / --sparsity")
     if output:  # fail before any slow work
         writable_file(output, "-o/--output", example="pruned.pt")
-    options = dict(allocation=allocation, damp=damp, correct=correct, update_bias=update_bias, refine=refine,
-                   **({"skip": tuple(skip)} if skip else {}))
-    if spec:
-        parse_sparsify_spec(spec, **options)  # a bad spec fails before the model loads
+    solver = {k: v for k, v in (("damp", damp), ("correct", correct), ("update_bias", update_bias), ("refine", refine)) if v}
+    if damp is not None:
+        solver["damp"] = damp
+    options = dict(allocation=allocation, **solver, **({"skip": tuple(skip)} if skip else {}))
+    try:  # the whole configuration is checked before the model loads
+        cfg = (parse_sparsify_spec(spec, **options) if spec else
+               SparsifyConfig(method=method, pattern=resolve_pattern(pattern or ("unstructured" if sparsity is not None else "unstructured:0.5"),
+                                                                     sparsity), **options))
+    except TypeError as e:
+        raise SparsecompError(f"sparsify: {e}") from None
+    if solver and cfg.method != "sparsegpt":  # silently ignored before, while the header showed them
+        flags = ", ".join("--" + k.replace("_", "-") for k in solver)
+        raise SparsecompError(f"{flags}: SparseGPT options, and --method is {cfg.method}", hint="drop them, or use --method sparsegpt")
     loaded = _load(model, impose, layers, weights)
     if loaded.is_onnx:
         raise SparsecompError("sparsify needs a torch model, not an ONNX file", hint="pass zoo:NAME or file.py:factory")
-    cfg = parse_sparsify_spec(spec, **options) if spec else None
-    needs = cfg.needs_calibration if cfg else (method != "magnitude" or allocation != "uniform")
-    calibration = loaded.calibration(calib) if needs and calib > 0 else None
-    if spec:
-        _, result = sparsecomp.sparsify(loaded.model, cfg, calibration=calibration, name=loaded.name, return_report=True)
-    else:
-        _, result = sparsecomp.sparsify(loaded.model, method, sparsity, pattern or ("unstructured" if sparsity is not None else "unstructured:0.5"),
-                                        calibration, name=loaded.name, return_report=True, **options)
+    # magnitude with uniform allocation needs no data; given some (--calib), it measures each layer's output error
+    calibration = loaded.calibration(calib or SPARSIFY_CALIB) if cfg.needs_calibration else (loaded.calibration(calib) if calib else None)
+    _, result = sparsecomp.sparsify(loaded.model, cfg, calibration=calibration, name=loaded.name, return_report=True)
     if output:
         # atomic: a half-written checkpoint never replaces a good one
         folder = os.path.dirname(os.path.abspath(output))
@@ -498,6 +527,7 @@ def tune(
     import sparsecomp
     from sparsecomp.cache import cache_dir
 
+    _check_backend(backend)
     loaded = _load(model, impose, layers, weights)
     if loaded.is_onnx:
         raise SparsecompError("tuning an ONNX file is not supported", hint="tune the torch model (zoo:NAME or file.py:factory)")
@@ -508,6 +538,18 @@ def tune(
         return
     out.print(cm.report)
     out.print(f"tuned decisions cached in {cache_dir() / 'decisions' / (backend + '.json')}")
+
+
+def _threads_from_env() -> None:
+    """SPARSECOMP_NUM_THREADS, checked and applied for every command alike (some read it, some did
+    not): torch takes it here; the TIR kernels and onnxruntime read it themselves."""
+    from sparsecomp.threads import env_threads
+
+    n = env_threads()
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _usage_error_types() -> tuple[type, ...]:
@@ -535,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
+        _threads_from_env()
         rc = app(args=argv, prog_name="sparsecomp", standalone_mode=False)
     except SparsecompError as e:
         if debug:
@@ -548,6 +591,17 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         return 130
+    except OSError as e:
+        if e.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EDQUOT) or debug:
+            raise
+        # the output could not be written (a closed pipe, a full disk): not a bug to report
+        try:  # where stdout is what failed, Python's exit-time flush would raise it again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        if e.errno != errno.EPIPE:  # (`| head` closing the pipe early is what pipes do)
+            err.print(Text.assemble(("error: ", "bold red"), f"cannot write the output: {e.strerror or e}"))
+        return 1
     except Exception as e:  # click usage errors and anything unexpected
         if isinstance(e, _usage_error_types()):
             e.show()  # click's usage line + "Error: ..." naming the option at fault

@@ -118,6 +118,8 @@ def _apply_weights(loaded: LoadedModel, weights: str) -> None:
     if loaded.is_onnx:
         raise ModelLoadError(f"--weights applies to torch models, not to the ONNX file {loaded.spec}",
                              hint="export the model again with the weights loaded")
+    if os.path.isdir(weights):
+        raise ModelLoadError(f"--weights: '{weights}' is a directory", hint="give the state dict file, e.g. --weights pruned.pt")
     if not os.path.isfile(weights):
         raise ModelLoadError(f"--weights: no such file '{weights}'")
     try:
@@ -150,7 +152,7 @@ def load_model(spec: str, *, impose: str | None = None, layers: str | None = Non
     """Load a MODEL spelling, then apply `weights` and `impose` (see module docstring)."""
     if spec.startswith("zoo:"):
         loaded = _load_zoo(spec, spec[4:])
-    elif spec.endswith(".onnx"):
+    elif spec.lower().endswith(".onnx"):
         loaded = _load_onnx(spec)
     elif ".py:" in spec:
         file, factory = spec.rsplit(":", 1)
@@ -159,6 +161,8 @@ def load_model(spec: str, *, impose: str | None = None, layers: str | None = Non
         raise ModelLoadError(f"cannot read MODEL '{spec}'", hint="MODEL is zoo:NAME, path/file.py:factory or file.onnx")
     if weights:
         _apply_weights(loaded, weights)
+    if impose is not None and not impose.strip():  # `--impose ""` (an unset shell variable): not "no pattern"
+        raise PatternError("--impose: empty pattern", hint="unstructured:S | block:RxC:S | N:M, e.g. --impose unstructured:0.9")
     if layers and not impose:
         raise PatternError("--layers selects where --impose applies; give --impose SPEC too")
     if impose:

@@ -130,7 +130,11 @@ def _tagged_copy(gm: fx.GraphModule, placements: dict[str, Placement], notes: li
 
     from sparsecomp.ops import op_def
 
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    with warnings.catch_warnings():
+        # deep-copying the graph's pytree specs trips a deprecation inside torch itself
+        # (`isinstance(treespec, LeafSpec)`, torch 2.13), printed on every ort compile otherwise
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec.*")
+        new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     graph = new.graph
     for i, node in enumerate([n for n in graph.nodes if n.op == "call_function" and str(n.target) in LOWERED]):
         p = placements.get(node.name)

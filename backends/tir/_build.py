@@ -158,6 +158,9 @@ def _load(path: Path, meta: Path):
         return None
 
 
+_store_warned: set[str] = set()  # kernel folders already said to be unwritable
+
+
 def _store(lib, path: Path, meta: Path):
     """Export atomically; returns the loaded function, or None if exporting is impossible."""
     tvm = _target.tvm()
@@ -177,7 +180,9 @@ def _store(lib, path: Path, meta: Path):
         _pool.attach(str(path))
         return func
     except Exception as exc:  # noqa: BLE001 - no C compiler / read-only disk: stay in memory
-        _log.warning("cannot cache kernel on disk (%s); using it from memory", exc)
+        if str(path.parent) not in _store_warned:  # once per folder: a compile builds dozens of kernels
+            _store_warned.add(str(path.parent))
+            _log.warning("cannot cache kernels on disk in %s (%s); using them from memory for this run", path.parent, exc)
         if tmp is not None:
             try:
                 os.unlink(tmp)

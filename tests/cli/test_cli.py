@@ -385,3 +385,67 @@ def test_module_docstring_lists_every_command():
     assert len(commands) >= 8
     for name in commands:
         assert f"sparsecomp {name}" in cli.__doc__, name
+
+
+@pytest.mark.parametrize("argv,needle", [
+    # options that do not apply, or that name nothing, are errors, checked before the model loads (:boom raises when loaded)
+    (["sparsify", "{f}:boom", "--method", "magnitude", "--refine", "5"], "--refine: SparseGPT options, and --method is magnitude"),
+    (["sparsify", "{f}:boom", "--method", "wanda", "--damp", "0.1", "--correct"], "--damp, --correct: SparseGPT options"),
+    (["sparsify", "{f}:boom", "--method", "bogus"], "unknown sparsify method 'bogus'"),
+    (["sparsify", "{f}:boom", "--method", "magnitude", "--pattern", "3:2"], "bad weight pattern '3:2'"),
+    (["tune", "{f}:boom", "--backend", "bogus"], "unknown backend 'bogus'"),
+    (["bench", "{f}:boom", "--backend", "tvm"], "backend 'tvm' is not yet available"),
+    (["compile", "{f}:boom", "--backend", "ort", "-o", "{tmp}/model.bin"], "-o {tmp}/model.bin: the ONNX file's name must end in .onnx"),
+    (["demo", "--model", "{f}:boom", "--impose", "3:2"], "bad weight pattern '3:2'"),
+    (["opt", "{f}:boom", "-p", "analyze-weights", "--print-ir-after", "nope"], "--print-ir-after nope: unknown pass 'nope'"),
+    # after loading: an empty pattern is not "no pattern" (an unset shell variable), a folder is not a state dict
+    (["analyze", "{f}:make", "--impose", ""], "--impose: empty pattern"),
+    (["analyze", "{f}:make", "--weights", "{tmp}"], "--weights: '{tmp}' is a directory"),
+])
+def test_options_that_do_not_apply_are_errors_before_any_work(capsys, tmp_path, argv, needle):
+    f = write_factory(tmp_path, BOOM)
+    argv = [a.format(f=f, tmp=tmp_path) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and "internal error" not in err and "factory exploded" not in err, err
+    assert err.startswith("error: ") and needle.format(tmp=tmp_path) in err, err
+
+
+def test_every_command_checks_the_thread_setting(capsys, tmp_path, monkeypatch):
+    """SPARSECOMP_NUM_THREADS is checked by every command (analyze and sparsify took any value),
+    and applied to torch there."""
+    f = write_factory(tmp_path, BOOM)
+    monkeypatch.setenv("SPARSECOMP_NUM_THREADS", "abc")
+    code, _, err = run(capsys, "analyze", f"{f}:make")
+    assert code == 2 and "SPARSECOMP_NUM_THREADS='abc' is not an integer" in err
+    before = torch.get_num_threads()
+    monkeypatch.setenv("SPARSECOMP_NUM_THREADS", "1")
+    try:
+        code, _, err = run(capsys, "analyze", f"{f}:make")
+        assert code == 0 and torch.get_num_threads() == 1, err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_opt_with_nothing_to_show_says_what_ran(capsys, tmp_path):
+    f = write_factory(tmp_path, BOOM)
+    code, out, err = run(capsys, "opt", f"{f}:make", "-p", "analyze-weights,find-mlps")
+    assert code == 0 and "ran analyze-weights,find-mlps on" in out and "--print-ir-after-all" in err
+
+
+def test_output_that_cannot_be_written_is_not_an_internal_error(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    env = dict(os.environ, SPARSECOMP_CACHE_DIR=str(tmp_path / "cache"))
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([str(VENV_BIN / "sparsecomp"), "passes"], stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert res.returncode == 1 and "cannot write the output: No space left on device" in res.stderr, res.stderr
+    assert "internal error" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_onnx_file_name_in_capitals_is_read_as_onnx(tmp_path):
+    from sparsecomp.loader import load_model
+
+    (tmp_path / "M.ONNX").write_bytes(b"not onnx")
+    with pytest.raises(Exception) as info:
+        load_model(str(tmp_path / "M.ONNX"))
+    assert "cannot read MODEL" not in str(info.value)  # the ONNX reader's own complaint, not "not a MODEL spelling"

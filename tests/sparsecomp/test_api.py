@@ -311,17 +311,25 @@ def test_verify_fallback_keeps_the_pruning_and_says_the_activation_sparsity_is_d
     assert cm._eager[0] is not m and float((cm._eager[0][0].weight == 0).float().mean()) == 0.5
 
 
-def test_compile_with_a_cache_it_cannot_write_works_and_says_so(tmp_path, monkeypatch):
+def test_compile_with_a_cache_it_cannot_write_works_and_says_so(tmp_path, monkeypatch, caplog):
+    import logging
+
     import sparsecomp as sc
+    from sparsecomp.backends.tir import clear_memory_cache
     from sparsecomp.ir import compare_outputs
 
     (tmp_path / "afile").write_text("x")
     monkeypatch.setenv("SPARSECOMP_CACHE_DIR", str(tmp_path / "afile"))  # decisions and kernels both under it
+    clear_memory_cache()  # so kernels are built (and their disk writes fail) in this test
     m, x = _sparse_mlp()
-    cm = sc.compile(m, x, max_seconds_per_layer=0.05)
+    with caplog.at_level(logging.WARNING):
+        cm = sc.compile(m, x, max_seconds_per_layer=0.05)
     assert cm.report.cache["written"] == 0
     assert any("could not be written (NotADirectoryError" in n for n in cm.report.notes), cm.report.notes
     assert compare_outputs(cm(*x), m(*x))[0]
+    # the kernels' own warning: once for the folder, not once per kernel built (31 lines on the CLI)
+    said = [r for r in caplog.records if "cannot cache kernels on disk" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
 
 
 def test_compiled_model_is_for_inference(tmp_path):
