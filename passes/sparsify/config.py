@@ -91,6 +91,8 @@ class SparsifyConfig:
     owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
+        if isinstance(self.method, str):  # "SparseGPT" as "SparseGPT:2:4" is (parse_sparsify_spec lowercases)
+            object.__setattr__(self, "method", self.method.strip().lower())
         if self.method not in METHODS:
             raise SparsifyError(f"unknown sparsify method {self.method!r}", hint=f"methods: {', '.join(METHODS)}")
         if not isinstance(self.pattern, WeightPattern):

@@ -507,7 +507,8 @@ def _stats(xs: list, dxs: list | None, *, hessian: bool, augment: bool, site: Si
                             hint="pass calibration batches with real inputs")
     if not torch.isfinite(sq).all():
         raise SparsifyError(f"layer {site.name}: its input has NaN/Inf values on the calibration data",
-                            hint="check the model runs finitely on the calibration batches")
+                            hint="check the model runs finitely on the calibration batches (NaN/Inf weights in an "
+                                 "earlier layer, left dense with a reason, reach this one's input)")
     return _Stats(n, H.double() / n if H is not None else None, sq, G.double() / n if G is not None else None)
 
 
@@ -546,6 +547,10 @@ def _prune_layer(W: torch.Tensor, bias: torch.Tensor | None, st: _Stats | None, 
         return Wn, None, (relative_error(W, Wn, st.H) if st.H is not None else None)
     # SparseGPT updates kept weights: computed in float32, or float64 for a float64 model
     W = W.to(work_dtype(W))
+    if st.n < W.shape[1]:  # fewer tokens than inputs: the fit holds on these tokens only
+        notes.append(f"calibrated on {st.n} tokens for {W.shape[1]} inputs: the Hessian is rank-deficient (only damping "
+                     f"holds it), so the reconstruction fits these tokens and may generalise worse than magnitude; "
+                     f"give at least {W.shape[1]} tokens of calibration data")
     augment = st.H.shape[0] == W.shape[1] + 1
     Wa = torch.cat([W, bias.to(W.dtype)[:, None]], dim=1) if augment else W
     try:
