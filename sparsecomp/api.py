@@ -21,6 +21,7 @@ from sparsecomp.ir import global_module_hooks, normalize_inputs
 from sparsecomp.lowering import LOSSY_MIN_COSINE, TIR_GEMV, KernelFilter
 from sparsecomp.report import CompileReport, SparsityReport
 from sparsecomp.progress import progress_bar
+from sparsecomp.threads import env_threads_to_torch
 from sparsecomp.timing import OthersCpu
 
 __all__ = ["analyze", "run_pipeline", "compile", "CompiledModel", "sparsify", "export_onnx", "set_num_threads", "BACKENDS"]
@@ -334,7 +335,7 @@ def compile(model, example_inputs, backend: str = "torch", *, sparsify=None, cal
     """
     check_backend(backend)
     _check_options(kernels=kernels, max_seconds_per_layer=max_seconds_per_layer, cache_dir=cache_dir)
-    _env_threads_to_torch()
+    env_threads_to_torch()  # (the one thread setting: DESIGN.md section 2)
     _load_passes()
     from sparsecomp.cache import DecisionCache
     from sparsecomp.ir import compare_outputs, output_cosine, run_graph
@@ -833,25 +834,6 @@ def _flat_outputs(module, args, kwargs) -> list:
 
     with torch.no_grad():
         return [t for t in tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-
-
-_ENV_THREADS_APPLIED = False
-
-
-def _env_threads_to_torch() -> None:
-    """Apply `SPARSECOMP_NUM_THREADS` to torch once, at the first compile: the TIR kernels and the
-    ort sessions read it themselves, torch's thread count is not ours to change at import (importing
-    sparsecomp loads no torch and changes nothing). A later `torch.set_num_threads` of the user's
-    is kept; `set_num_threads()` applies it again on demand."""
-    global _ENV_THREADS_APPLIED
-    if _ENV_THREADS_APPLIED:
-        return
-    from sparsecomp.threads import env_threads
-
-    n = env_threads()  # a malformed value is a clear error here, before any work
-    _ENV_THREADS_APPLIED = True
-    if n is not None and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
 
 
 def set_num_threads(n: int | None = None) -> int:

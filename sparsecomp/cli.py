@@ -36,6 +36,7 @@ from rich.text import Text
 
 from sparsecomp.errors import SparsecompError
 from sparsecomp.paths import writable_file
+from sparsecomp.threads import env_threads_to_torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sparsecomp: a sparsity-aware compiler for PyTorch models. Errors are one line plus a hint; add --debug anywhere for the trace.")
@@ -499,9 +500,8 @@ def sparsify_cmd(
         raise SparsecompError(f"--method {method} already names its pattern; drop --pattern / --sparsity")
     if output:  # fail before any slow work
         writable_file(output, "-o/--output", example="pruned.pt")
-    solver = {k: v for k, v in (("damp", damp), ("correct", correct), ("update_bias", update_bias), ("refine", refine)) if v}
-    if damp is not None:
-        solver["damp"] = damp
+    given = {"damp": damp is not None, "correct": correct, "update_bias": update_bias, "refine": refine > 0}
+    solver = {k: v for k, v in (("damp", damp), ("correct", correct), ("update_bias", update_bias), ("refine", refine)) if given[k]}
     options = dict(allocation=allocation, **solver, **({"skip": tuple(skip)} if skip else {}))
     try:  # the whole configuration is checked before the model loads
         cfg = (parse_sparsify_spec(spec, **options) if spec else
@@ -566,18 +566,6 @@ def tune(
     out.print(f"tuned decisions cached in {cache_dir() / 'decisions' / (backend + '.json')}")
 
 
-def _threads_from_env() -> None:
-    """SPARSECOMP_NUM_THREADS, checked and applied for every command alike (some read it, some did
-    not): torch takes it here; the TIR kernels and onnxruntime read it themselves."""
-    from sparsecomp.threads import env_threads
-
-    n = env_threads()
-    if n is not None:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def _usage_error_types() -> tuple[type, ...]:
     """The ClickException classes a usage error may be: typer >= 0.29 vendors click (`typer._click`), whose
     exceptions are not `click.exceptions.ClickException`; older typer raises click's own. Check both."""
@@ -603,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
-        _threads_from_env()
+        env_threads_to_torch()  # checked (and given to torch) for every command alike
         rc = app(args=argv, prog_name="sparsecomp", standalone_mode=False)
     except SparsecompError as e:
         if debug:

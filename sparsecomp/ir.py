@@ -29,6 +29,7 @@ __all__ = [
     "PROVENANCE",
     "LinearSite",
     "linear_sites",
+    "layer_name",
     "get_attr_value",
     "format_graph",
     "fingerprint",
@@ -92,7 +93,8 @@ def _const_weight(gm: fx.GraphModule, arg: Any) -> tuple[str, bool] | None:
     return None
 
 
-def _module_name(target: str) -> str:
+def layer_name(target: str) -> str:
+    """A weight's layer name: its module's qualified name for `<module>.weight`, else the path."""
     return target[: -len(".weight")] if target.endswith(".weight") else target
 
 
@@ -108,20 +110,20 @@ def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             bias_t = bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
             kind = "linear" if node.target in _LINEAR else "conv"
-            sites.append(LinearSite(node, kind, _module_name(w[0]), w[0], False, bias_t))
+            sites.append(LinearSite(node, kind, layer_name(w[0]), w[0], False, bias_t))
         elif node.op == "call_function" and node.target in _MATMUL:
             w = _const_weight(gm, node.args[1])
             if w is None or get_attr_value(gm, w[0]).dim() != 2:
                 continue
             # x @ W stores W as [in, out]; x @ W.t() (a Linear spelled by hand) stores [out, in].
-            sites.append(LinearSite(node, "matmul", _module_name(w[0]), w[0], not w[1]))
+            sites.append(LinearSite(node, "matmul", layer_name(w[0]), w[0], not w[1]))
         elif node.op == "call_function" and node.target is aten.addmm.default:
             w = _const_weight(gm, node.args[2])
             if w is None:
                 continue
             b = node.args[0]
             bias_t = b.target if isinstance(b, fx.Node) and b.op == "get_attr" else None
-            sites.append(LinearSite(node, "matmul", _module_name(w[0]), w[0], not w[1], bias_t))
+            sites.append(LinearSite(node, "matmul", layer_name(w[0]), w[0], not w[1], bias_t))
         elif node.op == "call_module":
             # Graphs imported from ONNX (onnx2torch) keep nn.Linear / nn.Conv as modules.
             mod = modules.get(node.target)

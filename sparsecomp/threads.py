@@ -9,7 +9,7 @@ import os
 
 from sparsecomp.errors import SparsecompError
 
-__all__ = ["ENV", "check_count", "env_threads"]
+__all__ = ["ENV", "check_count", "env_threads", "env_threads_to_torch"]
 
 ENV = "SPARSECOMP_NUM_THREADS"
 
@@ -43,3 +43,21 @@ def env_threads() -> int | None:
     except ValueError:
         raise SparsecompError(f"{ENV}={env!r} is not an integer", hint=f"e.g. {ENV}=2") from None
     return check_count(value, f"{ENV}")
+
+
+_applied_to_torch: int | None = None  # the value `env_threads_to_torch` last gave torch
+
+
+def env_threads_to_torch() -> None:
+    """Give torch `SPARSECOMP_NUM_THREADS` (checked: a malformed value is a clear error here),
+    where it is set and differs from what this last gave torch: at the first compile and at the
+    CLI's start. The TIR kernels and the ort sessions read the variable themselves; importing
+    sparsecomp changes nothing, and a `torch.set_num_threads` of the user's afterwards is kept
+    while the variable stays the same."""
+    global _applied_to_torch
+    n = env_threads()
+    if n is not None and n != _applied_to_torch:
+        import torch
+
+        torch.set_num_threads(n)
+        _applied_to_torch = n

@@ -619,32 +619,36 @@ def _csr_mm(p: dict, idt: str) -> str:
         s = T.Bind(ptr[rb * {RB} + rr])
         cnt = T.Bind(ptr[rb * {RB} + rr + 1] - s)
 """ + rows + _block_store(MT, RB, f"rb * {RB}")
-        CH = p.get("chunks", 0)
-        if CH:
-            # M tiles outermost within a task: each task takes a chunk of row blocks and runs all
-            # of them over one tile of xt before the next, so one tile (not all MP / MT) is live
-            body = f"""
-for ch in T.parallel({CH}):
-    blk = T.alloc_buffer(({RB * MT},), "float32")
-    bpc = T.Bind(((N + {RB - 1}) // {RB} + {CH - 1}) // {CH})
-    for mt in range(MP // {MT}):
-        for b in range(bpc):
-            rb = T.Bind(ch * bpc + b)
-            if rb * {RB} < N:
-""" + _ind(block, 16)
-        else:
-            body = f"""
-for rb in T.parallel((N + {RB - 1}) // {RB}):
-    blk = T.alloc_buffer(({RB * MT},), "float32")
-    for mt in range(MP // {MT}):
-""" + _ind(block, 8)
-        return s + _ind(body, 4)
+        return s + _ind(_row_block_tasks(p.get("chunks", 0), RB, MT, block), 4)
     body = """
 for r in T.parallel(N):
     s = T.Bind(ptr[r])
     cnt = T.Bind(ptr[r + 1] - s)
 """ + _ind(_mm_row_loop(MT, U, "cnt", "vals[s + {j}]", 'T.Cast("int32", col[s + {j}])', "r", "bias[r]", act=p.get("act")), 4)
     return s + _ind(body, 4)
+
+
+def _row_block_tasks(CH: int, RB: int, MT: int, block: str, scratch: tuple[tuple[str, int], ...] = ()) -> str:
+    """The parallel loops around `block` (the text for row block `rb` and M tile `mt`, which uses
+    the task's buffer `blk[RB * MT]` and the (name, size) `scratch` float buffers).
+
+    Without chunks (CH = 0) a task per row block, running its M tiles. With CH chunks, M tiles
+    outermost within a task: each task takes a chunk of row blocks and runs all of them over one
+    tile of xt before the next, so one tile (not all MP / MT) is live."""
+    allocs = "".join(f'    {name} = T.alloc_buffer(({size},), "float32")\n' for name, size in (("blk", RB * MT), *scratch))
+    if not CH:
+        return f"""
+for rb in T.parallel((N + {RB - 1}) // {RB}):
+{allocs}    for mt in range(MP // {MT}):
+""" + _ind(block, 8)
+    return f"""
+for ch in T.parallel({CH}):
+{allocs}    bpc = T.Bind(((N + {RB - 1}) // {RB} + {CH - 1}) // {CH})
+    for mt in range(MP // {MT}):
+        for b in range(bpc):
+            rb = T.Bind(ch * bpc + b)
+            if rb * {RB} < N:
+""" + _ind(block, 16)
 
 
 def _csr_panel_mm(p: dict, idt: str) -> str:
@@ -667,7 +671,6 @@ def _csr_panel_mm(p: dict, idt: str) -> str:
     and columns are local to the panel (uint8 up to KB = 256: 5 bytes per entry instead of 6).
     """
     MT, U, RB, KB = p["mt"], p["unroll"], p["rb"], p["kb"]
-    CH = p.get("chunks", 0) or 1
     pf = p.get("prefetch", 0)
     s = _mm_header([("vals", "NNZ", "float32"), ("col", "NNZ", idt), ("ptr", "NPTR", "int32")], ["N", "KP", "NNZ", "NPTR"], MT)
     step = ""
@@ -710,17 +713,7 @@ for pn in range(NP):
         for q in T.vectorized({MT}):
 """ + _ind(_epilogue(f"blk[rr * {MT} + q]", f"blk[rr * {MT} + q] + bias[rb * {RB} + rr]", p.get("act")), 12) \
         + _block_store(MT, RB, f"rb * {RB}")
-    body = f"""
-NP = T.Bind((KP + {KB - 1}) // {KB})
-for ch in T.parallel({CH}):
-    blk = T.alloc_buffer(({RB * MT},), "float32")
-    acc = T.alloc_buffer(({U * MT},), "float32")
-    bpc = T.Bind(((N + {RB - 1}) // {RB} + {CH - 1}) // {CH})
-    for mt in range(MP // {MT}):
-        for b in range(bpc):
-            rb = T.Bind(ch * bpc + b)
-            if rb * {RB} < N:
-""" + _ind(block, 16)
+    body = f"\nNP = T.Bind((KP + {KB - 1}) // {KB})" + _row_block_tasks(p.get("chunks", 0), RB, MT, block, (("acc", U * MT),))
     return s + _ind(body, 4)
 
 

@@ -102,7 +102,7 @@ def prepare(fmt: str, dense_weight: torch.Tensor, params: dict | None = None) ->
         if not p["mt"] or not p.get("rb"):
             raise SparsecompError(f"column-panel CSR (kb) is an M > 1 kernel and needs mt and rb, got {params}")
         arrays = _pack_csr_panel(w, p["kb"], p["rb"])
-        p["index_dtype"] = "uint8" if p["kb"] <= 256 else "uint16"
+        p["index_dtype"] = str(arrays[1].dtype).removeprefix("torch.")  # (uint8 / uint16, as packed)
     elif fmt == "csr":
         f = F.CSR.pack(w)
         col, p["index_dtype"] = _idx(f.col_idx, "column")

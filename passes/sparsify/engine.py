@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from sparsecomp.ir import flat_inputs, linear_sites, normalize_inputs
+from sparsecomp.ir import flat_inputs, layer_name, linear_sites, normalize_inputs
 
 from . import allocation as alloc
 from .config import SparsifyConfig, SparsifyError, skipped_by
@@ -173,11 +173,6 @@ def _attr(root: torch.nn.Module, target: str) -> torch.Tensor:
     return operator.attrgetter(target)(root)
 
 
-def _site_name(target: str) -> str:
-    """A weight's layer name: `sparsecomp.ir.linear_sites`' rule (the module's name for `.weight`)."""
-    return target.removesuffix(".weight")
-
-
 def _caller_name(gm: fx.GraphModule, site) -> str:
     """The name of the module that makes this call when it holds the weight under another name.
 
@@ -193,7 +188,7 @@ def _caller_name(gm: fx.GraphModule, site) -> str:
     leaf = site.weight_target.rpartition(".")[2]
     path = f"{fqn}.{leaf}" if fqn else leaf
     if path != site.weight_target and _has_attr(gm, path) and _attr(gm, path) is _attr(gm, site.weight_target):
-        return _site_name(path)
+        return layer_name(path)
     return site.name
 
 
@@ -212,7 +207,7 @@ def graph_sites(gm: fx.GraphModule) -> list[Site]:
 def _module_site(root: torch.nn.Module, target: str, kind: str, bias: str | None, transposed: bool = False) -> Site:
     w = _attr(root, target)
     shape = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], math.prod(w.shape[1:]))
-    return Site(_site_name(target), target, transposed, kind, tuple(shape), bias)
+    return Site(layer_name(target), target, transposed, kind, tuple(shape), bias)
 
 
 def module_sites(model: torch.nn.Module) -> list[Site]:
@@ -903,7 +898,7 @@ def _check_weights(model: torch.nn.Module, cfg: SparsifyConfig, label: str) -> N
             raise SparsifyError(f"{label}: {name} is on the meta device (no values to prune)",
                                 hint="load real weights first, e.g. model.to_empty(device='cpu') then load_state_dict")
     for name, mod in model.named_modules():
-        site = _site_name(f"{name}.weight" if name else "weight")
+        site = layer_name(f"{name}.weight" if name else "weight")
         if isinstance(mod, torch.nn.Linear) and parametrize.is_parametrized(mod, "weight") and skipped_by(site, cfg.skip) is None:
             # mod.weight is recomputed from the parametrization's own tensors on every access:
             # zeros written into it would not stick (and a capture does not see it as a weight)

@@ -413,7 +413,10 @@ def test_options_that_do_not_apply_are_errors_before_any_work(capsys, tmp_path, 
 def test_every_command_checks_the_thread_setting(capsys, tmp_path, monkeypatch):
     """SPARSECOMP_NUM_THREADS is checked by every command (analyze and sparsify took any value),
     and applied to torch there."""
+    import sparsecomp.threads as threads
+
     f = write_factory(tmp_path, BOOM)
+    monkeypatch.setattr(threads, "_applied_to_torch", None)  # (whatever an earlier test gave torch)
     monkeypatch.setenv("SPARSECOMP_NUM_THREADS", "abc")
     code, _, err = run(capsys, "analyze", f"{f}:make")
     assert code == 2 and "SPARSECOMP_NUM_THREADS='abc' is not an integer" in err

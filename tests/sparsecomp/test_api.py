@@ -386,10 +386,10 @@ def test_the_env_thread_setting_reaches_torch_at_the_first_compile(monkeypatch):
     section 2): torch takes it at the first compile (importing sparsecomp changes nothing), and a
     later torch.set_num_threads of the user's is not overridden by the next compile."""
     import sparsecomp as sc
-    import sparsecomp.api as api
+    import sparsecomp.threads as threads
 
     before = torch.get_num_threads()
-    monkeypatch.setattr(api, "_ENV_THREADS_APPLIED", False)
+    monkeypatch.setattr(threads, "_applied_to_torch", None)
     monkeypatch.setenv("SPARSECOMP_NUM_THREADS", "1")
     torch.set_num_threads(2)
     try:
